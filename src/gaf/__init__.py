@@ -1,0 +1,27 @@
+"""gaf: Gradient Agreement Filtering for PyTorch.
+
+The pure core (:mod:`gaf.core`) decides from the Gram matrix of micro-gradients which of
+them agree; thin front ends apply that decision on one device (:mod:`gaf.collector`,
+:mod:`gaf.training`) and across torch.distributed ranks (:mod:`gaf.distributed`).
+"""
+
+from gaf.core import (
+    RULES,
+    Decision,
+    FilterResult,
+    cosine_distance,
+    decide,
+    filter_gradients,
+    gram_matrix,
+)
+
+__all__ = [
+    "RULES",
+    "Decision",
+    "FilterResult",
+    "cosine_distance",
+    "decide",
+    "filter_gradients",
+    "gram_matrix",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,349 @@
+"""The agreement filter: pure functions from micro-gradients to an update direction.
+
+Gradient Agreement Filtering (Chaubard, Eddy, Kochenderfer, arXiv 2412.18052) compares
+micro-gradients by cosine distance
+
+    D(a, b) = 1 - a·b / (|a| |b|)            in [0, 2]
+
+and averages only those that agree. The paper's rule, over g_1 … g_M in order::
+
+    S = {1};  s = g_1
+    for k = 2 … M:
+        if D(s, g_k) <= tau:  S = S ∪ {k};  s = s + g_k
+    if |S| < 2:  skip the step
+    else:        direction = s / |S|
+
+Every rule here needs only the Gram matrix G = X Xᵀ of the stacked micro-gradients
+X [M, P]: for a weighted sum s = Σ w_i g_i, ``s·g_k = (w G)[k]`` and ``|s|² = w G wᵀ``.
+The decision (O(M²), on the host in float64) is therefore separated from the data
+(O(M·P), on the gradients' device), so the same decision code serves one device and many
+ranks, and every rank reaches the same decision from the same G without a broadcast.
+
+Rules (``rule=``):
+
+``"mean"``        the paper's rule above (default).
+``"halving"``     as "mean", but the running direction is halved on every acceptance,
+                  ``s = (s + g_k) / 2`` (the authors' package): later rows weigh more and
+                  the result is ``s`` itself, not a plain mean.
+``"anchor"``      each g_k is compared with the anchor g_1 only; result is the mean of
+                  the accepted rows.
+``"neighbours"``  the row with the most neighbours within tau (ties: lowest index) is the
+                  anchor; it and its neighbours are accepted; result is their mean.
+
+For M = 2 all four coincide.
+
+Deliberate choices:
+
+* A row that is not finite or has zero norm agrees with nothing: it is never accepted,
+  even at tau = 2, its distance is reported as 2 (the maximum), and it is counted in
+  ``num_invalid``. If the first row is invalid, the first valid row becomes the anchor.
+  This keeps every decision free of NaN.
+* Distances are clamped to [0, 2], so tau = 2 accepts every valid row despite rounding.
+* ``tau`` must be a finite number in [0, 2].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+RULES: tuple[str, ...] = ("mean", "halving", "anchor", "neighbours")
+
+# Squared norms at or below this count as zero: the row has no direction to agree with.
+_ZERO_NORM_SQ = 0.0
+
+
+def check_tau(tau: object) -> float:
+    """Return tau as a float, or raise if it is not a finite number in [0, 2]."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating, np.integer)):
+        if isinstance(tau, Tensor) and tau.numel() == 1 and tau.is_floating_point():
+            tau = float(tau)
+        else:
+            raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
+    tau = float(tau)
+    if not math.isfinite(tau):
+        raise ValueError(f"tau must be finite, got {tau}")
+    if not 0.0 <= tau <= 2.0:
+        raise ValueError(f"tau must lie in [0, 2] (cosine distance range), got {tau}")
+    return tau
+
+
+def check_rule(rule: object) -> str:
+    """Return rule if it names a known rule, else raise ValueError listing the choices."""
+    if not isinstance(rule, str) or rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    return rule
+
+
+def check_grads(grads: object) -> Tensor:
+    """Validate a [M, P] stack of micro-gradients."""
+    if not isinstance(grads, Tensor):
+        raise TypeError(f"grads must be a torch.Tensor of shape [M, P], got {type(grads).__name__}")
+    if grads.dim() != 2:
+        raise ValueError(
+            f"grads must be 2-D [M, P] (one flat micro-gradient per row), got shape "
+            f"{tuple(grads.shape)}"
+        )
+    if not grads.is_floating_point():
+        raise TypeError(f"grads must be a floating tensor, got dtype {grads.dtype}")
+    if grads.shape[0] == 0:
+        raise ValueError("grads has no rows (M = 0): need at least one micro-gradient")
+    return grads
+
+
+def gram_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for the Gram matrix: float64 for half precision, else at least fp32."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float64
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gram_matrix(grads: Tensor) -> Tensor:
+    """G = X Xᵀ for X [M, P], accumulated in at least float32 (float64 for half precision).
+
+    Non-finite entries are kept: a row with inf/NaN yields non-finite entries in its own
+    row and column only, which the decision treats as "agrees with nothing".
+    """
+    x = grads.to(gram_dtype(grads.dtype))
+    return x @ x.T
+
+
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """D(a, b) = 1 - a·b / (|a| |b|) for two flat tensors of equal length, clamped to [0, 2].
+
+    Computed in float64 when inputs are half precision (float32 otherwise). Returns 2 when
+    either vector has zero norm or is not finite: such a vector agrees with nothing.
+    """
+    for name, v in (("a", a), ("b", b)):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {v.dtype}")
+    if a.dim() != 1 or b.dim() != 1:
+        raise ValueError(
+            f"cosine_distance expects flat (1-D) tensors, got shapes {tuple(a.shape)} "
+            f"and {tuple(b.shape)}"
+        )
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    dtype = gram_dtype(torch.promote_types(a.dtype, b.dtype))
+    a64, b64 = a.to(dtype), b.to(dtype)
+    dot, na, nb = a64 @ b64, a64 @ a64, b64 @ b64
+    ok = torch.isfinite(dot) & torch.isfinite(na) & torch.isfinite(nb) & (na > 0) & (nb > 0)
+    cos = dot / torch.sqrt(torch.where(ok, na * nb, torch.ones_like(na)))
+    dist = torch.clamp(1.0 - cos, 0.0, 2.0)
+    return torch.where(ok, dist, torch.full_like(dist, 2.0))
+
+
+def distance_from_products(dot: float, norm_sq_s: float, norm_sq_g: float) -> float:
+    """Cosine distance from s·g, |s|², |g|², clamped to [0, 2]; 1 if either norm is zero."""
+    denom = norm_sq_s * norm_sq_g
+    if denom <= 0.0:
+        return 1.0  # a zero running sum (e.g. g and -g accepted at tau = 2) is orthogonal
+    return min(2.0, max(0.0, 1.0 - dot / math.sqrt(denom)))
+
+
+@dataclass
+class Decision:
+    """What a rule decided over M micro-gradients, on the host.
+
+    ``weights`` gives the update direction as Σ_i weights[i] · g_i; rejected rows have
+    weight 0. ``distances[k]`` is the distance row k had when it was tested (0 for the
+    anchor, 2 for invalid rows).
+    """
+
+    accepted: np.ndarray  # bool [M]
+    weights: np.ndarray  # float64 [M]
+    distances: np.ndarray  # float64 [M]
+    anchor: int  # index of the anchor row (-1 if no row was valid)
+    valid: np.ndarray  # bool [M]: finite with non-zero norm
+
+    @property
+    def num_accepted(self) -> int:
+        return int(self.accepted.sum())
+
+    @property
+    def skipped(self) -> bool:
+        return self.num_accepted < 2
+
+
+def valid_rows(gram: np.ndarray) -> np.ndarray:
+    """Rows that can take part: finite, strictly positive squared norm.
+
+    A finite |g|² implies every entry of g is finite, and then |G[i, j]| <= |g_i| |g_j| keeps
+    the entries between two valid rows finite; only the diagonal needs checking.
+    """
+    diag = np.diag(gram)
+    return np.isfinite(diag) & (diag > _ZERO_NORM_SQ)
+
+
+def _empty_decision(m: int, valid: np.ndarray) -> Decision:
+    return Decision(
+        accepted=np.zeros(m, dtype=bool),
+        weights=np.zeros(m),
+        distances=np.full(m, 2.0),
+        anchor=-1,
+        valid=valid,
+    )
+
+
+def decide(gram: Tensor | np.ndarray, tau: float, rule: str = "mean") -> Decision:
+    """Run ``rule`` on the Gram matrix of M micro-gradients (rows in their fixed order).
+
+    The computation is in float64 on the host. ``gram`` may live on any device; moving it
+    to the host is the one device→host transfer a filtered step needs.
+    """
+    tau = check_tau(tau)
+    rule = check_rule(rule)
+    g = gram.detach().to("cpu", torch.float64).numpy() if isinstance(gram, Tensor) else gram
+    g = np.asarray(g, dtype=np.float64)
+    if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
+        raise ValueError(f"gram must be a non-empty square matrix, got shape {g.shape}")
+    m = g.shape[0]
+    valid = valid_rows(g)
+    if not valid.any():
+        return _empty_decision(m, valid)
+    # Zero out invalid rows/columns so no NaN reaches any arithmetic below.
+    g = np.where(valid[:, None] & valid[None, :], g, 0.0)
+    if rule == "neighbours":
+        return _decide_neighbours(g, tau, valid)
+    return _decide_sequential(g, tau, rule, valid)
+
+
+def _decide_sequential(g: np.ndarray, tau: float, rule: str, valid: np.ndarray) -> Decision:
+    m = g.shape[0]
+    anchor = int(np.argmax(valid))
+    weights = np.zeros(m)
+    weights[anchor] = 1.0
+    accepted = np.zeros(m, dtype=bool)
+    accepted[anchor] = True
+    distances = np.full(m, 2.0)
+    distances[anchor] = 0.0
+    diag = np.diag(g)
+    for k in range(anchor + 1, m):
+        if not valid[k]:
+            continue
+        if rule == "anchor":
+            dot, norm_sq_s = g[anchor, k], diag[anchor]
+        else:
+            # s = Σ w_i g_i:  s·g_k = (w G)[k],  |s|² = w G wᵀ.
+            dot, norm_sq_s = float(weights @ g[:, k]), float(weights @ g @ weights)
+        d = distance_from_products(float(dot), float(norm_sq_s), float(diag[k]))
+        distances[k] = d
+        if d <= tau:
+            accepted[k] = True
+            if rule == "halving":
+                weights *= 0.5
+                weights[k] = 0.5
+            else:
+                weights[k] = 1.0
+    if rule != "halving":
+        weights /= weights.sum()
+    return Decision(accepted, weights, distances, anchor, valid)
+
+
+def pairwise_distances(g: np.ndarray) -> np.ndarray:
+    """Cosine distance matrix from a Gram matrix, clamped to [0, 2] (zero norms give 1)."""
+    diag = np.diag(g)
+    denom = np.sqrt(np.outer(diag, diag))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(denom > 0, g / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.clip(1.0 - cos, 0.0, 2.0)
+
+
+def _decide_neighbours(g: np.ndarray, tau: float, valid: np.ndarray) -> Decision:
+    m = g.shape[0]
+    dist = pairwise_distances(g)
+    close = (dist <= tau) & valid[:, None] & valid[None, :]
+    np.fill_diagonal(close, False)
+    counts = np.where(valid, close.sum(axis=1), -1)
+    anchor = int(np.argmax(counts))  # argmax returns the lowest index among ties
+    accepted = close[anchor].copy()
+    accepted[anchor] = True
+    distances = np.where(valid, dist[anchor], 2.0)
+    distances[anchor] = 0.0
+    weights = accepted / accepted.sum()
+    return Decision(accepted, weights.astype(np.float64), distances, anchor, valid)
+
+
+@dataclass
+class FilterResult:
+    """Outcome of filtering M micro-gradients.
+
+    ``grad`` is the update direction Σ w_i g_i (the mean of the accepted rows, except for
+    the "halving" rule); when ``skipped`` the optimizer must not step. When every row is
+    invalid ``grad`` is zero. Statistics live on the host (numpy/tensor on CPU): reading
+    them costs no device synchronisation.
+    """
+
+    grad: Tensor
+    accepted: Tensor  # bool [M], CPU
+    distances: Tensor  # float64 [M], CPU
+    weights: Tensor  # float64 [M], CPU
+    anchor: int
+    num_invalid: int
+    tau: float
+    rule: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_accepted(self) -> int:
+        return int(self.accepted.sum())
+
+    @property
+    def num_micro_batches(self) -> int:
+        return int(self.accepted.numel())
+
+    @property
+    def skipped(self) -> bool:
+        return self.num_accepted < 2
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / max(1, self.num_micro_batches)
+
+
+def result_from_decision(decision: Decision, grad: Tensor, tau: float, rule: str) -> FilterResult:
+    return FilterResult(
+        grad=grad,
+        accepted=torch.from_numpy(decision.accepted.copy()),
+        distances=torch.from_numpy(decision.distances.copy()),
+        weights=torch.from_numpy(decision.weights.copy()),
+        anchor=decision.anchor,
+        num_invalid=int((~decision.valid).sum()),
+        tau=tau,
+        rule=rule,
+    )
+
+
+def weighted_sum(rows: Sequence[Tensor] | Tensor, weights: np.ndarray, out: Tensor) -> Tensor:
+    """out = Σ weights[i] · rows[i] over rows with non-zero weight, written in place.
+
+    Rows with zero weight are never touched, so an inf/NaN in a rejected row cannot leak
+    into the result (0 · inf would be NaN). Weights are host floats: no device sync.
+    """
+    out.zero_()
+    for i, w in enumerate(weights.tolist()):
+        if w != 0.0:
+            out.add_(rows[i].to(out.dtype), alpha=w)
+    return out
+
+
+def filter_gradients(grads: Tensor, tau: float = 0.97, rule: str = "mean") -> FilterResult:
+    """Filter a stack of micro-gradients ``grads`` [M, P] (one flat gradient per row).
+
+    Returns a :class:`FilterResult` whose ``grad`` [P] is the filtered update direction in
+    ``grads.dtype`` on ``grads.device``; see the module docstring for the rules.
+    """
+    grads = check_grads(grads)
+    tau = check_tau(tau)
+    rule = check_rule(rule)
+    decision = decide(gram_matrix(grads), tau, rule)
+    out = torch.empty(grads.shape[1], dtype=grads.dtype, device=grads.device)
+    weighted_sum(grads, decision.weights, out)
+    return result_from_decision(decision, out, tau, rule)
