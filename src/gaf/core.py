@@ -257,7 +257,6 @@ def pairwise_distances(g: np.ndarray) -> np.ndarray:
 
 
 def _decide_neighbours(g: np.ndarray, tau: float, valid: np.ndarray) -> Decision:
-    m = g.shape[0]
     dist = pairwise_distances(g)
     close = (dist <= tau) & valid[:, None] & valid[None, :]
     np.fill_diagonal(close, False)
