@@ -25,3 +25,18 @@ __all__ = [
     "gram_matrix",
 ]
 __version__ = "0.1.0"
+
+from gaf.collector import FilterStats, GradientCollector  # noqa: E402
+from gaf.flat import FlatGradients  # noqa: E402
+from gaf.thresholds import FixedThreshold, Threshold  # noqa: E402
+from gaf.training import GAFTrainer, StepResult  # noqa: E402
+
+__all__ += [
+    "FilterStats",
+    "FixedThreshold",
+    "FlatGradients",
+    "GAFTrainer",
+    "GradientCollector",
+    "StepResult",
+    "Threshold",
+]

@@ -162,6 +162,7 @@ class Decision:
     distances: np.ndarray  # float64 [M]
     anchor: int  # index of the anchor row (-1 if no row was valid)
     valid: np.ndarray  # bool [M]: finite with non-zero norm
+    finite: np.ndarray | None = None  # bool [M]: finite (None: same as valid)
 
     @property
     def num_accepted(self) -> int:
@@ -206,13 +207,18 @@ def decide(gram: Tensor | np.ndarray, tau: float, rule: str = "mean") -> Decisio
         raise ValueError(f"gram must be a non-empty square matrix, got shape {g.shape}")
     m = g.shape[0]
     valid = valid_rows(g)
+    finite = np.isfinite(np.diag(g))
     if not valid.any():
-        return _empty_decision(m, valid)
-    # Zero out invalid rows/columns so no NaN reaches any arithmetic below.
-    g = np.where(valid[:, None] & valid[None, :], g, 0.0)
-    if rule == "neighbours":
-        return _decide_neighbours(g, tau, valid)
-    return _decide_sequential(g, tau, rule, valid)
+        decision = _empty_decision(m, valid)
+    else:
+        # Zero out invalid rows/columns so no NaN reaches any arithmetic below.
+        g = np.where(valid[:, None] & valid[None, :], g, 0.0)
+        if rule == "neighbours":
+            decision = _decide_neighbours(g, tau, valid)
+        else:
+            decision = _decide_sequential(g, tau, rule, valid)
+    decision.finite = finite
+    return decision
 
 
 def _decide_sequential(g: np.ndarray, tau: float, rule: str, valid: np.ndarray) -> Decision:
@@ -285,9 +291,10 @@ class FilterResult:
     distances: Tensor  # float64 [M], CPU
     weights: Tensor  # float64 [M], CPU
     anchor: int
-    num_invalid: int
+    num_invalid: int  # rows that agree with nothing: non-finite or zero norm
     tau: float
     rule: str
+    num_nonfinite: int = 0  # of those, rows holding inf or NaN (e.g. an AMP overflow)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -317,6 +324,7 @@ def result_from_decision(decision: Decision, grad: Tensor, tau: float, rule: str
         num_invalid=int((~decision.valid).sum()),
         tau=tau,
         rule=rule,
+        num_nonfinite=int((~decision.finite).sum()) if decision.finite is not None else 0,
     )
 
 

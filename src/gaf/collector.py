@@ -1,0 +1,305 @@
+"""GAF on one device, used like gradient accumulation.
+
+Usage::
+
+    collector = gaf.GradientCollector(model.parameters(), tau=0.97)
+    for x, y in micro_batches:
+        loss_fn(model(x), y).backward()
+        collector.collect()              # takes the micro-gradient out of .grad
+    result = collector.finish()          # writes the filtered direction into .grad
+    if not result.skipped:
+        optimizer.step()
+    optimizer.zero_grad()
+
+Two modes:
+
+``"streaming"`` (rules "mean" and "halving"): keeps one running sum ``s`` on the device and
+    tests each micro-gradient against it as it arrives; extra memory is O(P), independent
+    of M. The accept/reject test runs on the device (``torch.where``), so there is no host
+    synchronisation until :meth:`finish`.
+``"stacked"`` (every rule): keeps all M micro-gradients as rows of an [M, P] buffer and
+    decides from their Gram matrix with :func:`gaf.core.decide`. Extra memory O(M·P).
+
+``mode="auto"`` picks streaming where the rule allows it. Both modes make the same
+decisions (tests check this in float64).
+
+:meth:`finish` performs exactly one device→host transfer (the small vector of per-row
+statistics), because whether the optimizer may step is a host-side decision. After it,
+every statistic in the returned :class:`~gaf.core.FilterResult` lives on the host.
+
+Semantics:
+
+* A skipped step leaves every ``.grad`` as ``None``: a stray ``optimizer.step()`` then
+  does nothing, and no stale gradient leaks into the next step.
+* Frozen parameters are ignored; parameters that get no gradient in a micro-batch count
+  as zero.
+* Non-finite or zero micro-gradients are rejected and counted (``num_invalid``,
+  ``num_nonfinite``); they never reach the update.
+* Running counters are in :attr:`stats`; ``state_dict()`` holds them and the threshold's
+  state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gaf.core import (
+    Decision,
+    FilterResult,
+    check_rule,
+    decide,
+    gram_dtype,
+    gram_matrix,
+    result_from_decision,
+    weighted_sum,
+)
+from gaf.flat import FlatGradients
+from gaf.thresholds import Threshold, as_threshold
+
+STREAMING_RULES = ("mean", "halving")
+MODES = ("auto", "streaming", "stacked")
+
+
+@dataclass
+class FilterStats:
+    """Running counters over filtered steps (host integers: no device sync to read)."""
+
+    steps: int = 0
+    skipped_steps: int = 0
+    micro_batches: int = 0
+    accepted: int = 0
+    invalid: int = 0
+    nonfinite: int = 0
+
+    def update(self, result: FilterResult) -> None:
+        self.steps += 1
+        self.skipped_steps += int(result.skipped)
+        self.micro_batches += result.num_micro_batches
+        self.accepted += result.num_accepted
+        self.invalid += result.num_invalid
+        self.nonfinite += result.num_nonfinite
+
+    @property
+    def skip_rate(self) -> float:
+        return self.skipped_steps / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.micro_batches if self.micro_batches else 0.0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            if not hasattr(self, key):
+                raise KeyError(f"unknown FilterStats field {key!r}")
+            setattr(self, key, int(value))
+
+
+def _halving_weights(accepted: np.ndarray) -> np.ndarray:
+    """Weights of the halving rule from its accepted sequence (first accepted is the anchor)."""
+    weights = np.zeros(len(accepted))
+    first = True
+    for k, ok in enumerate(accepted):
+        if not ok:
+            continue
+        if first:
+            weights[k], first = 1.0, False
+        else:
+            weights *= 0.5
+            weights[k] = 0.5
+    return weights
+
+
+class GradientCollector:
+    """Collect micro-gradients from ``.grad`` and write back their filtered combination.
+
+    Args:
+        params: the parameters the optimizer updates (or its ``param_groups``).
+        tau: cosine-distance threshold in [0, 2], or a :class:`gaf.thresholds.Threshold`.
+        rule: "mean" (the paper's), "halving", "anchor" or "neighbours".
+        mode: "auto", "streaming" or "stacked" (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        tau: float | Threshold = 0.97,
+        rule: str = "mean",
+        mode: str = "auto",
+    ):
+        self.rule = check_rule(rule)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "auto":
+            mode = "streaming" if rule in STREAMING_RULES else "stacked"
+        if mode == "streaming" and rule not in STREAMING_RULES:
+            raise ValueError(
+                f"rule {rule!r} needs every micro-gradient at once; use mode='stacked' "
+                f"(streaming supports {', '.join(STREAMING_RULES)})"
+            )
+        self.mode = mode
+        self.threshold = as_threshold(tau)
+        self.flat = FlatGradients(params)
+        self.stats = FilterStats()
+        self._rows: Tensor | None = None  # stacked: [capacity, P]
+        self._current: Tensor | None = None  # streaming: the micro-gradient being filled
+        self._sum: Tensor | None = None  # streaming: running direction s
+        self._reset_step()
+
+    # -- public interface -------------------------------------------------------------
+
+    @property
+    def num_collected(self) -> int:
+        return self._count
+
+    @property
+    def tau(self) -> float:
+        return self.threshold.value()
+
+    def collect(self) -> None:
+        """Take the micro-gradient now in ``.grad`` and prepare ``.grad`` for the next one."""
+        if self.mode == "streaming":
+            self._collect_streaming()
+        else:
+            self._collect_stacked()
+        self._count += 1
+
+    def finish(self) -> FilterResult:
+        """Filter the collected micro-gradients and write the result into ``.grad``.
+
+        If the step is skipped, every ``.grad`` is set to ``None``.
+        """
+        if self._count == 0:
+            raise RuntimeError("finish() called before any collect(): no micro-gradients")
+        tau = self._step_tau
+        if self.mode == "streaming":
+            result = self._finish_streaming(tau)
+        else:
+            result = self._finish_stacked(tau)
+        self.stats.update(result)
+        self.threshold.observe(result)
+        if result.skipped:
+            self.flat.clear()
+        else:
+            self.flat.write(result.grad)
+        self._reset_step()
+        return result
+
+    def state_dict(self) -> dict:
+        return {
+            "stats": self.stats.state_dict(),
+            "threshold": self.threshold.state_dict(),
+            "rule": self.rule,
+            "mode": self.mode,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rule", self.rule) != self.rule:
+            raise ValueError(f"state was saved with rule {state['rule']!r}, not {self.rule!r}")
+        self.stats.load_state_dict(state["stats"])
+        self.threshold.load_state_dict(state["threshold"])
+
+    # -- streaming ------------------------------------------------------------------------
+
+    def _reset_step(self) -> None:
+        self._count = 0
+        self._step_tau = self.threshold.value()
+        self._stream_stats: list[Tensor] = []
+        if self.mode == "streaming" and self._sum is not None:
+            self._sum.zero_()
+            self._sum_sq.zero_()
+            self._have_anchor.zero_()
+
+    def _collect_streaming(self) -> None:
+        flat = self.flat
+        if self._current is None:
+            self._current = flat.new_buffer()
+            self._sum = flat.new_buffer()
+            acc = gram_dtype(flat.dtype)
+            self._sum_sq = torch.zeros((), dtype=acc, device=flat.device)
+            self._have_anchor = torch.zeros((), dtype=torch.bool, device=flat.device)
+        g = flat.gather(self._current)
+        s = self._sum
+        acc = self._sum_sq.dtype
+        # Products in the Gram dtype (float64 for half precision) so that streaming and
+        # stacked see the same numbers.
+        g_acc = g if g.dtype == acc else g.to(acc)
+        s_acc = s if s.dtype == acc else s.to(acc)
+        norm_sq_g = g_acc @ g_acc
+        dot = s_acc @ g_acc
+        valid = torch.isfinite(norm_sq_g) & (norm_sq_g > 0)
+        denom = self._sum_sq * norm_sq_g
+        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+        cos = torch.where(denom > 0, dot / torch.sqrt(safe), torch.zeros_like(denom))
+        dist = torch.clamp(1.0 - cos, 0.0, 2.0)
+        anchor = valid & ~self._have_anchor
+        accept = valid & (anchor | (dist <= self._step_tau))
+        dist = torch.where(anchor, torch.zeros_like(dist), dist)
+        dist = torch.where(valid, dist, torch.full_like(dist, 2.0))
+        # Rejected rows are dropped with torch.where, never multiplied by zero: 0 · inf = NaN.
+        if self.rule == "halving":
+            # Anchor: s ← g. Later acceptances: s ← (s + g) / 2, i.e. s ← a·s + b·g.
+            a = torch.where(anchor, 0.0, 0.5).to(acc)
+            b = torch.where(anchor, 1.0, 0.5).to(acc)
+            s.copy_(torch.where(accept, a.to(s.dtype) * s + b.to(s.dtype) * g, s))
+            grown = a * a * self._sum_sq + 2 * a * b * dot + b * b * norm_sq_g
+        else:
+            s.add_(torch.where(accept, g, torch.zeros((), dtype=g.dtype, device=g.device)))
+            grown = self._sum_sq + 2 * dot + norm_sq_g
+        self._sum_sq.copy_(torch.where(accept, grown, self._sum_sq))
+        self._have_anchor |= valid
+        finite = torch.isfinite(norm_sq_g)
+        self._stream_stats.append(torch.stack([accept.to(acc), dist.to(acc), finite.to(acc),
+                                               valid.to(acc)]))
+        # The next backward accumulates into a zeroed buffer bound to .grad.
+        g.zero_()
+        flat.bind(g)
+
+    def _finish_streaming(self, tau: float) -> FilterResult:
+        # The single device→host transfer of the step.
+        host = torch.stack(self._stream_stats).cpu().double().numpy()
+        accepted = host[:, 0] > 0.5
+        distances = host[:, 1].copy()
+        finite, valid = host[:, 2] > 0.5, host[:, 3] > 0.5
+        count = int(accepted.sum())
+        if self.rule == "halving":
+            weights = _halving_weights(accepted)
+            grad = self._sum.clone()
+        else:
+            weights = accepted / max(count, 1)
+            grad = self._sum / max(count, 1)
+        anchor = int(np.argmax(accepted)) if count else -1
+        decision = Decision(accepted, weights, distances, anchor, valid, finite)
+        return result_from_decision(decision, grad, tau, self.rule)
+
+    # -- stacked ---------------------------------------------------------------------------
+
+    def _collect_stacked(self) -> None:
+        k = self._count
+        if self._rows is None or k + 1 >= self._rows.shape[0]:
+            self._grow(k + 2)
+        self.flat.gather(self._rows[k])
+        self._rows[k + 1].zero_()
+        self.flat.bind(self._rows[k + 1])
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 4 if self._rows is None else 2 * self._rows.shape[0])
+        rows = self.flat.new_buffer(capacity)
+        if self._rows is not None:
+            rows[: self._count].copy_(self._rows[: self._count])
+            # .grad may be bound to the old buffer's row k: gather() copies it over.
+        self._rows = rows
+
+    def _finish_stacked(self, tau: float) -> FilterResult:
+        rows = self._rows[: self._count]
+        decision = decide(gram_matrix(rows), tau, self.rule)
+        out = self.flat.new_buffer()
+        weighted_sum(rows, decision.weights, out)
+        return result_from_decision(decision, out, tau, self.rule)

@@ -1,0 +1,181 @@
+"""One-call GAF training step on one device.
+
+:class:`GAFTrainer` splits a batch into M micro-batches, runs forward and backward on
+each, filters the micro-gradients with a :class:`~gaf.collector.GradientCollector`, and
+steps the optimizer, or skips the step. Per step::
+
+    for each micro-batch k:            (under torch.autocast if asked)
+        loss_k = loss_fn(model(x_k), y_k)
+        backward(scaler.scale(loss_k) if scaler else loss_k)
+        collector.collect()
+    result = collector.finish()        # filtered direction now in .grad
+    if result.skipped:                 # fewer than 2 micro-gradients agree
+        no optimizer.step(), no scaler.update(); StepResult.skipped is True
+    else:
+        scaler.unscale_(optimizer)     # with AMP: clip and step on unscaled gradients
+        clip_grad_norm_(max_grad_norm) # clipping applies after filtering
+        optimizer.step() / scaler.step(optimizer); scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+Notes on AMP: cosine distance is scale-invariant, so filtering the scaled micro-gradients
+decides exactly as filtering unscaled ones would. A micro-gradient that overflowed is
+rejected by the filter; with a GradScaler the step is then handed to the scaler as an
+overflow (the filtered gradient is poisoned with inf before ``scaler.step``), so the
+scaler skips the step and lowers its scale, as it does without GAF. Without a scaler a
+non-finite micro-gradient is simply rejected and counted.
+
+Skipped steps are visible as ``StepResult.skipped`` (and ``trainer.stats``), so callers
+can hold a learning-rate scheduler on skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gaf.collector import GradientCollector
+from gaf.core import FilterResult
+from gaf.thresholds import Threshold
+
+
+@dataclass
+class StepResult:
+    """What one :meth:`GAFTrainer.step` did. ``loss`` is a detached device tensor (mean of
+    the micro-batch losses): reading it with ``.item()`` is the caller's choice of sync."""
+
+    loss: Tensor
+    skipped: bool
+    overflow: bool
+    result: FilterResult
+
+
+def split_batch(batch: Tensor | Sequence[Tensor], num_micro_batches: int) -> list:
+    """Split a tensor (or a tuple/list of tensors) into M micro-batches along dim 0."""
+    if isinstance(batch, Tensor):
+        n = batch.shape[0]
+    elif isinstance(batch, (tuple, list)) and batch and all(isinstance(t, Tensor) for t in batch):
+        n = batch[0].shape[0]
+        if any(t.shape[0] != n for t in batch):
+            raise ValueError("all tensors of a batch must have the same size along dim 0")
+    else:
+        raise TypeError("a batch must be a tensor or a tuple/list of tensors")
+    if num_micro_batches > n:
+        raise ValueError(
+            f"cannot split a batch of {n} samples into {num_micro_batches} micro-batches"
+        )
+    if isinstance(batch, Tensor):
+        return list(torch.tensor_split(batch, num_micro_batches))
+    parts = [torch.tensor_split(t, num_micro_batches) for t in batch]
+    return [type(batch)(p[k] for p in parts) for k in range(num_micro_batches)]
+
+
+class GAFTrainer:
+    """Drop-in GAF step for a model, any ``torch.optim`` optimizer and a loss function.
+
+    Args:
+        model: the module to train.
+        optimizer: any ``torch.optim.Optimizer`` over (some of) the model's parameters.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean over the micro-batch).
+        num_micro_batches: M, the number of micro-batches each batch is split into.
+        tau, rule, mode: as for :class:`~gaf.collector.GradientCollector`.
+        max_grad_norm: clip the filtered gradient to this norm (None: no clipping).
+        scaler: a ``torch.amp.GradScaler`` for mixed precision (None: no scaling).
+        autocast_dtype: run forward passes under ``torch.autocast`` with this dtype.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        num_micro_batches: int,
+        tau: float | Threshold = 0.97,
+        rule: str = "mean",
+        mode: str = "auto",
+        max_grad_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
+            raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.num_micro_batches = num_micro_batches
+        self.max_grad_norm = max_grad_norm
+        self.scaler = scaler
+        self.autocast_dtype = autocast_dtype
+        self.collector = GradientCollector(optimizer.param_groups, tau=tau, rule=rule, mode=mode)
+        self.overflow_steps = 0
+
+    @property
+    def stats(self):
+        return self.collector.stats
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        device_type = self.collector.flat.device.type
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+
+    def step(self, inputs: Tensor | Sequence[Tensor], targets: Tensor) -> StepResult:
+        m = self.num_micro_batches
+        micro_inputs = split_batch(inputs, m)
+        micro_targets = split_batch(targets, m)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = None
+        for x, y in zip(micro_inputs, micro_targets, strict=True):
+            with self._autocast():
+                out = self.model(*x) if isinstance(x, (tuple, list)) else self.model(x)
+                loss = self.loss_fn(out, y)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            self.collector.collect()
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+        result = self.collector.finish()
+        loss = total / m
+        overflow = self.scaler is not None and result.num_nonfinite > 0
+        if overflow:
+            self._step_scaler_overflow()
+            return StepResult(loss, True, True, result)
+        if result.skipped:
+            return StepResult(loss, True, False, result)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.collector.flat.params, self.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, False, False, result)
+
+    def _step_scaler_overflow(self) -> None:
+        """Let the GradScaler see the overflow it would have seen without GAF: it skips the
+        step and lowers its scale."""
+        self.overflow_steps += 1
+        flat = self.collector.flat
+        poisoned = flat.new_buffer().fill_(float("inf"))
+        flat.write(poisoned)
+        self.scaler.step(self.optimizer)  # finds inf, does not call optimizer.step()
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        state = {"collector": self.collector.state_dict(), "overflow_steps": self.overflow_steps}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.collector.load_state_dict(state["collector"])
+        self.overflow_steps = int(state.get("overflow_steps", 0))
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
