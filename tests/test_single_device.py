@@ -160,7 +160,7 @@ def test_frozen_and_unused_parameters_count_as_zero():
         model.use_extra = k == 1
         F.cross_entropy(model(xs), ys).backward()
         rows.append(torch.cat([
-            p.grad.reshape(-1).clone() if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
+            torch.zeros(p.numel(), dtype=p.dtype) if p.grad is None else p.grad.reshape(-1).clone()
             for p in collector.flat.params
         ]))
         collector.collect()

@@ -81,7 +81,8 @@ class FlatGradients:
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Per-parameter views into a flat [P] tensor."""
-        return [v.view(shape) for v, shape in zip(flat.split(self.numels), self.shapes, strict=True)]
+        pieces = flat.split(self.numels)
+        return [v.view(shape) for v, shape in zip(pieces, self.shapes, strict=True)]
 
     def gather(self, out: Tensor) -> Tensor:
         """Copy the current ``.grad`` of every parameter into ``out`` [P] (None → zeros).
