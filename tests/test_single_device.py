@@ -43,8 +43,11 @@ def collect_with(collector, model, x, y, m, zero_between=False):
 
 
 @pytest.mark.parametrize("rule", gaf.RULES)
-@pytest.mark.parametrize("mode", ["streaming", "stacked"])
+@pytest.mark.parametrize("mode", ["streaming", "streaming-device-side", "stacked"])
 def test_collector_matches_filter_and_reference(rule, mode):
+    # "device-side" forces the torch.where path accelerators take (no host sync).
+    device_side = mode.endswith("device-side")
+    mode = mode.removesuffix("-device-side")
     if mode == "streaming" and rule not in ("mean", "halving"):
         with pytest.raises(ValueError, match="stacked"):
             GradientCollector(small_model().parameters(), rule=rule, mode=mode)
@@ -59,6 +62,7 @@ def test_collector_matches_filter_and_reference(rule, mode):
             if any(abs(d - tau) < 1e-9 for d in ref["distances"][1:]):
                 continue
             collector = GradientCollector(model.parameters(), tau=tau, rule=rule, mode=mode)
+            collector.device_side = device_side or collector.device_side
             result = collect_with(collector, model, x, y, m, zero_between=seed % 2 == 1)
             assert result.accepted.tolist() == ref["accepted"]
             assert result.distances.tolist() == pytest.approx(ref["distances"], abs=1e-9)
@@ -171,10 +175,13 @@ def test_frozen_and_unused_parameters_count_as_zero():
     assert model.extra.weight.grad is not None  # it got the filtered (partly zero) mean
 
 
-def test_nonfinite_micro_gradient_is_rejected_and_counted():
+@pytest.mark.parametrize("device_side", [False, True])
+@pytest.mark.parametrize("rule", ["mean", "halving", "neighbours"])
+def test_nonfinite_micro_gradient_is_rejected_and_counted(device_side, rule):
     model = small_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = gaf.GAFTrainer(model, opt, F.cross_entropy, 4, tau=2.0)
+    trainer = gaf.GAFTrainer(model, opt, F.cross_entropy, 4, tau=2.0, rule=rule)
+    trainer.collector.device_side = device_side
     poison = {"k": 0}
 
     def hook(grad):

@@ -125,6 +125,8 @@ class GradientCollector:
         tau: cosine-distance threshold in [0, 2], or a :class:`gaf.thresholds.Threshold`.
         rule: "mean" (the paper's), "halving", "anchor" or "neighbours".
         mode: "auto", "streaming" or "stacked" (see the module docstring).
+        num_micro_batches: expected M, if known: the stacked buffer is sized for it once
+            instead of growing by doubling.
     """
 
     def __init__(
@@ -133,8 +135,10 @@ class GradientCollector:
         tau: float | Threshold = 0.97,
         rule: str = "mean",
         mode: str = "auto",
+        num_micro_batches: int | None = None,
     ):
         self.rule = check_rule(rule)
+        self._capacity_hint = num_micro_batches
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "auto":
@@ -147,6 +151,9 @@ class GradientCollector:
         self.mode = mode
         self.threshold = as_threshold(tau)
         self.flat = FlatGradients(params)
+        # Streaming decisions stay on the device (no host sync per micro-batch) except on
+        # the CPU, where a sync is free and branching avoids a full-size torch.where.
+        self.device_side = self.flat.device.type != "cpu"
         self.stats = FilterStats()
         self._rows: Tensor | None = None  # stacked: [capacity, P]
         self._current: Tensor | None = None  # streaming: the micro-gradient being filled
@@ -243,16 +250,29 @@ class GradientCollector:
         accept = valid & (anchor | (dist <= self._step_tau))
         dist = torch.where(anchor, torch.zeros_like(dist), dist)
         dist = torch.where(valid, dist, torch.full_like(dist, 2.0))
-        # Rejected rows are dropped with torch.where, never multiplied by zero: 0 · inf = NaN.
         if self.rule == "halving":
             # Anchor: s ← g. Later acceptances: s ← (s + g) / 2, i.e. s ← a·s + b·g.
             a = torch.where(anchor, 0.0, 0.5).to(acc)
             b = torch.where(anchor, 1.0, 0.5).to(acc)
-            s.copy_(torch.where(accept, a.to(s.dtype) * s + b.to(s.dtype) * g, s))
             grown = a * a * self._sum_sq + 2 * a * b * dot + b * b * norm_sq_g
         else:
-            s.add_(torch.where(accept, g, torch.zeros((), dtype=g.dtype, device=g.device)))
+            a = b = None
             grown = self._sum_sq + 2 * dot + norm_sq_g
+        if self.device_side:
+            # Rejected rows are dropped with torch.where, never multiplied by zero
+            # (0 · inf = NaN), and without a host synchronisation.
+            zero = torch.zeros((), dtype=g.dtype, device=g.device)
+            if a is None:
+                s.add_(torch.where(accept, g, zero))
+            else:
+                s.copy_(torch.where(accept, a.to(s.dtype) * s + b.to(s.dtype) * g, s))
+        elif bool(accept):
+            # On the CPU reading a scalar costs nothing, and a branch is several times
+            # cheaper than a P-sized torch.where.
+            if a is None:
+                s.add_(g)
+            else:
+                s.mul_(float(a)).add_(g, alpha=float(b))
         self._sum_sq.copy_(torch.where(accept, grown, self._sum_sq))
         self._have_anchor |= valid
         finite = torch.isfinite(norm_sq_g)
@@ -290,7 +310,9 @@ class GradientCollector:
         self.flat.bind(self._rows[k + 1])
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 4 if self._rows is None else 2 * self._rows.shape[0])
+        # Row k + 1 receives the next backward, so M micro-batches need M + 1 rows.
+        first = (self._capacity_hint or 3) + 1
+        capacity = max(needed, first if self._rows is None else 2 * self._rows.shape[0])
         rows = self.flat.new_buffer(capacity)
         if self._rows is not None:
             rows[: self._count].copy_(self._rows[: self._count])

@@ -111,7 +111,10 @@ class GAFTrainer:
         self.max_grad_norm = max_grad_norm
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
-        self.collector = GradientCollector(optimizer.param_groups, tau=tau, rule=rule, mode=mode)
+        self.collector = GradientCollector(
+            optimizer.param_groups, tau=tau, rule=rule, mode=mode,
+            num_micro_batches=num_micro_batches,
+        )
         self.overflow_steps = 0
 
     @property
