@@ -18,11 +18,11 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
