@@ -1,0 +1,274 @@
+"""Distributed front ends: a collector and a one-call trainer over the protocol.
+
+Usage (one process per rank, e.g. under ``torchrun``)::
+
+    dist.init_process_group("nccl" or "gloo", timeout=datetime.timedelta(minutes=5))
+    collector = gaf.distributed.DistributedGradientCollector(
+        model.parameters(), tau=0.97, buffers=model)   # collective: all ranks construct it
+    for x, y in my_micro_batches:                      # m micro-batches on this rank
+        loss_fn(model(x), y).backward()
+        collector.collect()
+    result = collector.finish()    # the decision over all N·m micro-gradients, same on
+    if not result.skipped:         # every rank; the filtered direction is now in .grad
+        optimizer.step()
+    optimizer.zero_grad()
+
+The collector is the single-device :class:`~gaf.collector.GradientCollector` in its
+"stacked" mode (same ``.grad`` handling, skip semantics, statistics and thresholds) with
+only the filtering of the stacked rows replaced by the distributed protocol. A streaming
+mode does not exist here: the rules need every rank's rows at once.
+
+Models wrapped in ``DistributedDataParallel``: DDP's own all-reduce must not run as well
+(it would average the micro-gradients before GAF sees them, and move P values for
+nothing). Either give the collector an unwrapped model (it does DDP's other jobs: it
+broadcasts the parameters from rank 0 at construction and can keep buffers in sync), or
+run every micro-batch's forward and backward under ``ddp_model.no_sync()`` and pass
+``ddp_model.module.parameters()``. :class:`DistributedGAFTrainer` does the latter by itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gaf.collector import GradientCollector
+from gaf.core import RULES, FilterResult
+from gaf.distributed.protocol import (
+    _DTYPE_CODES,
+    METHODS,
+    Comm,
+    _tau_bits,
+    check_agreement,
+    check_method,
+    layout_hash,
+    run_protocol,
+)
+from gaf.thresholds import Threshold
+from gaf.training import GAFTrainer
+
+BUFFER_SYNC: tuple[str, ...] = ("broadcast", "mean")
+
+Timeout = float | datetime.timedelta | None
+
+
+def _tensors(items: nn.Module | Iterable[Tensor] | None, what: str) -> list[Tensor]:
+    if items is None:
+        return []
+    if isinstance(items, nn.Module):
+        return list(items.buffers()) if what == "buffers" else list(items.parameters())
+    return list(items)
+
+
+def _coalesced(tensors: Sequence[Tensor], fn: Callable[[Tensor], None]) -> None:
+    """Apply ``fn`` to one flat copy per (device, dtype) of ``tensors``, then copy back:
+    one collective per kind instead of one per tensor."""
+    kinds: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        kinds.setdefault((t.device, t.dtype), []).append(t)
+    for group in kinds.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        fn(flat)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            with torch.no_grad():
+                t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+
+
+def broadcast_parameters(
+    params: nn.Module | Iterable[Tensor], *, group=None, src: int = 0, timeout: Timeout = None
+) -> None:
+    """Copy the values of ``params`` from group rank ``src`` to every rank (as DDP does at
+    construction), so that identical updates keep them identical."""
+    comm = Comm(group, timeout)
+    tensors = _tensors(params, "parameters")
+    root = comm.global_rank(src)
+    _coalesced(tensors, lambda flat: comm.run("broadcast of parameters", dist.broadcast, flat,
+                                              src=root))
+
+
+def sync_buffers(
+    buffers: nn.Module | Iterable[Tensor],
+    mode: str = "broadcast",
+    *,
+    group=None,
+    timeout: Timeout = None,
+) -> None:
+    """Make buffers (e.g. BatchNorm running statistics) identical on every rank.
+
+    ``"broadcast"``: every rank takes group rank 0's buffers (what DDP does before each
+    forward). ``"mean"``: floating buffers become their mean over ranks (running
+    statistics then reflect every rank's data); other buffers (``num_batches_tracked``)
+    are broadcast from rank 0. Either way all ranks end up with the same bits.
+    """
+    if mode not in BUFFER_SYNC:
+        raise ValueError(f"unknown buffer sync {mode!r}; choose one of {', '.join(BUFFER_SYNC)}")
+    comm = Comm(group, timeout)
+    tensors = _tensors(buffers, "buffers")
+    root = comm.global_rank(0)
+    averaged = [t for t in tensors if mode == "mean" and t.is_floating_point()]
+    copied = [t for t in tensors if not (mode == "mean" and t.is_floating_point())]
+
+    def mean(flat: Tensor) -> None:
+        comm.run("all_reduce of buffers", dist.all_reduce, flat)
+        flat.div_(comm.size)
+
+    _coalesced(averaged, mean)
+    _coalesced(copied, lambda flat: comm.run("broadcast of buffers", dist.broadcast, flat,
+                                             src=root))
+
+
+class DistributedGradientCollector(GradientCollector):
+    """:class:`~gaf.collector.GradientCollector` across the ranks of a process group.
+
+    Each rank collects m micro-gradients per step (the same m on every rank); ``finish()``
+    filters all N·m of them in rank-major order with the protocol of
+    :mod:`gaf.distributed.protocol` and writes the same filtered direction into ``.grad``
+    on every rank (or sets every ``.grad`` to None on every rank if the step is skipped).
+
+    Construction is collective: it checks that every rank has the same parameter layout
+    (clear error on every rank otherwise) and, with ``sync_params``, broadcasts the
+    parameters (and buffers) from group rank 0, as DDP does.
+
+    Args:
+        params: the parameters the optimizer updates (or its ``param_groups``).
+        tau, rule: as for the single-device collector (a :class:`~gaf.thresholds.Threshold`
+            works too: it sees the same results on every rank, so it stays in step).
+        group: process group (default: the default group).
+        method: ``"sharded"`` (bandwidth-optimal, default) or ``"allgather"``.
+        buffers: a module (its buffers) or tensors to keep identical across ranks after
+            every step; ``None`` leaves buffers alone.
+        buffer_sync: ``"broadcast"`` from rank 0 (default) or ``"mean"``; see
+            :func:`sync_buffers`.
+        sync_params: broadcast parameters (and buffers) from rank 0 at construction.
+        check: compare P, m, dtype, tau, rule, method and parameter shapes across ranks
+            before every exchange (one tiny all-gather).
+        timeout: seconds (or timedelta) any collective may take before
+            :class:`~gaf.distributed.GAFDistributedError`; ``None``: the group's timeout.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        tau: float | Threshold = 0.97,
+        rule: str = "mean",
+        *,
+        group=None,
+        method: str = "sharded",
+        buffers: nn.Module | Iterable[Tensor] | None = None,
+        buffer_sync: str = "broadcast",
+        sync_params: bool = True,
+        check: bool = True,
+        timeout: Timeout = None,
+    ):
+        super().__init__(params, tau=tau, rule=rule, mode="stacked")
+        self.method = check_method(method)
+        if buffer_sync not in BUFFER_SYNC:
+            raise ValueError(
+                f"unknown buffer sync {buffer_sync!r}; choose one of {', '.join(BUFFER_SYNC)}"
+            )
+        self.comm = Comm(group, timeout)
+        self.buffers = _tensors(buffers, "buffers")
+        self.buffer_sync = buffer_sync
+        self.check = check
+        self.layout = [tuple(s) for s in self.flat.shapes]
+        # Catch a different model on some rank before anything is broadcast over it.
+        check_agreement(
+            self.comm,
+            (
+                self.flat.numel, 0, _DTYPE_CODES.get(self.flat.dtype, 0),
+                RULES.index(self.rule), _tau_bits(self.tau), METHODS.index(self.method),
+                len(self.layout), layout_hash(self.layout),
+            ),
+            self.flat.device,
+            "building the distributed collector",
+        )
+        if sync_params:
+            broadcast_parameters(self.flat.params, group=group, timeout=timeout)
+            if self.buffers:
+                sync_buffers(self.buffers, "broadcast", group=group, timeout=timeout)
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.size
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    def finish(self) -> FilterResult:
+        """Filter every rank's micro-gradients and write the common result into ``.grad``;
+        then, if ``buffers`` were given, bring them in sync."""
+        result = super().finish()
+        if self.buffers:
+            sync_buffers(self.buffers, self.buffer_sync, group=self.comm.group,
+                         timeout=self.comm.timeout)
+        return result
+
+    def _finish_stacked(self, tau: float) -> FilterResult:
+        rows = self._rows[: self._count]
+        # Skipped steps are skipped on every rank, and their direction is thrown away:
+        # save the final all-gather.
+        return run_protocol(rows, tau, self.rule, self.comm, method=self.method,
+                            check=self.check, layout=self.layout, gather_if_skipped=False)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["method"] = self.method
+        return state
+
+
+class DistributedGAFTrainer(GAFTrainer):
+    """:class:`~gaf.training.GAFTrainer` across ranks: each rank splits *its* batch into
+    ``num_micro_batches`` micro-batches, and the step filters all N·m micro-gradients.
+
+    Parameters stay bitwise identical across ranks: every rank applies the same optimizer
+    to the same filtered gradient (AMP overflow handling and clipping see the same values
+    everywhere too). A ``DistributedDataParallel`` model is accepted: its forward and
+    backward then run under ``no_sync()`` so DDP's all-reduce never runs.
+
+    Args are those of :class:`~gaf.training.GAFTrainer` (``mode`` is always "stacked") plus
+    ``group``, ``method``, ``buffer_sync`` (``None`` to leave buffers alone), ``sync_params``,
+    ``check`` and ``timeout`` of :class:`DistributedGradientCollector`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        num_micro_batches: int,
+        tau: float | Threshold = 0.97,
+        rule: str = "mean",
+        *,
+        group=None,
+        method: str = "sharded",
+        buffer_sync: str | None = "broadcast",
+        sync_params: bool = True,
+        max_grad_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        check: bool = True,
+        timeout: Timeout = None,
+    ):
+        super().__init__(model, optimizer, loss_fn, num_micro_batches, tau=tau, rule=rule,
+                         mode="stacked", max_grad_norm=max_grad_norm, scaler=scaler,
+                         autocast_dtype=autocast_dtype)
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.collector = DistributedGradientCollector(
+            optimizer.param_groups, tau=tau, rule=rule, group=group, method=method,
+            buffers=inner if buffer_sync is not None else None,
+            buffer_sync=buffer_sync or "broadcast", sync_params=sync_params, check=check,
+            timeout=timeout,
+        )
+
+    def step(self, inputs, targets):
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        with self.model.no_sync() if ddp else nullcontext():
+            return super().step(inputs, targets)
