@@ -156,7 +156,7 @@ def _near_threshold_cases(gen, count):
 def test_fast_path_matches_reference(rule):
     gen = torch.Generator().manual_seed(1234)
     checked = 0
-    for x in _near_threshold_cases(gen, 150):
+    for x in _near_threshold_cases(gen, 80):
         for tau in (0.0, 0.3, 0.97, 1.0, 1.5, 2.0):
             checked += _assert_agree(x, tau, rule)
         # Near-threshold: tau set to each tested distance, and a hair either side.
@@ -165,7 +165,7 @@ def test_fast_path_matches_reference(rule):
             for tau in (d - 1e-9, d + 1e-9):
                 if 0 <= tau <= 2:
                     checked += _assert_agree(x, tau, rule)
-    assert checked > 900
+    assert checked > 450
 
 
 def _assert_agree(x, tau, rule):

@@ -52,7 +52,7 @@ def test_collector_matches_filter_and_reference(rule, mode):
         with pytest.raises(ValueError, match="stacked"):
             GradientCollector(small_model().parameters(), rule=rule, mode=mode)
         return
-    for seed in range(12):
+    for seed in range(6):
         model = small_model(seed=seed)
         x, y = batch(seed=seed + 100)
         m = 2 + seed % 6
