@@ -59,6 +59,7 @@ from gaf.core import (
     weighted_sum,
 )
 from gaf.flat import FlatGradients
+from gaf.measures import check_measure, filter_with_measure
 from gaf.thresholds import Threshold, as_threshold
 
 STREAMING_RULES = ("mean", "halving")
@@ -125,6 +126,9 @@ class GradientCollector:
         tau: cosine-distance threshold in [0, 2], or a :class:`gaf.thresholds.Threshold`.
         rule: "mean" (the paper's), "halving", "anchor" or "neighbours".
         mode: "auto", "streaming" or "stacked" (see the module docstring).
+        measure: agreement measure, "cosine" (default), "sign" or "layerwise"
+            (:mod:`gaf.measures`); the latter two use the stacked mode. With "layerwise"
+            the tensors are this collector's parameters.
         num_micro_batches: expected M, if known: the stacked buffer is sized for it once
             instead of growing by doubling.
     """
@@ -136,8 +140,19 @@ class GradientCollector:
         rule: str = "mean",
         mode: str = "auto",
         num_micro_batches: int | None = None,
+        measure: str = "cosine",
     ):
         self.rule = check_rule(rule)
+        # Other measures (gaf.measures) need every row at once: the streaming path computes
+        # cosine against the running sum only.
+        self.measure = check_measure(measure)
+        if mode == "auto" and self.measure != "cosine":
+            mode = "stacked"
+        if mode == "streaming" and self.measure != "cosine":
+            raise ValueError(
+                f"measure {measure!r} needs every micro-gradient at once; use mode='stacked' "
+                "(streaming supports the cosine measure only)"
+            )
         self._capacity_hint = num_micro_batches
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -205,11 +220,16 @@ class GradientCollector:
             "threshold": self.threshold.state_dict(),
             "rule": self.rule,
             "mode": self.mode,
+            "measure": self.measure,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("rule", self.rule) != self.rule:
             raise ValueError(f"state was saved with rule {state['rule']!r}, not {self.rule!r}")
+        if state.get("measure", "cosine") != self.measure:
+            raise ValueError(
+                f"state was saved with measure {state['measure']!r}, not {self.measure!r}"
+            )
         self.stats.load_state_dict(state["stats"])
         self.threshold.load_state_dict(state["threshold"])
 
@@ -321,6 +341,8 @@ class GradientCollector:
 
     def _finish_stacked(self, tau: float) -> FilterResult:
         rows = self._rows[: self._count]
+        if self.measure != "cosine":
+            return filter_with_measure(rows, tau, self.rule, self.measure, self.flat.numels)
         decision = decide(gram_matrix(rows), tau, self.rule)
         out = self.flat.new_buffer()
         weighted_sum(rows, decision.weights, out)

@@ -296,6 +296,9 @@ class FilterResult:
     rule: str
     num_nonfinite: int = 0  # of those, rows holding inf or NaN (e.g. an AMP overflow)
     extra: dict = field(default_factory=dict)
+    # bool [M], CPU: rows that took part (finite, non-zero). Lets adaptive thresholds tell a
+    # real distance of 2 from the 2 reported for an invalid row. None: not recorded.
+    valid: Tensor | None = None
 
     @property
     def num_accepted(self) -> int:
@@ -325,6 +328,7 @@ def result_from_decision(decision: Decision, grad: Tensor, tau: float, rule: str
         tau=tau,
         rule=rule,
         num_nonfinite=int((~decision.finite).sum()) if decision.finite is not None else 0,
+        valid=torch.from_numpy(np.asarray(decision.valid, dtype=bool).copy()),
     )
 
 
@@ -341,15 +345,29 @@ def weighted_sum(rows: Sequence[Tensor] | Tensor, weights: np.ndarray, out: Tens
     return out
 
 
-def filter_gradients(grads: Tensor, tau: float = 0.97, rule: str = "mean") -> FilterResult:
+def filter_gradients(
+    grads: Tensor,
+    tau: float = 0.97,
+    rule: str = "mean",
+    measure: str = "cosine",
+    segments: Sequence[int] | None = None,
+) -> FilterResult:
     """Filter a stack of micro-gradients ``grads`` [M, P] (one flat gradient per row).
 
     Returns a :class:`FilterResult` whose ``grad`` [P] is the filtered update direction in
     ``grads.dtype`` on ``grads.device``; see the module docstring for the rules.
+
+    ``measure`` picks the agreement measure (:mod:`gaf.measures`): "cosine" (default, the
+    Gram path below), "sign" or "layerwise" (which needs ``segments``, the parameter
+    sizes that split a row into tensors).
     """
     grads = check_grads(grads)
     tau = check_tau(tau)
     rule = check_rule(rule)
+    if measure != "cosine":
+        from gaf.measures import filter_with_measure  # measures builds on this module
+
+        return filter_with_measure(grads, tau, rule, measure, segments)
     decision = decide(gram_matrix(grads), tau, rule)
     out = torch.empty(grads.shape[1], dtype=grads.dtype, device=grads.device)
     weighted_sum(grads, decision.weights, out)

@@ -81,7 +81,7 @@ class GAFTrainer:
         optimizer: any ``torch.optim.Optimizer`` over (some of) the model's parameters.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean over the micro-batch).
         num_micro_batches: M, the number of micro-batches each batch is split into.
-        tau, rule, mode: as for :class:`~gaf.collector.GradientCollector`.
+        tau, rule, mode, measure: as for :class:`~gaf.collector.GradientCollector`.
         max_grad_norm: clip the filtered gradient to this norm (None: no clipping).
         scaler: a ``torch.amp.GradScaler`` for mixed precision (None: no scaling).
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype.
@@ -99,6 +99,7 @@ class GAFTrainer:
         max_grad_norm: float | None = None,
         scaler: torch.amp.GradScaler | None = None,
         autocast_dtype: torch.dtype | None = None,
+        measure: str = "cosine",
     ):
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches!r}")
@@ -113,7 +114,7 @@ class GAFTrainer:
         self.autocast_dtype = autocast_dtype
         self.collector = GradientCollector(
             optimizer.param_groups, tau=tau, rule=rule, mode=mode,
-            num_micro_batches=num_micro_batches,
+            num_micro_batches=num_micro_batches, measure=measure,
         )
         self.overflow_steps = 0
 
