@@ -5,11 +5,51 @@ start of a step and tells it the step's :class:`~gaf.core.FilterResult` through
 ``observe()`` afterwards. Every statistic it sees lives on the host and is identical on
 every rank (it is derived from the same all-reduced Gram matrix), so thresholds stay in
 step across ranks without communication. State round-trips through ``state_dict()``.
+
+Contract every threshold here keeps:
+
+* ``value()`` is pure (it may be called any number of times) and returns a float in
+  [0, 2]; all change happens in ``observe()``.
+* ``observe()`` is a deterministic function of the results it is given: no randomness,
+  no clock, no rank-local data. Two instances fed the same results agree exactly, which
+  is what keeps ranks in step.
+* Steps are counted in ``observe()``, skipped steps included (as the toolkit counts
+  learning-rate steps).
+
+Kinds:
+
+``FixedThreshold(tau)``                   the paper's constant tau.
+``ScheduledThreshold(start, end, total_steps, schedule="linear"|"cosine")``
+                                           tau moves from start to end over training,
+                                           then stays at end.
+``StepThreshold(values, milestones)``     piecewise constant: values[i] after the i-th
+                                           milestone (a step count).
+``MovingAverageThreshold(k, window, tau_max)``
+                                           tau_t = clip(mean + k·std, tau_min, tau_max)
+                                           of the last ``window`` measured distances.
+``QuantileThreshold(target_acceptance, window)``
+                                           tau_t = the target_acceptance-quantile of the
+                                           last ``window`` distances, so about that
+                                           fraction of tested micro-gradients is accepted.
+``NullTailThreshold(z, window)``          a significance test (see its docstring): the
+                                           spread of agreement that chance alone produces
+                                           is estimated from the micro-gradients that point
+                                           *away* from each other, and tau_t = 1 - z·σ̂.
+
+The adaptive kinds see only "tested" distances: rows that were actually compared (valid
+rows other than the anchor), so the anchor's 0 and an invalid row's 2 never enter a
+statistic. They work in the units of whatever measure produced the distances (cosine,
+sign, layerwise), which is what lets one rule serve every measure.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 from gaf.core import FilterResult, check_tau
 
@@ -23,6 +63,11 @@ class Threshold(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def _check_kind(state: dict, kind: str) -> None:
+    if state.get("kind", kind) != kind:
+        raise ValueError(f"state is for a {state['kind']!r} threshold, not {kind!r}")
 
 
 class FixedThreshold:
@@ -52,3 +97,368 @@ def as_threshold(tau: float | Threshold) -> Threshold:
     if isinstance(tau, Threshold) and not isinstance(tau, (int, float)):
         return tau
     return FixedThreshold(check_tau(tau))
+
+
+def tested_distances(result: FilterResult) -> np.ndarray:
+    """Distances of the rows that were actually compared: valid rows except the anchor.
+
+    Uses ``result.valid`` when the front end recorded it; otherwise a reported distance of
+    2 is taken to mean "invalid" (a valid row at exactly 2 is then ignored, which costs
+    nothing: no tau below 2 accepts it).
+    """
+    d = result.distances.detach().cpu().double().numpy()
+    if result.valid is not None:
+        mask = result.valid.detach().cpu().numpy().astype(bool).copy()
+    else:
+        mask = d < 2.0
+    if 0 <= result.anchor < len(d):
+        mask[result.anchor] = False
+    return d[mask]
+
+
+def _check_int(name: str, v: object, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _check_real(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name} must be a real number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def _check_bound(name: str, v: object) -> float:
+    """A tau bound: a finite number in [0, 2] (ValueError, naming the argument)."""
+    v = _check_real(name, v)
+    if not 0.0 <= v <= 2.0:
+        raise ValueError(f"{name} must lie in [0, 2] (the distance range), got {v}")
+    return v
+
+
+# --------------------------------------------------------------------------------------
+# Schedules over training
+
+
+class ScheduledThreshold:
+    """tau from ``start`` to ``end`` over ``total_steps`` steps, then constant at ``end``.
+
+    ``schedule="linear"``: tau_t = start + (end - start)·p;  ``"cosine"``:
+    tau_t = end + (start - end)·(1 + cos(πp))/2, with p = min(t, total_steps)/total_steps
+    and t the number of steps observed so far (skipped steps count).
+    """
+
+    SCHEDULES = ("linear", "cosine")
+
+    def __init__(self, start: float, end: float, total_steps: int, schedule: str = "linear"):
+        self.start = _check_bound("start", start)
+        self.end = _check_bound("end", end)
+        self.total_steps = _check_int("total_steps", total_steps, 1)
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of linear, cosine")
+        self.schedule = schedule
+        self.step = 0
+
+    def value(self) -> float:
+        p = min(self.step, self.total_steps) / self.total_steps
+        if self.schedule == "linear":
+            tau = self.start + (self.end - self.start) * p
+        else:
+            tau = self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * p))
+        return min(2.0, max(0.0, tau))
+
+    def observe(self, result: FilterResult) -> None:
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"kind": "scheduled", "step": self.step, "start": self.start, "end": self.end,
+                "total_steps": self.total_steps, "schedule": self.schedule}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_kind(state, "scheduled")
+        self.__init__(state["start"], state["end"], state["total_steps"], state["schedule"])
+        self.step = _check_int("step", state["step"], 0)
+
+    def __repr__(self) -> str:
+        return (f"ScheduledThreshold({self.start}, {self.end}, {self.total_steps}, "
+                f"{self.schedule!r}) at step {self.step}")
+
+
+class StepThreshold:
+    """Piecewise constant: ``values[i]`` once ``milestones[i-1]`` steps have been observed.
+
+    ``StepThreshold([2.0, 0.97], [500])`` accepts everything for 500 steps, then filters
+    at 0.97. Milestones must increase strictly; ``len(values) == len(milestones) + 1``.
+    """
+
+    def __init__(self, values: Sequence[float], milestones: Sequence[int]):
+        self.values = [_check_bound("values[]", v) for v in values]
+        self.milestones = [_check_int("milestones[]", m, 1) for m in milestones]
+        if len(self.values) != len(self.milestones) + 1:
+            raise ValueError(
+                f"need one more value than milestones, got {len(self.values)} values and "
+                f"{len(self.milestones)} milestones"
+            )
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+            raise ValueError(f"milestones must increase strictly, got {self.milestones}")
+        self.step = 0
+
+    def value(self) -> float:
+        i = sum(1 for m in self.milestones if self.step >= m)
+        return self.values[i]
+
+    def observe(self, result: FilterResult) -> None:
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"kind": "step", "step": self.step, "values": list(self.values),
+                "milestones": list(self.milestones)}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_kind(state, "step")
+        self.__init__(state["values"], state["milestones"])
+        self.step = _check_int("step", state["step"], 0)
+
+    def __repr__(self) -> str:
+        return f"StepThreshold({self.values}, {self.milestones}) at step {self.step}"
+
+
+# --------------------------------------------------------------------------------------
+# Adaptive thresholds
+
+
+class _WindowThreshold:
+    """Shared machinery: a window of the most recent tested distances, in arrival order.
+
+    Until ``min_samples`` distances have been seen, ``value()`` is ``initial``. The current
+    tau is recomputed in ``observe()`` (float64 numpy over the window in a fixed order, so
+    it is reproducible bit for bit) and cached, so ``value()`` is cheap and pure.
+    """
+
+    kind = "window"
+
+    def __init__(self, window: int, tau_min: float, tau_max: float, initial: float | None,
+                 min_samples: int | None):
+        self.window = _check_int("window", window, 1)
+        self.tau_min = _check_bound("tau_min", tau_min)
+        self.tau_max = _check_bound("tau_max", tau_max)
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min {self.tau_min} exceeds tau_max {self.tau_max}")
+        self.initial = self._clip(self.tau_max if initial is None
+                                  else _check_bound("initial", initial))
+        default_min = min(self.window, 20)
+        self.min_samples = (default_min if min_samples is None
+                            else _check_int("min_samples", min_samples, 1))
+        if self.min_samples > self.window:
+            raise ValueError(f"min_samples {self.min_samples} exceeds window {self.window}")
+        self.distances: deque[float] = deque(maxlen=self.window)
+        self.steps = 0
+        self._tau = self.initial
+
+    def _clip(self, tau: float) -> float:
+        return min(self.tau_max, max(self.tau_min, tau))
+
+    def _compute(self, d: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def _refresh(self) -> None:
+        if len(self.distances) < self.min_samples:
+            self._tau = self.initial
+        else:
+            tau = self._compute(np.fromiter(self.distances, dtype=np.float64))
+            self._tau = self._clip(float(tau)) if math.isfinite(tau) else self.initial
+
+    def value(self) -> float:
+        return self._tau
+
+    def observe(self, result: FilterResult) -> None:
+        self.steps += 1
+        self.distances.extend(float(x) for x in tested_distances(result))
+        self._refresh()
+
+    def _params(self) -> dict:
+        return {"window": self.window, "tau_min": self.tau_min, "tau_max": self.tau_max,
+                "initial": self.initial, "min_samples": self.min_samples}
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, **self._params(), "steps": self.steps,
+                "distances": list(self.distances)}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_kind(state, self.kind)
+        params = {k: state[k] for k in self._params()}
+        self.__init__(**params)
+        self.steps = _check_int("steps", state["steps"], 0)
+        self.distances.extend(float(x) for x in state["distances"])
+        self._refresh()
+
+
+class MovingAverageThreshold(_WindowThreshold):
+    """tau_t = clip(mean + k·std, tau_min, tau_max) over the last ``window`` distances.
+
+    The rule tried in the GAF authors' research code. It accepts a micro-gradient unless it
+    disagrees by more than k standard deviations above the recent mean; ``tau_max`` caps
+    it, because late in training (or under heavy label noise) the mean itself drifts to 1
+    and an uncapped rule would accept everything. ``std`` is the population std (ddof 0).
+    """
+
+    kind = "moving-average"
+
+    def __init__(self, k: float = 1.0, window: int = 200, tau_max: float = 1.0,
+                 tau_min: float = 0.0, initial: float | None = None,
+                 min_samples: int | None = None):
+        self.k = _check_real("k", k)
+        super().__init__(window, tau_min, tau_max, initial, min_samples)
+
+    def _compute(self, d: np.ndarray) -> float:
+        return float(d.mean() + self.k * d.std())
+
+    def _params(self) -> dict:
+        return {"k": self.k, **super()._params()}
+
+    def __repr__(self) -> str:
+        return (f"MovingAverageThreshold(k={self.k}, window={self.window}, "
+                f"tau_max={self.tau_max}) tau={self._tau:.4f}")
+
+
+class QuantileThreshold(_WindowThreshold):
+    """tau_t = the ``target_acceptance``-quantile of the last ``window`` distances.
+
+    About ``target_acceptance`` of the tested micro-gradients then fall at or below tau
+    (with M = 2 the skip rate is about 1 - target_acceptance), whatever the measure's
+    scale or the stage of training. Quantiles use numpy's default (linear) interpolation.
+    """
+
+    kind = "quantile"
+
+    def __init__(self, target_acceptance: float = 0.7, window: int = 200,
+                 tau_max: float = 2.0, tau_min: float = 0.0, initial: float | None = 1.0,
+                 min_samples: int | None = None):
+        q = _check_real("target_acceptance", target_acceptance)
+        if not 0.0 < q < 1.0:
+            raise ValueError(f"target_acceptance must lie in (0, 1), got {q}")
+        self.target_acceptance = q
+        super().__init__(window, tau_min, tau_max, initial, min_samples)
+
+    def _compute(self, d: np.ndarray) -> float:
+        return float(np.quantile(d, self.target_acceptance))
+
+    def _params(self) -> dict:
+        return {"target_acceptance": self.target_acceptance, **super()._params()}
+
+    def __repr__(self) -> str:
+        return (f"QuantileThreshold(target_acceptance={self.target_acceptance}, "
+                f"window={self.window}) tau={self._tau:.4f}")
+
+
+class NullTailThreshold(_WindowThreshold):
+    """Accept only agreement that chance alone would rarely produce: tau_t = 1 - z·σ̂.
+
+    Write c = 1 - D for the agreement (cosine similarity for the cosine measure). If two
+    micro-gradients share no direction, c scatters symmetrically around 0 with some spread
+    σ that depends on the model, the batch and the stage of training, not on a tunable.
+    Shared signal only ever pushes c *up*, so the micro-gradients that point away from the
+    running sum (c < 0, D > 1) are a sample of the chance side alone, and, by symmetry,
+
+        σ̂² = mean of c² over the recent distances with D > 1.
+
+    Accepting c > z·σ̂ is a one-sided test at z standard deviations: z = 1 lets about
+    16% of chance-only agreements through, z = 2 about 2%. Until ``min_samples`` distances
+    beyond 1 have been seen (early training, when micro-gradients still agree), tau is
+    ``initial`` (default 1: accept anything not pointing away). ``tau_max`` defaults to 1
+    and the rule never accepts a micro-gradient pointing away from the rest.
+    """
+
+    kind = "null-tail"
+
+    def __init__(self, z: float = 1.0, window: int = 200, tau_max: float = 1.0,
+                 tau_min: float = 0.0, initial: float | None = 1.0,
+                 min_samples: int | None = None):
+        self.z = _check_real("z", z)
+        if self.z < 0:
+            raise ValueError(f"z must be >= 0, got {self.z}")
+        super().__init__(window, tau_min, tau_max, initial, min_samples)
+
+    def _refresh(self) -> None:
+        d = np.fromiter(self.distances, dtype=np.float64)
+        tail = d[d > 1.0]
+        if len(tail) < self.min_samples:
+            self._tau = self.initial
+        else:
+            sigma = math.sqrt(float(np.mean((tail - 1.0) ** 2)))
+            self._tau = self._clip(1.0 - self.z * sigma)
+
+    def _params(self) -> dict:
+        return {"z": self.z, **super()._params()}
+
+    def __repr__(self) -> str:
+        return f"NullTailThreshold(z={self.z}, window={self.window}) tau={self._tau:.4f}"
+
+
+# --------------------------------------------------------------------------------------
+# Construction by name (CLI, configs)
+
+THRESHOLDS: tuple[str, ...] = (
+    "fixed", "linear", "cosine", "step", "moving-average", "quantile", "null-tail",
+)
+
+
+def make_threshold(kind: str, **kwargs) -> Threshold:
+    """Build a threshold by name with keyword arguments, e.g.
+    ``make_threshold("quantile", target_acceptance=0.8)``. ``"linear"``/``"cosine"`` are
+    :class:`ScheduledThreshold` with that schedule."""
+    if kind == "fixed":
+        return FixedThreshold(**kwargs)
+    if kind in ("linear", "cosine"):
+        return ScheduledThreshold(schedule=kind, **kwargs)
+    if kind == "step":
+        return StepThreshold(**kwargs)
+    if kind == "moving-average":
+        return MovingAverageThreshold(**kwargs)
+    if kind == "quantile":
+        return QuantileThreshold(**kwargs)
+    if kind == "null-tail":
+        return NullTailThreshold(**kwargs)
+    raise ValueError(f"unknown threshold {kind!r}; choose one of {', '.join(THRESHOLDS)}")
+
+
+def parse_threshold(spec: str) -> Threshold:
+    """Build a threshold from a string: a number (fixed tau), a name, or ``name:key=value,...``.
+
+    Examples: ``"0.97"``, ``"null-tail"``, ``"quantile:target_acceptance=0.8,window=100"``,
+    ``"linear:start=2,end=0.97,total_steps=1000"``, ``"step:values=2/0.97,milestones=500"``
+    (list values separated by ``/``).
+    """
+    spec = spec.strip()
+    try:
+        return FixedThreshold(float(spec))
+    except ValueError as exc:
+        if "tau must" in str(exc):
+            raise
+    name, _, rest = spec.partition(":")
+    kwargs: dict = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"threshold option {item!r} is not key=value (in {spec!r})")
+        key = key.strip().replace("-", "_")
+        values = [_parse_number(v) for v in raw.split("/")]
+        kwargs[key] = values if key in ("values", "milestones") else values[0]
+    try:
+        return make_threshold(name.strip(), **kwargs)
+    except TypeError as exc:  # unknown keyword
+        raise ValueError(f"bad options for threshold {name!r}: {exc}") from exc
+
+
+def _parse_number(raw: str) -> int | float:
+    raw = raw.strip()
+    try:
+        return int(raw)
+    except ValueError:
+        try:
+            return float(raw)
+        except ValueError as exc:
+            raise ValueError(f"threshold option value {raw!r} is not a number") from exc
