@@ -314,3 +314,58 @@ def test_parse_and_make():
             assert isinstance(make_threshold(name), Threshold)
     assert isinstance(as_threshold(NullTailThreshold()), NullTailThreshold)
     assert as_threshold(0.5).value() == 0.5
+
+
+# -- across ranks ----------------------------------------------------------------------------
+
+
+def _ranks_with_adaptive_thresholds(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    from gaf.distributed import filter_gradients_distributed
+
+    m, p, steps = 2, 97, 40
+    makers = [lambda: MovingAverageThreshold(k=1.0, window=16, tau_max=1.5, min_samples=4),
+              lambda: QuantileThreshold(0.6, window=16, min_samples=4),
+              lambda: NullTailThreshold(z=1.0, window=16, min_samples=2)]
+    for make in makers:
+        mine, single = make(), make()  # single: a one-process simulation of all ranks
+        g = torch.Generator().manual_seed(11)
+        shared = torch.randn(p, generator=g, dtype=torch.float64)
+        taus = []
+        for _ in range(steps):
+            # Every rank draws all N·m rows and keeps its own: the simulation sees them all.
+            rows = 0.15 * shared + torch.randn(world_size * m, p, generator=g,
+                                               dtype=torch.float64)
+            tau = mine.value()
+            assert tau == single.value() or abs(tau - single.value()) < 1e-12
+            res = filter_gradients_distributed(rows[rank * m:(rank + 1) * m], tau, "mean")
+            mine.observe(res)
+            single.observe(filter_gradients(rows, single.value(), "mean"))
+            taus.append(tau)
+        assert len(set(taus)) > 1
+        # Bitwise agreement across ranks: gather every rank's state and compare exactly.
+        states = [None] * world_size
+        dist.all_gather_object(states, mine.state_dict())
+        assert all(s == states[0] for s in states)
+        np.testing.assert_allclose(states[0]["distances"], list(single.distances), atol=1e-12)
+
+
+@pytest.mark.slow
+def test_adaptive_thresholds_stay_in_step_across_ranks(tmp_path):
+    import datetime
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    def entry(rank, world_size, init):
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            _ranks_with_adaptive_thresholds(rank, world_size)
+        finally:
+            dist.destroy_process_group()
+
+    mp.start_processes(entry, args=(3, f"file://{tmp_path}/store"), nprocs=3,
+                       start_method="fork")
