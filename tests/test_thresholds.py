@@ -369,3 +369,19 @@ def test_adaptive_thresholds_stay_in_step_across_ranks(tmp_path):
 
     mp.start_processes(entry, args=(3, f"file://{tmp_path}/store"), nprocs=3,
                        start_method="fork")
+
+
+@pytest.mark.parametrize("cls", [MovingAverageThreshold, QuantileThreshold, NullTailThreshold])
+def test_warmup_accepts_everything_then_hands_over(cls):
+    th = cls(window=10, min_samples=2, warmup_steps=3)
+    plain = cls(window=10, min_samples=2)
+    values = [0.7, 1.2, 0.9, 1.1, 0.8]
+    seen = []
+    for v in values:
+        seen.append(th.value())
+        feed(th, [v])
+        feed(plain, [v])
+    assert seen[:3] == [2.0, 2.0, 2.0]
+    assert th.value() == plain.value()  # statistics were gathered during the warm-up
+    with pytest.raises(ValueError, match="warmup_steps"):
+        cls(warmup_steps=-1)

@@ -236,12 +236,16 @@ class _WindowThreshold:
     Until ``min_samples`` distances have been seen, ``value()`` is ``initial``. The current
     tau is recomputed in ``observe()`` (float64 numpy over the window in a fixed order, so
     it is reproducible bit for bit) and cached, so ``value()`` is cheap and pure.
+
+    ``warmup_steps``: for the first that many steps tau is 2 (every valid micro-gradient
+    is accepted, i.e. plain averaging) while the window fills; the rule takes over after.
     """
 
     kind = "window"
 
     def __init__(self, window: int, tau_min: float, tau_max: float, initial: float | None,
-                 min_samples: int | None):
+                 min_samples: int | None, warmup_steps: int = 0):
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
         self.window = _check_int("window", window, 1)
         self.tau_min = _check_bound("tau_min", tau_min)
         self.tau_max = _check_bound("tau_max", tau_max)
@@ -272,7 +276,7 @@ class _WindowThreshold:
             self._tau = self._clip(float(tau)) if math.isfinite(tau) else self.initial
 
     def value(self) -> float:
-        return self._tau
+        return 2.0 if self.steps < self.warmup_steps else self._tau
 
     def observe(self, result: FilterResult) -> None:
         self.steps += 1
@@ -281,7 +285,8 @@ class _WindowThreshold:
 
     def _params(self) -> dict:
         return {"window": self.window, "tau_min": self.tau_min, "tau_max": self.tau_max,
-                "initial": self.initial, "min_samples": self.min_samples}
+                "initial": self.initial, "min_samples": self.min_samples,
+                "warmup_steps": self.warmup_steps}
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, **self._params(), "steps": self.steps,
@@ -309,9 +314,9 @@ class MovingAverageThreshold(_WindowThreshold):
 
     def __init__(self, k: float = 1.0, window: int = 200, tau_max: float = 1.0,
                  tau_min: float = 0.0, initial: float | None = None,
-                 min_samples: int | None = None):
+                 min_samples: int | None = None, warmup_steps: int = 0):
         self.k = _check_real("k", k)
-        super().__init__(window, tau_min, tau_max, initial, min_samples)
+        super().__init__(window, tau_min, tau_max, initial, min_samples, warmup_steps)
 
     def _compute(self, d: np.ndarray) -> float:
         return float(d.mean() + self.k * d.std())
@@ -336,12 +341,12 @@ class QuantileThreshold(_WindowThreshold):
 
     def __init__(self, target_acceptance: float = 0.7, window: int = 200,
                  tau_max: float = 2.0, tau_min: float = 0.0, initial: float | None = 1.0,
-                 min_samples: int | None = None):
+                 min_samples: int | None = None, warmup_steps: int = 0):
         q = _check_real("target_acceptance", target_acceptance)
         if not 0.0 < q < 1.0:
             raise ValueError(f"target_acceptance must lie in (0, 1), got {q}")
         self.target_acceptance = q
-        super().__init__(window, tau_min, tau_max, initial, min_samples)
+        super().__init__(window, tau_min, tau_max, initial, min_samples, warmup_steps)
 
     def _compute(self, d: np.ndarray) -> float:
         return float(np.quantile(d, self.target_acceptance))
@@ -376,11 +381,11 @@ class NullTailThreshold(_WindowThreshold):
 
     def __init__(self, z: float = 1.0, window: int = 200, tau_max: float = 1.0,
                  tau_min: float = 0.0, initial: float | None = 1.0,
-                 min_samples: int | None = None):
+                 min_samples: int | None = None, warmup_steps: int = 0):
         self.z = _check_real("z", z)
         if self.z < 0:
             raise ValueError(f"z must be >= 0, got {self.z}")
-        super().__init__(window, tau_min, tau_max, initial, min_samples)
+        super().__init__(window, tau_min, tau_max, initial, min_samples, warmup_steps)
 
     def _refresh(self) -> None:
         d = np.fromiter(self.distances, dtype=np.float64)
