@@ -42,6 +42,7 @@ from gaf.distributed.protocol import (
     _DTYPE_CODES,
     METHODS,
     Comm,
+    Workspace,
     _tau_bits,
     check_agreement,
     check_method,
@@ -132,6 +133,9 @@ class DistributedGradientCollector(GradientCollector):
     :mod:`gaf.distributed.protocol` and writes the same filtered direction into ``.grad``
     on every rank (or sets every ``.grad`` to None on every rank if the step is skipped).
 
+    The filtered direction (``result.grad``, and the ``.grad`` views written from it) lives
+    in a buffer the collector reuses: it is valid until the next ``finish()``.
+
     Construction is collective: it checks that every rank has the same parameter layout
     (clear error on every rank otherwise) and, with ``sync_params``, broadcasts the
     parameters (and buffers) from group rank 0, as DDP does.
@@ -178,6 +182,9 @@ class DistributedGradientCollector(GradientCollector):
         self.buffer_sync = buffer_sync
         self.check = check
         self.layout = [tuple(s) for s in self.flat.shapes]
+        # Exchange buffers and the output are kept between steps: no allocation per step.
+        self.workspace = Workspace()
+        self._out: Tensor | None = None
         # Catch a different model on some rank before anything is broadcast over it.
         check_agreement(
             self.comm,
@@ -213,10 +220,13 @@ class DistributedGradientCollector(GradientCollector):
 
     def _finish_stacked(self, tau: float) -> FilterResult:
         rows = self._rows[: self._count]
+        if self._out is None:
+            self._out = self.flat.new_buffer()
         # Skipped steps are skipped on every rank, and their direction is thrown away:
-        # save the final all-gather.
+        # save the final gather.
         return run_protocol(rows, tau, self.rule, self.comm, method=self.method,
-                            check=self.check, layout=self.layout, gather_if_skipped=False)
+                            check=self.check, layout=self.layout, out=self._out,
+                            workspace=self.workspace, gather_if_skipped=False)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

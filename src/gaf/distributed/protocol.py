@@ -6,25 +6,32 @@ rows first, then rank 1's, ...), with the same rules and statistics. It needs on
 (N·m)×(N·m) Gram matrix G (design.md §3), and G is a sum over any split of the P
 coordinates, which gives the bandwidth-optimal protocol (``method="sharded"``):
 
-1. Pad P to N·S (S = ceil(P / N)) and cut every row into N shards of S elements.
-   ``all_to_all``: rank r receives shard r of all N·m rows.
-   Sends m·S·(N-1) elements per rank.
+1. Cut the P coordinates into N shards, one per rank. ``all_to_all``: rank r receives
+   shard r of all N·m rows. Sends m·P·(N-1)/N elements per rank.
 2. Rank r computes the partial Gram matrix of its shards, G_r = X_r X_rᵀ; ``all_reduce``
    (sum) gives G = Σ_r G_r on every rank. (N·m)² numbers: negligible.
 3. Every rank runs the same :func:`gaf.core.decide` on the same, bit-identical G and so
    reaches the same weights w. No broadcast is needed.
-4. Rank r computes shard r of Σ_i w_i g_i and ``all_gather`` assembles the full [P]
-   direction on every rank. Sends S·(N-1) elements per rank.
+4. Rank r computes shard r of Σ_i w_i g_i; a gather assembles the full [P] direction on
+   every rank. Sends P·(N-1)/N elements per rank.
 
 With m = 1 that is 2·P·(N-1)/N elements sent per rank, exactly what a ring all-reduce of
 the averaged gradient sends; in general (m+1)·P·(N-1)/N.
 
+The shards are block-cyclic (:class:`ShardPlan`): P is cut into chunks of about
+``CHUNK_ELEMENTS`` (2M), each chunk into N blocks, block j of every chunk going to rank j; P
+not divisible by N only makes the last blocks shorter. Each chunk is a contiguous slice of
+a row, so for m = 1 the exchange needs no copies; chunks are exchanged concurrently and
+the Gram of one is computed while others are in flight. The gather is N concurrent
+broadcasts (one rooted at each rank) on CPU tensors, where gloo's all_gather is 2-3x
+slower for the same bytes, and ``all_gather`` elsewhere (NCCL).
+
 ``method="allgather"`` is the naive protocol of the authors' research script: every rank
 receives every other rank's full micro-gradients ((N-1)·m·P elements received, N·m·P
 held) and computes the direction itself. It exists for comparison and as the fallback for
-backends without ``all_to_all``. Its Gram matrix is still formed shard-wise and summed
-with a tiny ``all_reduce``, so both methods see the same G and every rank provably
-reaches the same decision whatever the BLAS does.
+backends without ``all_to_all``. It gathers with the same primitive as "sharded", and its
+Gram matrix too is formed shard-wise and summed with a tiny ``all_reduce``, so every rank
+provably reaches the same decision whatever its BLAS does.
 
 Deliberate choices:
 
@@ -41,6 +48,8 @@ Deliberate choices:
 * Non-finite rows. A row with inf/NaN in any shard makes its own row and column of G
   non-finite (and only those); :func:`gaf.core.decide` marks it invalid and zeroes it out,
   and ``weighted_sum`` never touches zero-weight rows, so it cannot poison the result.
+* Buffers. Repeated calls can reuse a :class:`Workspace` and an ``out`` tensor (the
+  collector does), so a step allocates nothing: fresh large buffers cost page faults.
 * Every step first all-gathers a few integers (P, m, dtype, rule, tau, method, parameter
   layout) so that ranks that disagree fail with the same clear error on every rank instead
   of exchanging garbage or hanging. It costs one tiny collective (``check=False`` drops it).
@@ -113,20 +122,22 @@ class Traffic:
 
 
 def traffic(method: str, numel: int, m: int, world_size: int) -> Traffic:
-    """Algorithmic per-rank traffic of one GAF exchange, in elements (Gram/check omitted).
+    """Algorithmic per-rank traffic of one exchange, in elements, averaged over ranks
+    (the tiny check and Gram collectives are left out).
 
-    ``"sharded"``: (m+1)·S·(N-1), S = ceil(P/N), i.e. 2·P·(N-1)/N for m = 1.
-    ``"allgather"``: (N-1)·m·P sent and received (ring all-gather), N·m·P held.
+    ``"sharded"``: (m+1)·P·(N-1)/N sent and received, i.e. 2·P·(N-1)/N for m = 1.
+    ``"allgather"``: (N-1)·m·P sent and received, N·m·P held.
     ``"allreduce"``: the baseline ring all-reduce of one [P] gradient, 2·P·(N-1)/N.
     """
     n, p = world_size, numel
-    s = -(-p // n)
     if method == "sharded":
-        return Traffic(sent=(m + 1) * s * (n - 1), received=(m + 1) * s * (n - 1), held=n * m * s)
+        moved = (m + 1) * p * (n - 1) // n
+        return Traffic(sent=moved, received=moved, held=m * p)
     if method == "allgather":
         return Traffic(sent=(n - 1) * m * p, received=(n - 1) * m * p, held=n * m * p)
     if method == "allreduce":
-        return Traffic(sent=2 * s * (n - 1), received=2 * s * (n - 1), held=p)
+        moved = 2 * p * (n - 1) // n
+        return Traffic(sent=moved, received=moved, held=p)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -177,30 +188,72 @@ class Comm:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
-    def run(self, what: str, op: Callable, *args, unsupported_ok: bool = False, **kwargs) -> None:
-        start = time.monotonic()
+    def start(self, what: str, op: Callable, *args, unsupported_ok: bool = False, **kwargs):
+        """Issue a collective asynchronously; returns its Work (or None)."""
         try:
-            if self.timeout is None:
-                op(*args, group=self.group, **kwargs)
-            else:
-                work = op(*args, group=self.group, async_op=True, **kwargs)
-                if work is not None and work.wait(timeout=self.timeout) is False:
-                    raise TimeoutError(f"not complete after {self.timeout.total_seconds()} s")
+            return op(*args, group=self.group, async_op=True, **kwargs)
         except Exception as exc:
-            if unsupported_ok and _looks_unsupported(exc):
-                raise _AllToAllUnsupported(str(exc)) from exc
-            elapsed = time.monotonic() - start
-            limit = (
-                f"timeout={self.timeout.total_seconds():g} s"
-                if self.timeout is not None
-                else "the process group's timeout"
-            )
-            raise GAFDistributedError(
-                f"GAF rank {self.rank}/{self.size}: {what} failed after {elapsed:.1f} s "
-                f"({limit}): {type(exc).__name__}: {exc}. Another rank probably died, "
-                "raised, or stopped taking part in the GAF step; every rank must call it "
-                "the same number of times."
-            ) from exc
+            raise self._failure(what, exc, time.monotonic(), unsupported_ok) from exc
+
+    def wait(self, what: str, works: Sequence, since: float, unsupported_ok: bool = False) -> None:
+        """Wait for issued collectives, each within ``timeout`` if one was given."""
+        for work in works:
+            if work is None:
+                continue
+            try:
+                if self.timeout is None:
+                    work.wait()
+                elif work.wait(timeout=self.timeout) is False:
+                    raise TimeoutError(f"not complete after {self.timeout.total_seconds()} s")
+            except Exception as exc:
+                raise self._failure(what, exc, since, unsupported_ok) from exc
+
+    def run(self, what: str, op: Callable, *args, unsupported_ok: bool = False, **kwargs) -> None:
+        since = time.monotonic()
+        work = self.start(what, op, *args, unsupported_ok=unsupported_ok, **kwargs)
+        self.wait(what, [work], since, unsupported_ok)
+
+    def _failure(self, what: str, exc: BaseException, since: float, unsupported_ok: bool):
+        if isinstance(exc, (GAFDistributedError, _AllToAllUnsupported)):
+            return exc
+        if unsupported_ok and _looks_unsupported(exc):
+            return _AllToAllUnsupported(str(exc))
+        elapsed = time.monotonic() - since
+        limit = (
+            f"timeout={self.timeout.total_seconds():g} s"
+            if self.timeout is not None
+            else "the process group's timeout"
+        )
+        return GAFDistributedError(
+            f"GAF rank {self.rank}/{self.size}: {what} failed after {elapsed:.1f} s "
+            f"({limit}): {type(exc).__name__}: {exc}. Another rank probably died, "
+            "raised, or stopped taking part in the GAF step; every rank must call it "
+            "the same number of times."
+        )
+
+
+class Workspace:
+    """Buffers kept between exchanges, so that repeated steps allocate nothing.
+
+    Large fresh allocations cost page faults on first touch (tens of ms per 100 MB on a
+    CPU); DDP keeps its buckets for the same reason. :class:`DistributedGradientCollector`
+    holds one; pass one to :func:`filter_gradients_distributed` when calling it in a loop.
+    Holds up to about N·m·P elements for ``method="allgather"``, m·P (m > 1: 2·m·P) for
+    "sharded".
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:numel]
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
 
 # -- cross-rank agreement check ----------------------------------------------------------
@@ -269,48 +322,164 @@ def check_agreement(comm: Comm, values: Sequence[int], device: torch.device, wha
 # -- the protocol ------------------------------------------------------------------------
 
 
-def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, gather_if_skipped: bool):
+@dataclass(frozen=True)
+class ShardPlan:
+    """Block-cyclic sharding of P coordinates over N ranks, in chunks.
+
+    Chunk c covers coordinates [c·N·B, (c+1)·N·B) and consists of N blocks of B; block j
+    of every chunk belongs to rank j. Each chunk is one contiguous slice of a row, so with
+    m = 1 a chunk is sent straight from the gradient and gathered straight into the
+    output, without copies. Only the last chunk may be short (its blocks clipped at P,
+    some possibly empty). Chunking also lets the Gram of one chunk be computed while the
+    next is in flight, and on gloo it is markedly faster than one huge exchange.
+    """
+
+    numel: int
+    world_size: int
+    block: int
+    chunks: int
+
+    @staticmethod
+    def make(numel: int, world_size: int, chunk_elements: int) -> ShardPlan:
+        k = max(1, -(-numel // max(1, chunk_elements)))
+        block = max(1, -(-numel // (k * world_size)))
+        chunks = max(1, -(-numel // (world_size * block)))
+        return ShardPlan(numel, world_size, block, chunks)
+
+    def chunk(self, c: int) -> tuple[int, list[int]]:
+        """Start of chunk c and the lengths of its N blocks."""
+        base = c * self.world_size * self.block
+        lens = [min(self.block, max(0, self.numel - base - j * self.block))
+                for j in range(self.world_size)]
+        return base, lens
+
+
+# Elements per chunk (all ranks' blocks together), 2M float32 = 8 MB. On gloo, chunks
+# of 1M-6M elements were up to ~1.5x faster than one exchange of 25M.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _gather_by_broadcast(device: torch.device) -> bool:
+    """How to gather the filtered blocks: N concurrent broadcasts (one rooted at each rank)
+    or all_gather. Same bytes either way; gloo's CPU all_gather measured 2-3x slower than
+    the broadcasts, while NCCL's all_gather is the ring-optimal one."""
+    if _FORCE_GATHER is not None:
+        return _FORCE_GATHER == "broadcast"
+    return device.type == "cpu"
+
+
+_FORCE_GATHER: str | None = None  # tests exercise both gather paths on gloo
+
+
+def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out: Tensor,
+             gather_if_skipped: bool, chunk_elements: int):
     m, p = rows.shape
-    n = comm.size
-    s = -(-p // n)
-    # send[j] = shard j of this rank's rows, zero-padded to S elements: one copy of m·P.
-    send = rows.new_empty((n, m, s))
-    for j in range(n):
-        lo, hi = min(j * s, p), min((j + 1) * s, p)
-        send[j, :, : hi - lo].copy_(rows[:, lo:hi])
-        send[j, :, hi - lo :].zero_()
-    recv = torch.empty_like(send)
-    comm.run("all_to_all of gradient shards", dist.all_to_all_single, recv, send,
-             unsupported_ok=True)
-    del send
-    shards = recv.view(n * m, s)  # row i·m + k is shard r of rank i's k-th micro-gradient
-    # Padding is zero, so it adds nothing to G. G in at least float32 (float64 for half).
-    gram = gram_matrix(shards)
+    n, r = comm.size, comm.rank
+    plan = ShardPlan.make(p, n, chunk_elements)
+    b = plan.block
+    recv = ws.get("recv", plan.chunks * n * m * b, rows.dtype, rows.device)
+    staging = ws.get("send", m * p, rows.dtype, rows.device) if m > 1 else None
+
+    # 1. all_to_all, chunk by chunk: rank r receives block r of every rank's rows. All
+    #    chunks are issued at once; the Gram of each is added up as it arrives.
+    since = time.monotonic()
+    what = "all_to_all of gradient shards"
+    works, shards = [], []
+    for c in range(plan.chunks):
+        base, lens = plan.chunk(c)
+        total = sum(lens)
+        if m == 1:
+            send = rows[0, base : base + total]
+        else:  # rows[:, block j] is strided: pack the chunk as [N][m][len_j]
+            send = staging[m * base : m * (base + total)]
+            offset = 0
+            for j, length in enumerate(lens):
+                lo = base + j * b
+                send[offset : offset + m * length].view(m, length).copy_(rows[:, lo : lo + length])
+                offset += m * length
+        mine = lens[r]
+        received = recv[c * n * m * b : c * n * m * b + n * m * mine]
+        splits = {}
+        if any(length != b for length in lens):
+            splits = dict(output_split_sizes=[m * mine] * n,
+                          input_split_sizes=[m * length for length in lens])
+        works.append(comm.start(what, dist.all_to_all_single, received, send,
+                                unsupported_ok=True, **splits))
+        # Row i·m + k: block r of rank i's k-th micro-gradient (rank-major order).
+        shards.append(received.view(n * m, mine))
+    gram = None
+    for c, work in enumerate(works):
+        comm.wait(what, [work], since, unsupported_ok=True)
+        # Accumulated in at least float32 (float64 for half precision), as on one device.
+        partial = gram_matrix(shards[c])
+        gram = partial if gram is None else gram.add_(partial)
+
+    # 2.-3. Sum the partial Grams; every rank decides from the same bits.
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
     decision = decide(gram, tau, rule)  # the step's one device→host transfer
-    full = rows.new_empty(n * s)
     if decision.skipped and not gather_if_skipped:
-        return decision, full[:p].zero_()
-    piece = rows.new_empty(s)
-    weighted_sum(shards, decision.weights, piece)
-    comm.run("all_gather of the filtered shards", _all_gather_flat, full, piece)
-    return decision, full[:p]
+        return decision, out.zero_()
+
+    # 4. Rank r computes its blocks of Σ w_i g_i; every rank gathers all blocks.
+    since = time.monotonic()
+    what = "gather of the filtered shards"
+    by_broadcast = _gather_by_broadcast(rows.device)
+    works, after = [], []
+    pieces = None if by_broadcast else ws.get("piece", plan.chunks * b, rows.dtype, rows.device)
+    for c in range(plan.chunks):
+        base, lens = plan.chunk(c)
+        lo = base + r * b
+        if by_broadcast:
+            # Written in place; each block is then broadcast from its owner.
+            weighted_sum(shards[c], decision.weights, out[lo : lo + lens[r]])
+            for j, length in enumerate(lens):
+                if length:
+                    part = out[base + j * b : base + j * b + length]
+                    works.append(comm.start(what, dist.broadcast, part,
+                                            src=comm.global_rank(j)))
+            continue
+        piece = pieces[c * b : (c + 1) * b]
+        weighted_sum(shards[c], decision.weights, piece[: lens[r]])
+        piece[lens[r] :].zero_()
+        total = sum(lens)
+        if total == n * b:
+            target = out[base : base + total]
+        else:  # short last chunk: gather padded, keep the prefix (only the tail is short)
+            target = ws.get("tail", n * b, rows.dtype, rows.device)
+            after.append((out[base : base + total], target[:total]))
+        works.append(comm.start(what, _all_gather_flat, target, piece))
+    comm.wait(what, works, since)
+    for dst, src in after:
+        dst.copy_(src)
+    return decision, out
 
 
-def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str):
+def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out: Tensor,
+               chunk_elements: int):
     m, p = rows.shape
-    n = comm.size
-    every = rows.new_empty((n * m, p))
-    comm.run("all_gather of micro-gradients", _all_gather_flat, every.view(-1),
-             rows.contiguous().view(-1))
-    # G from this rank's column shard, summed across ranks: the same G the sharded method
-    # uses, bit-identical on every rank, and 1/N of the Gram work.
+    n, r = comm.size, comm.rank
+    every = ws.get("every", n * m * p, rows.dtype, rows.device).view(n, m * p)
+    every[r].copy_(rows.reshape(-1))
+    since = time.monotonic()
+    what = "all-gather of micro-gradients"
+    if _gather_by_broadcast(rows.device):  # the same gather primitive as "sharded"
+        step = max(1, chunk_elements // n)
+        works = [
+            comm.start(what, dist.broadcast, every[j, lo : lo + step], src=comm.global_rank(j))
+            for lo in range(0, m * p, step)
+            for j in range(n)
+        ]
+    else:
+        works = [comm.start(what, _all_gather_flat, every.view(-1), every[r])]
+    comm.wait(what, works, since)
+    every = every.view(n * m, p)
+    # G from this rank's column shard, summed across ranks: bit-identical on every rank
+    # whatever the BLAS does, and 1/N of the Gram work.
     s = -(-p // n)
-    lo, hi = min(comm.rank * s, p), min((comm.rank + 1) * s, p)
+    lo, hi = min(r * s, p), min((r + 1) * s, p)
     gram = gram_matrix(every[:, lo:hi])
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
     decision = decide(gram, tau, rule)
-    out = rows.new_empty(p)
     weighted_sum(every, decision.weights, out)
     return decision, out
 
@@ -319,6 +488,18 @@ def check_method(method: object) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return method  # type: ignore[return-value]
+
+
+def _check_out(out: Tensor | None, rows: Tensor) -> Tensor:
+    p = rows.shape[1]
+    if out is None:
+        return rows.new_empty(p)
+    if not isinstance(out, Tensor) or out.shape != (p,) or out.dtype != rows.dtype \
+            or out.device != rows.device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous [{p}] tensor of dtype {rows.dtype} on {rows.device}"
+        )
+    return out
 
 
 def run_protocol(
@@ -330,16 +511,24 @@ def run_protocol(
     method: str = "sharded",
     check: bool = True,
     layout: Sequence[Sequence[int]] | None = None,
+    out: Tensor | None = None,
+    workspace: Workspace | None = None,
     gather_if_skipped: bool = True,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> FilterResult:
     """The protocol behind :func:`filter_gradients_distributed`, for front ends that hold
-    their own :class:`Comm`. ``gather_if_skipped=False`` saves the final all-gather on
-    skipped steps (the direction is then returned as zeros: the optimizer will not use it)."""
+    their own :class:`Comm`. ``layout`` (parameter shapes) joins the cross-rank check.
+    ``gather_if_skipped=False`` saves the final gather on skipped steps (the direction is
+    then returned as zeros: the optimizer will not use it)."""
     rows = check_grads(local_grads)
     tau, rule, method = check_tau(tau), check_rule(rule), check_method(method)
     if rows.dtype not in _DTYPE_CODES:
         raise TypeError(f"unsupported gradient dtype {rows.dtype}")
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
     m, p = rows.shape
+    out = _check_out(out, rows)
+    ws = workspace if workspace is not None else Workspace()
     if check:
         values = (
             p, m, _DTYPE_CODES[rows.dtype], RULES.index(rule), _tau_bits(tau),
@@ -351,10 +540,11 @@ def run_protocol(
     used = method
     if comm.size == 1:
         decision = decide(gram_matrix(rows), tau, rule)
-        grad = weighted_sum(rows, decision.weights, rows.new_empty(p))
+        weighted_sum(rows, decision.weights, out)
     elif method == "sharded" and comm.backend not in _NO_ALL_TO_ALL:
         try:
-            decision, grad = _sharded(rows, comm, tau, rule, gather_if_skipped)
+            decision, out = _sharded(rows, comm, tau, rule, ws, out, gather_if_skipped,
+                                     chunk_elements)
         except _AllToAllUnsupported as exc:
             # The backend refused all_to_all before any data moved; it does so on every
             # rank alike, so all ranks fall back together.
@@ -366,11 +556,11 @@ def run_protocol(
             )
             _NO_ALL_TO_ALL.add(comm.backend)
             used = "allgather"
-            decision, grad = _allgather(rows, comm, tau, rule)
+            decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements)
     else:
         used = "allgather"
-        decision, grad = _allgather(rows, comm, tau, rule)
-    result = result_from_decision(decision, grad, tau, rule)
+        decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements)
+    result = result_from_decision(decision, out, tau, rule)
     result.extra.update(
         method=used,
         world_size=comm.size,
@@ -390,6 +580,8 @@ def filter_gradients_distributed(
     method: str = "sharded",
     check: bool = True,
     timeout: float | datetime.timedelta | None = None,
+    out: Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> FilterResult:
     """Filter the micro-gradients of all ranks; every rank gets the full filtered direction.
 
@@ -402,6 +594,9 @@ def filter_gradients_distributed(
         check: all-gather a few integers first so that mismatched ranks fail clearly.
         timeout: seconds (or a timedelta) to wait for each collective before raising
             :class:`GAFDistributedError`; ``None`` uses the process group's timeout.
+        out: optional contiguous [P] tensor to write the direction into.
+        workspace: a :class:`Workspace` to keep buffers in between calls (saves
+            allocating about m·P elements per call).
 
     Returns:
         A :class:`~gaf.core.FilterResult` over all N·m micro-gradients in rank-major order
@@ -409,4 +604,5 @@ def filter_gradients_distributed(
         ``grad`` [P] lives on ``local_grads.device``.
     """
     comm = Comm(group, timeout)
-    return run_protocol(local_grads, tau, rule, comm, method=method, check=check)
+    return run_protocol(local_grads, tau, rule, comm, method=method, check=check, out=out,
+                        workspace=workspace)
