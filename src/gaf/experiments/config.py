@@ -1,0 +1,205 @@
+"""Run configuration as a dataclass, with validation that names the offending setting."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from gaf.experiments.data import DATASETS, canonical_name
+from gaf.experiments.models import MODELS
+from gaf.experiments.noise import NOISE_KINDS, check_rate
+
+METHODS: tuple[str, ...] = ("average", "gaf")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
+GAF_RULES: tuple[str, ...] = ("mean", "halving", "anchor", "neighbours")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the demo's: Fashion-MNIST, 40% symmetric noise.
+
+    Each optimizer step uses ``num_micro_batches`` micro-batches of ``micro_batch_size``
+    samples (a batch of ``batch_size = micro_batch_size * num_micro_batches``). ``average``
+    accumulates their gradients (plain data-parallel SGD); ``gaf`` filters them by cosine
+    distance with threshold ``tau`` and skips the step when fewer than two agree. Runs that
+    differ only in ``method``/``tau``/``rule`` see exactly the same micro-batches, in the
+    same order, from the same initial weights.
+    """
+
+    # data
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = True
+    train_size: int | None = 20000  # random subset of the training split (None: all)
+    test_size: int | None = None
+    noise: str = "symmetric"
+    noise_rate: float = 0.4
+    human_labels: str | None = None  # CIFAR-N label set for noise="human"
+    augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR
+    # model
+    model: str = "small_cnn"
+    width: int | None = None  # channels of the first layer (small_cnn 32, resnets 64)
+    # method
+    method: str = "gaf"
+    tau: float = 0.97
+    rule: str = "mean"
+    micro_batch_size: int = 32
+    num_micro_batches: int = 2
+    class_balanced: bool = False  # micro-batches with micro_batch_size / K samples per class
+    # optimisation
+    epochs: int = 12
+    max_steps: int | None = None  # cap on optimizer steps per epoch (quick checks)
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    max_grad_norm: float | None = None
+    # bookkeeping
+    seed: int = 0
+    device: str = "cpu"  # "auto": cuda when available
+    threads: int | None = None
+    eval_batch_size: int = 256  # CPU convolutions run fastest at a few hundred images
+    record_distances: bool = True
+    progress: bool = True
+    name: str | None = None  # label in tables and plots
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.num_micro_batches
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.method == "average":
+            return "average"
+        extra = f", {self.rule}" if self.rule != "mean" else ""
+        return f"gaf (tau={self.tau:g}{extra})"
+
+    def validate(self) -> TrainConfig:
+        """Normalise names and check every setting; ValueError naming the problem."""
+        self.dataset = canonical_name(self.dataset)
+        if self.noise not in NOISE_KINDS:
+            raise ValueError(f"unknown noise {self.noise!r}; choose from {', '.join(NOISE_KINDS)}")
+        self.noise_rate = check_rate(self.noise_rate)
+        if self.noise == "human":
+            if self.dataset not in ("cifar10", "cifar100"):
+                raise ValueError("human noise (CIFAR-N) needs dataset cifar10 or cifar100")
+            if self.human_labels is None:
+                self.human_labels = "aggre" if self.dataset == "cifar10" else "noisy"
+        model = self.model.strip().lower().replace("-", "_")
+        if model == "cnn":
+            model = "small_cnn"
+        if model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(MODELS)}")
+        self.model = model
+        self.method = self.method.strip().lower()
+        if self.method in ("avg", "averaging", "mean"):
+            self.method = "average"
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau)
+                and 0.0 <= self.tau <= 2.0):
+            raise ValueError(f"tau must be a cosine distance in [0, 2], got {self.tau!r}")
+        if self.rule not in GAF_RULES:
+            raise ValueError(f"unknown GAF rule {self.rule!r}; choose from {', '.join(GAF_RULES)}")
+        _positive_int("micro_batch_size", self.micro_batch_size)
+        _positive_int("num_micro_batches", self.num_micro_batches)
+        if self.method == "gaf" and self.num_micro_batches < 2:
+            raise ValueError("gaf needs at least 2 micro-batches per step (num_micro_batches >= 2)")
+        _positive_int("epochs", self.epochs)
+        _positive_int("eval_batch_size", self.eval_batch_size)
+        for name in ("train_size", "test_size"):
+            v = getattr(self, name)
+            if v is not None:
+                _positive_int(name, v)
+        if self.train_size is not None and self.train_size < self.batch_size:
+            raise ValueError(
+                f"train_size {self.train_size} is smaller than one batch "
+                f"({self.num_micro_batches} x {self.micro_batch_size})"
+            )
+        if self.class_balanced:
+            k = DATASETS[self.dataset].num_classes
+            if self.micro_batch_size % k:
+                raise ValueError(
+                    f"class-balanced micro-batches need micro_batch_size divisible by the "
+                    f"{k} classes of {self.dataset}, got {self.micro_batch_size}"
+                )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}"
+            )
+        for name in ("lr", "weight_decay", "momentum", "warmup_epochs"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.lr == 0:
+            raise ValueError("lr must be > 0")
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must be < 1, got {self.momentum}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        if self.width is not None:
+            _positive_int("width", self.width)
+        if self.max_steps is not None:
+            _positive_int("max_steps", self.max_steps)
+        if self.device == "auto":
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+
+def _positive_int(name: str, v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def micro_batches_per_step(batch_size: int, micro_batch_size: int) -> int:
+    """How many micro-batches of ``micro_batch_size`` make a batch of ``batch_size``."""
+    _positive_int("batch_size", batch_size)
+    _positive_int("micro_batch_size", micro_batch_size)
+    if micro_batch_size > batch_size:
+        raise ValueError(
+            f"micro-batch size {micro_batch_size} is larger than the batch size {batch_size}"
+        )
+    if batch_size % micro_batch_size:
+        raise ValueError(
+            f"batch size {batch_size} is not a multiple of the micro-batch size {micro_batch_size}"
+        )
+    return batch_size // micro_batch_size
+
+
+def stream_seed(seed: int, purpose: str) -> int:
+    """A seed for one random stream (noise, subset, order, ...) derived from the run seed.
+
+    Separate streams keep e.g. the training subset independent of which samples the noise
+    picked; the same (seed, purpose) always gives the same stream.
+    """
+    return (int(seed) * 1_000_003 + zlib.crc32(purpose.encode())) % (2**63 - 1)

@@ -1,0 +1,179 @@
+"""PNG plots of a comparison (matplotlib, imported lazily with the Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gaf.experiments.train import RunResult
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError as e:  # pragma: no cover - matplotlib is in the experiments extra
+        raise ImportError(
+            "plots need matplotlib: pip install 'gaf[experiments]'"
+        ) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colours(labels: Sequence[str]) -> dict[str, str]:
+    palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+               "#17becf", "#7f7f7f", "#bcbd22"]
+    uniq: list[str] = []
+    for lab in labels:
+        if lab not in uniq:
+            uniq.append(lab)
+    return {lab: palette[i % len(palette)] for i, lab in enumerate(uniq)}
+
+
+def _series_label(r: RunResult, multi_noise: bool, multi_seed: bool) -> str:
+    lab = r.label
+    if multi_noise:
+        lab += f", {100 * r.config['noise_rate']:g}% {r.config['noise']}"
+    if multi_seed:
+        lab += f", seed {r.config['seed']}"
+    return lab
+
+
+def plot_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
+    """Test accuracy and memorised fraction of noisy samples over epochs, one line per run."""
+    plt = _plt()
+    colours = _colours([r.label for r in runs])
+    multi_noise = len({r.config["noise_rate"] for r in runs}) > 1
+    multi_seed = len({r.config["seed"] for r in runs}) > 1
+    styles = ["-", "--", ":", "-."]
+    rates = sorted({r.config["noise_rate"] for r in runs})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r in runs:
+        ep = [h["epoch"] for h in r.history]
+        ls = styles[rates.index(r.config["noise_rate"]) % len(styles)] if multi_noise else "-"
+        kw = dict(color=colours[r.label], ls=ls, lw=1.8, alpha=0.9,
+                  label=_series_label(r, multi_noise, multi_seed))
+        axes[0].plot(ep, [100 * h["test_acc"] for h in r.history], marker="o", ms=3, **kw)
+        axes[1].plot(ep, [100 * _nan(h["memorised"]) for h in r.history], marker="o", ms=3, **kw)
+        axes[2].plot(ep, [100 * h["train_acc_clean"] for h in r.history], marker="o", ms=3, **kw)
+    axes[0].set_title("test accuracy")
+    axes[1].set_title("memorised: noisy training labels predicted")
+    axes[2].set_title("training accuracy on clean samples")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    c = runs[0].config
+    fig.suptitle(f"{c['dataset']}, {c['model']}, "
+                 + ("" if multi_noise else f"{100 * c['noise_rate']:g}% {c['noise']} noise, ")
+                 + f"{c['num_micro_batches']}×{c['micro_batch_size']} micro-batches")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else x
+
+
+def _smooth(x: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or x.size < window:
+        return x
+    k = np.ones(window) / window
+    return np.convolve(x, k, mode="valid")
+
+
+def plot_distances(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
+    """Cosine distance between micro-gradients over training (moving average), with tau,
+    and the distribution of per-step distances."""
+    plt = _plt()
+    runs = [r for r in runs if r.distance_trace]
+    colours = _colours([r.label for r in runs])
+    multi_noise = len({r.config["noise_rate"] for r in runs}) > 1
+    multi_seed = len({r.config["seed"] for r in runs}) > 1
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    taus = set()
+    for r in runs:
+        d = np.array([np.nan if v is None else v for v in r.distance_trace], dtype=float)
+        d = d[np.isfinite(d)]
+        if d.size == 0:
+            continue
+        window = max(1, d.size // 100)
+        sm = _smooth(d, window)
+        x = np.arange(sm.size) + (window - 1) / 2
+        lab = _series_label(r, multi_noise, multi_seed)
+        axes[0].plot(x, sm, color=colours[r.label], lw=1.5, label=lab)
+        axes[1].hist(d, bins=60, range=(max(0.0, d.min() - 0.02), min(2.0, d.max() + 0.02)),
+                     histtype="step", color=colours[r.label], lw=1.5, density=True, label=lab)
+        if r.config["method"] == "gaf":
+            taus.add(r.config["tau"])
+    for t in sorted(taus):
+        for ax, fn in ((axes[0], "axhline"), (axes[1], "axvline")):
+            getattr(ax, fn)(t, color="k", ls="--", lw=1)
+    if taus:
+        axes[0].text(0.01, 0.02, "dashed: tau", transform=axes[0].transAxes, fontsize=8)
+    axes[0].set_title("cosine distance, micro-gradient vs running sum (moving average)")
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_ylabel("cosine distance")
+    axes[1].set_title("per-step distances")
+    axes[1].set_xlabel("cosine distance")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_noise_sweep(runs: Sequence[RunResult], path: str | os.PathLike,
+                     paper: dict[str, dict[float, float]] | None = None) -> Path | None:
+    """Final test accuracy against noise rate per method (the paper's Figure 6 shape);
+    ``paper`` maps a label to {rate: accuracy %} drawn as dashed reference lines."""
+    rates = sorted({r.config["noise_rate"] for r in runs})
+    if len(rates) < 2:
+        return None
+    plt = _plt()
+    colours = _colours([r.label for r in runs])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label in colours:
+        pts = {}
+        for r in runs:
+            if r.label == label:
+                pts.setdefault(r.config["noise_rate"], []).append(r.final_test_acc)
+        xs = sorted(pts)
+        ys = [100 * float(np.mean(pts[x])) for x in xs]
+        ax.plot([100 * x for x in xs], ys, marker="o", color=colours[label], label=label)
+    for i, (label, curve) in enumerate((paper or {}).items()):
+        xs = sorted(curve)
+        ax.plot([100 * x for x in xs], [curve[x] for x in xs], ls="--", marker="x",
+                color="0.4" if i else "0.2", label=f"paper: {label}")
+    ax.set_xlabel("label noise %")
+    ax.set_ylabel("final test accuracy %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_all(runs: Sequence[RunResult], out_dir: str | os.PathLike,
+             paper: dict[str, dict[float, float]] | None = None) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = [plot_curves(runs, out_dir / "curves.png")]
+    if any(r.distance_trace for r in runs):
+        paths.append(plot_distances(runs, out_dir / "distances.png"))
+    sweep = plot_noise_sweep(runs, out_dir / "noise_sweep.png", paper)
+    if sweep is not None:
+        paths.append(sweep)
+    return paths
