@@ -42,9 +42,12 @@ Deliberate choices:
   the same inputs with the same elementwise arithmetic: identical on identical hardware.)
 * Agreement with one device. The weighted sum is the same elementwise arithmetic as
   :func:`gaf.filter_gradients` (``weighted_sum``, same row order), and the weights depend
-  only on the accepted set. G is a sum of partial products instead of one matmul, so it
-  differs from the single-device G by rounding (~1e-7 relative in float32, ~1e-16 in
-  float64): a distance within that of tau could in principle be decided differently.
+  only on the accepted set (bit-identical results in float32/float64 in the tests; in half
+  precision PyTorch's add may round a block's vector body and scalar tail differently, so
+  the last bit can differ from one device). G is a sum of partial products instead of
+  one matmul, so it differs from the single-device G by rounding (~1e-7 relative in
+  float32, ~1e-16 in float64): a distance within that of tau could in principle be
+  decided differently than on one device (never differently across ranks).
 * Non-finite rows. A row with inf/NaN in any shard makes its own row and column of G
   non-finite (and only those); :func:`gaf.core.decide` marks it invalid and zeroes it out,
   and ``weighted_sum`` never touches zero-weight rows, so it cannot poison the result.
