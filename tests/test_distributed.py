@@ -33,7 +33,7 @@ from gaf.distributed import protocol as protocol_module
 PG_TIMEOUT_S = 60
 # fork: the ranks inherit the imported torch instead of importing it again (seconds each on
 # the shared machines); they use one intra-op thread and no CUDA.
-START_METHOD = "fork"
+START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
 def _entry(rank: int, fn, world_size: int, init: str, args: tuple) -> None:
