@@ -419,7 +419,7 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
 
     # 2.-3. Sum the partial Grams; every rank decides from the same bits.
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
-    decision = decide(gram, tau, rule)  # the step's one device→host transfer
+    decision = decide(gram, tau, rule)  # moves the (N·m)² matrix G to the host
     if decision.skipped and not gather_if_skipped:
         return decision, out.zero_()
 
