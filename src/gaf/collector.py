@@ -52,14 +52,12 @@ from gaf.core import (
     Decision,
     FilterResult,
     check_rule,
-    decide,
+    filter_gradients,
     gram_dtype,
-    gram_matrix,
     result_from_decision,
-    weighted_sum,
 )
 from gaf.flat import FlatGradients
-from gaf.measures import check_measure, filter_with_measure
+from gaf.measures import check_measure
 from gaf.thresholds import Threshold, as_threshold
 
 STREAMING_RULES = ("mean", "halving")
@@ -340,10 +338,12 @@ class GradientCollector:
         self._rows = rows
 
     def _finish_stacked(self, tau: float) -> FilterResult:
-        rows = self._rows[: self._count]
-        if self.measure != "cosine":
-            return filter_with_measure(rows, tau, self.rule, self.measure, self.flat.numels)
-        decision = decide(gram_matrix(rows), tau, self.rule)
-        out = self.flat.new_buffer()
-        weighted_sum(rows, decision.weights, out)
-        return result_from_decision(decision, out, tau, self.rule)
+        return self.filter_rows(self._rows[: self._count], tau)
+
+    def filter_rows(self, rows: Tensor, tau: float) -> FilterResult:
+        """Filter the step's stacked micro-gradients ``rows`` [m, P] at threshold ``tau``.
+
+        The extension point of the stacked mode: the distributed collector overrides it to
+        decide over the rows of every rank. Must return a result whose ``grad`` is [P].
+        """
+        return filter_gradients(rows, tau, self.rule, self.measure, self.flat.numels)

@@ -336,12 +336,21 @@ def weighted_sum(rows: Sequence[Tensor] | Tensor, weights: np.ndarray, out: Tens
     """out = Σ weights[i] · rows[i] over rows with non-zero weight, written in place.
 
     Rows with zero weight are never touched, so an inf/NaN in a rejected row cannot leak
-    into the result (0 · inf would be NaN). Weights are host floats: no device sync.
+    into the result (0 · inf would be NaN). Weights are host floats: no device sync. The
+    first term is written with a multiply rather than added to zeros: one pass over P less,
+    same bits (0 + w·x rounds exactly like w·x).
     """
-    out.zero_()
+    first = True
     for i, w in enumerate(weights.tolist()):
-        if w != 0.0:
+        if w == 0.0:
+            continue
+        if first:
+            torch.mul(rows[i], w, out=out)
+            first = False
+        else:
             out.add_(rows[i].to(out.dtype), alpha=w)
+    if first:
+        out.zero_()
     return out
 
 

@@ -85,6 +85,8 @@ class GAFTrainer:
         max_grad_norm: clip the filtered gradient to this norm (None: no clipping).
         scaler: a ``torch.amp.GradScaler`` for mixed precision (None: no scaling).
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype.
+        collector: a ready collector (e.g. a distributed one) to use instead of building
+            one from ``tau``, ``rule``, ``mode`` and ``measure``.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class GAFTrainer:
         scaler: torch.amp.GradScaler | None = None,
         autocast_dtype: torch.dtype | None = None,
         measure: str = "cosine",
+        collector: GradientCollector | None = None,
     ):
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches!r}")
@@ -112,10 +115,12 @@ class GAFTrainer:
         self.max_grad_norm = max_grad_norm
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
-        self.collector = GradientCollector(
-            optimizer.param_groups, tau=tau, rule=rule, mode=mode,
-            num_micro_batches=num_micro_batches, measure=measure,
-        )
+        if collector is None:
+            collector = GradientCollector(
+                optimizer.param_groups, tau=tau, rule=rule, mode=mode,
+                num_micro_batches=num_micro_batches, measure=measure,
+            )
+        self.collector = collector
         self.overflow_steps = 0
 
     @property

@@ -218,8 +218,7 @@ class DistributedGradientCollector(GradientCollector):
                          timeout=self.comm.timeout)
         return result
 
-    def _finish_stacked(self, tau: float) -> FilterResult:
-        rows = self._rows[: self._count]
+    def filter_rows(self, rows: Tensor, tau: float) -> FilterResult:
         if self._out is None:
             self._out = self.flat.new_buffer()
         # Skipped steps are skipped on every rank, and their direction is thrown away:
@@ -267,16 +266,16 @@ class DistributedGAFTrainer(GAFTrainer):
         check: bool = True,
         timeout: Timeout = None,
     ):
-        super().__init__(model, optimizer, loss_fn, num_micro_batches, tau=tau, rule=rule,
-                         mode="stacked", max_grad_norm=max_grad_norm, scaler=scaler,
-                         autocast_dtype=autocast_dtype)
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        self.collector = DistributedGradientCollector(
+        collector = DistributedGradientCollector(
             optimizer.param_groups, tau=tau, rule=rule, group=group, method=method,
             buffers=inner if buffer_sync is not None else None,
             buffer_sync=buffer_sync or "broadcast", sync_params=sync_params, check=check,
             timeout=timeout,
         )
+        super().__init__(model, optimizer, loss_fn, num_micro_batches,
+                         max_grad_norm=max_grad_norm, scaler=scaler,
+                         autocast_dtype=autocast_dtype, collector=collector)
 
     def step(self, inputs, targets):
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
