@@ -385,3 +385,21 @@ def test_warmup_accepts_everything_then_hands_over(cls):
     assert th.value() == plain.value()  # statistics were gathered during the warm-up
     with pytest.raises(ValueError, match="warmup_steps"):
         cls(warmup_steps=-1)
+
+
+# -- experiment toolkit options ----------------------------------------------------------------
+
+
+def test_train_config_threshold_and_measure_reach_the_collector():
+    from gaf.experiments.config import TrainConfig
+    from gaf.experiments.train import _make_collector
+
+    cfg = TrainConfig(threshold="null-tail:z=1.5", measure="layerwise").validate()
+    assert cfg.label == "gaf (null-tail:z=1.5, layerwise)"
+    col = _make_collector(list(nn.Linear(3, 2).parameters()), cfg)
+    assert isinstance(col.threshold, NullTailThreshold) and col.threshold.z == 1.5
+    assert col.measure == "layerwise" and col.mode == "stacked"
+    with pytest.raises(ValueError, match="unknown threshold"):
+        TrainConfig(threshold="adaptive").validate()
+    with pytest.raises(ValueError, match="unknown measure"):
+        TrainConfig(measure="l2").validate()

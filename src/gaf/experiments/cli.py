@@ -147,6 +147,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", help="output directory (results.json, report.md, PNG plots)")
 
 
+def _add_threshold_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", help="adaptive or scheduled threshold for the GAF runs, "
+                   "replacing --tau, e.g. null-tail, 'quantile:target_acceptance=0.7' "
+                   "(see gaf.thresholds.parse_threshold)")
+    p.add_argument("--measure", choices=("cosine", "sign", "layerwise"),
+                   help="agreement measure for the GAF runs (default cosine)")
+
+
 _CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 
 
@@ -195,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", choices=METHODS + ("averaging",), default=None)
     t.add_argument("--tau", type=_tau)
     t.add_argument("--rule", choices=GAF_RULES)
+    _add_threshold_options(t)
     t.add_argument("--noise-rate", type=_fraction, help="fraction of wrong labels, e.g. 0.4")
     t.add_argument("--seed", type=_nonneg_int)
 
@@ -205,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", nargs="+", choices=METHODS + ("averaging",))
     c.add_argument("--tau", nargs="+", type=_tau, help="GAF thresholds (one run each)")
     c.add_argument("--rule", choices=GAF_RULES)
+    _add_threshold_options(c)
     c.add_argument("--noise-rate", nargs="+", type=_fraction,
                    help="fractions of wrong labels, e.g. 0.2 0.4")
     c.add_argument("--seed", nargs="+", type=_nonneg_int)
@@ -270,6 +280,8 @@ def cmd_compare(args, parser) -> int:
     cfg = _apply(args, recipe.base, parser)
     methods = [_method(m) for m in args.methods] if args.methods else list(recipe.methods)
     taus = args.tau or list(recipe.taus)
+    if cfg.threshold:
+        taus = taus[:1]  # the threshold object replaces tau: one GAF run per setting
     rates = args.noise_rate or list(recipe.noise_rates)
     seeds = args.seed if args.seed is not None else list(recipe.seeds)
     if args.rule:

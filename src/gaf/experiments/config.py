@@ -46,6 +46,10 @@ class TrainConfig:
     method: str = "gaf"
     tau: float = 0.97
     rule: str = "mean"
+    # gaf.thresholds.parse_threshold spec ("null-tail:z=1", "quantile:target_acceptance=0.7",
+    # ...): replaces tau for GAF runs when set.
+    threshold: str | None = None
+    measure: str = "cosine"  # agreement measure (gaf.measures): cosine, sign, layerwise
     micro_batch_size: int = 32
     num_micro_batches: int = 2
     class_balanced: bool = False  # micro-batches with micro_batch_size / K samples per class
@@ -80,6 +84,10 @@ class TrainConfig:
         if self.method == "average":
             return "average"
         extra = f", {self.rule}" if self.rule != "mean" else ""
+        if self.measure != "cosine":
+            extra += f", {self.measure}"
+        if self.threshold:
+            return f"gaf ({self.threshold}{extra})"
         return f"gaf (tau={self.tau:g}{extra})"
 
     def validate(self) -> TrainConfig:
@@ -109,6 +117,12 @@ class TrainConfig:
             raise ValueError(f"tau must be a cosine distance in [0, 2], got {self.tau!r}")
         if self.rule not in GAF_RULES:
             raise ValueError(f"unknown GAF rule {self.rule!r}; choose from {', '.join(GAF_RULES)}")
+        from gaf.measures import check_measure
+        from gaf.thresholds import parse_threshold
+
+        check_measure(self.measure)
+        if self.threshold is not None:
+            parse_threshold(self.threshold)  # ValueError naming the bad part
         _positive_int("micro_batch_size", self.micro_batch_size)
         _positive_int("num_micro_batches", self.num_micro_batches)
         if self.method == "gaf" and self.num_micro_batches < 2:

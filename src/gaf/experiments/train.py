@@ -272,8 +272,10 @@ def _flat_grad(params: list[Tensor], out: Tensor) -> Tensor:
 
 def _make_collector(params: list[Tensor], cfg: TrainConfig):
     from gaf.collector import GradientCollector
+    from gaf.thresholds import parse_threshold
 
-    return GradientCollector(params, tau=cfg.tau, rule=cfg.rule)
+    tau = parse_threshold(cfg.threshold) if cfg.threshold else cfg.tau
+    return GradientCollector(params, tau=tau, rule=cfg.rule, measure=cfg.measure)
 
 
 def _generator(seed: int) -> torch.Generator:
