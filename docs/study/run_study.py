@@ -9,7 +9,7 @@ other measures), the copy's threshold object (``gaf.thresholds``) sees the step'
 ``FilterResult`` exactly as ``GradientCollector.finish`` would show it, and the copies
 that did not skip take a Nesterov-SGD step (torch.optim.SGD's arithmetic, masked per copy
 so a skipped copy advances neither weights nor momentum). Batching the copies is what
-makes a 30-setting × 15-method study fit a single shared CPU thread.
+makes a 30-setting × 11-to-13-method study fit a single shared CPU thread.
 
 Usage (the committed results were made with the defaults):
 
