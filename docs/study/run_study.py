@@ -4,7 +4,7 @@ All methods of one setting (dataset, noise, seed) are trained *together*: R copi
 same small MLP, stacked with torch.func.vmap, start from the same initial weights and see
 the same micro-batches in the same order; only the filter differs. Per step each copy
 gets its 2 micro-gradients, the library decides which to keep
-(``gaf.core.decide`` on the Gram matrix for cosine, ``gaf.measures.decide_with`` for the
+(``gaf.core.decide`` on the Gram matrix for cosine, ``gaf.core.decide_with`` for the
 other measures), the copy's threshold object (``gaf.thresholds``) sees the step's
 ``FilterResult`` exactly as ``GradientCollector.finish`` would show it, and the copies
 that did not skip take a Nesterov-SGD step (torch.optim.SGD's arithmetic, masked per copy
@@ -35,10 +35,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
 
-from gaf.core import decide, result_from_decision
+from gaf.core import decide, decide_with, result_from_decision
 from gaf.experiments.config import TrainConfig
 from gaf.experiments.prepare import prepare_data
-from gaf.measures import decide_with, make_oracle
+from gaf.measures import make_oracle
 from gaf.thresholds import Threshold, parse_threshold
 
 

@@ -183,14 +183,56 @@ def valid_rows(gram: np.ndarray) -> np.ndarray:
     return np.isfinite(diag) & (diag > _ZERO_NORM_SQ)
 
 
-def _empty_decision(m: int, valid: np.ndarray) -> Decision:
-    return Decision(
-        accepted=np.zeros(m, dtype=bool),
-        weights=np.zeros(m),
-        distances=np.full(m, 2.0),
-        anchor=-1,
-        valid=valid,
-    )
+def pairwise_distances(g: np.ndarray) -> np.ndarray:
+    """Cosine distance matrix from a Gram matrix, clamped to [0, 2] (zero norms give 1)."""
+    diag = np.diag(g)
+    denom = np.sqrt(np.outer(diag, diag))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(denom > 0, g / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.clip(1.0 - cos, 0.0, 2.0)
+
+
+class DistanceOracle:
+    """Answers the two questions the rules ask, for one agreement measure over M rows.
+
+    ``valid`` [M] marks rows that take part (finite, non-zero); ``finite`` [M] rows without
+    inf/NaN. :meth:`to_sum` is the distance between Σ weights[i] g_i and g_k (rules "mean",
+    "halving", "anchor"); :meth:`pairwise` the [M, M] distances between rows ("neighbours").
+    Cosine answers both from the Gram matrix (:class:`GramOracle`); other measures live in
+    :mod:`gaf.measures`.
+    """
+
+    valid: np.ndarray
+    finite: np.ndarray
+
+    def to_sum(self, weights: np.ndarray, k: int) -> float:
+        raise NotImplementedError
+
+    def pairwise(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+class GramOracle(DistanceOracle):
+    """Cosine distance from the Gram matrix: s·g_k = (w G)[k] and |s|² = w G wᵀ."""
+
+    def __init__(self, gram: Tensor | np.ndarray):
+        g = gram.detach().to("cpu", torch.float64).numpy() if isinstance(gram, Tensor) else gram
+        g = np.asarray(g, dtype=np.float64)
+        if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
+            raise ValueError(f"gram must be a non-empty square matrix, got shape {g.shape}")
+        self.finite = np.isfinite(np.diag(g))
+        self.valid = valid_rows(g)
+        # Invalid rows/columns zeroed so no NaN reaches any arithmetic below.
+        self.g = np.where(self.valid[:, None] & self.valid[None, :], g, 0.0)
+
+    def to_sum(self, weights: np.ndarray, k: int) -> float:
+        g = self.g
+        return distance_from_products(
+            float(weights @ g[:, k]), float(weights @ g @ weights), float(g[k, k])
+        )
+
+    def pairwise(self) -> np.ndarray:
+        return pairwise_distances(self.g)
 
 
 def decide(gram: Tensor | np.ndarray, tau: float, rule: str = "mean") -> Decision:
@@ -199,47 +241,43 @@ def decide(gram: Tensor | np.ndarray, tau: float, rule: str = "mean") -> Decisio
     The computation is in float64 on the host. ``gram`` may live on any device; moving it
     to the host is the one device→host transfer a filtered step needs.
     """
+    return decide_with(GramOracle(gram), tau, rule)
+
+
+def decide_with(oracle: DistanceOracle, tau: float, rule: str = "mean") -> Decision:
+    """Run ``rule`` with distances from ``oracle`` (see the module docstring for the rules).
+
+    Invalid rows are never accepted and report distance 2; the first valid row is the
+    anchor; ties in "neighbours" go to the lowest index.
+    """
     tau = check_tau(tau)
     rule = check_rule(rule)
-    g = gram.detach().to("cpu", torch.float64).numpy() if isinstance(gram, Tensor) else gram
-    g = np.asarray(g, dtype=np.float64)
-    if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
-        raise ValueError(f"gram must be a non-empty square matrix, got shape {g.shape}")
-    m = g.shape[0]
-    valid = valid_rows(g)
-    finite = np.isfinite(np.diag(g))
+    valid = np.asarray(oracle.valid, dtype=bool)
+    m = len(valid)
     if not valid.any():
-        decision = _empty_decision(m, valid)
+        decision = Decision(np.zeros(m, dtype=bool), np.zeros(m), np.full(m, 2.0), -1, valid)
+    elif rule == "neighbours":
+        decision = _neighbours(oracle, tau, valid)
     else:
-        # Zero out invalid rows/columns so no NaN reaches any arithmetic below.
-        g = np.where(valid[:, None] & valid[None, :], g, 0.0)
-        if rule == "neighbours":
-            decision = _decide_neighbours(g, tau, valid)
-        else:
-            decision = _decide_sequential(g, tau, rule, valid)
-    decision.finite = finite
+        decision = _sequential(oracle, tau, rule, valid)
+    decision.finite = np.asarray(oracle.finite, dtype=bool)
     return decision
 
 
-def _decide_sequential(g: np.ndarray, tau: float, rule: str, valid: np.ndarray) -> Decision:
-    m = g.shape[0]
+def _sequential(oracle: DistanceOracle, tau: float, rule: str, valid: np.ndarray) -> Decision:
+    m = len(valid)
     anchor = int(np.argmax(valid))
     weights = np.zeros(m)
     weights[anchor] = 1.0
+    one_hot = weights.copy()  # the "anchor" rule compares with g_anchor alone
     accepted = np.zeros(m, dtype=bool)
     accepted[anchor] = True
     distances = np.full(m, 2.0)
     distances[anchor] = 0.0
-    diag = np.diag(g)
     for k in range(anchor + 1, m):
         if not valid[k]:
             continue
-        if rule == "anchor":
-            dot, norm_sq_s = g[anchor, k], diag[anchor]
-        else:
-            # s = Σ w_i g_i:  s·g_k = (w G)[k],  |s|² = w G wᵀ.
-            dot, norm_sq_s = float(weights @ g[:, k]), float(weights @ g @ weights)
-        d = distance_from_products(float(dot), float(norm_sq_s), float(diag[k]))
+        d = oracle.to_sum(one_hot if rule == "anchor" else weights, k)
         distances[k] = d
         if d <= tau:
             accepted[k] = True
@@ -253,17 +291,8 @@ def _decide_sequential(g: np.ndarray, tau: float, rule: str, valid: np.ndarray) 
     return Decision(accepted, weights, distances, anchor, valid)
 
 
-def pairwise_distances(g: np.ndarray) -> np.ndarray:
-    """Cosine distance matrix from a Gram matrix, clamped to [0, 2] (zero norms give 1)."""
-    diag = np.diag(g)
-    denom = np.sqrt(np.outer(diag, diag))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.where(denom > 0, g / np.where(denom > 0, denom, 1.0), 0.0)
-    return np.clip(1.0 - cos, 0.0, 2.0)
-
-
-def _decide_neighbours(g: np.ndarray, tau: float, valid: np.ndarray) -> Decision:
-    dist = pairwise_distances(g)
+def _neighbours(oracle: DistanceOracle, tau: float, valid: np.ndarray) -> Decision:
+    dist = oracle.pairwise()
     close = (dist <= tau) & valid[:, None] & valid[None, :]
     np.fill_diagonal(close, False)
     counts = np.where(valid, close.sum(axis=1), -1)
@@ -272,8 +301,8 @@ def _decide_neighbours(g: np.ndarray, tau: float, valid: np.ndarray) -> Decision
     accepted[anchor] = True
     distances = np.where(valid, dist[anchor], 2.0)
     distances[anchor] = 0.0
-    weights = accepted / accepted.sum()
-    return Decision(accepted, weights.astype(np.float64), distances, anchor, valid)
+    weights = (accepted / accepted.sum()).astype(np.float64)
+    return Decision(accepted, weights, distances, anchor, valid)
 
 
 @dataclass

@@ -3,9 +3,9 @@
 Every rule of :mod:`gaf.core` asks one of two questions: "how far is the running direction
 s = Σ w_i g_i from g_k?" (rules "mean", "halving", "anchor") or "how far apart are g_i and
 g_j?" (rule "neighbours"). A :class:`DistanceOracle` answers both for one measure, and
-:func:`decide_with` runs the rules on it with exactly the control flow of
-:func:`gaf.core.decide`. For cosine, :class:`GramOracle` reproduces ``decide(gram, ...)``
-(tests check it); the library's cosine path stays on :func:`gaf.core.decide`.
+:func:`gaf.core.decide_with` runs the rules on it (:func:`gaf.core.decide` is the same
+with the cosine :class:`~gaf.core.GramOracle`). This module adds the oracles of the other
+measures.
 
 Measures (``measure=``), all distances in [0, 2] with the same reading as cosine: 0 means
 full agreement, 1 means no relation (what two independent random vectors give), 2 means
@@ -61,11 +61,13 @@ import torch
 from torch import Tensor
 
 from gaf.core import (
-    Decision,
+    DistanceOracle,
     FilterResult,
+    GramOracle,
     check_grads,
     check_rule,
     check_tau,
+    decide_with,
     distance_from_products,
     gram_matrix,
     pairwise_distances,
@@ -141,46 +143,6 @@ def layerwise_distance(a: Tensor, b: Tensor, segments: Sequence[int]) -> float:
 
 # --------------------------------------------------------------------------------------
 # Distance oracles
-
-
-class DistanceOracle:
-    """Answers the two questions the rules ask, for one measure and M rows.
-
-    ``valid`` [M] marks rows that take part (finite, non-zero); ``finite`` [M] rows without
-    inf/NaN. :meth:`to_sum` is the distance between Σ weights[i] g_i and g_k;
-    :meth:`pairwise` the [M, M] matrix of distances between rows.
-    """
-
-    valid: np.ndarray
-    finite: np.ndarray
-
-    def to_sum(self, weights: np.ndarray, k: int) -> float:
-        raise NotImplementedError
-
-    def pairwise(self) -> np.ndarray:
-        raise NotImplementedError
-
-
-class GramOracle(DistanceOracle):
-    """Cosine distance from a Gram matrix: the reference the generic rules are tested on."""
-
-    def __init__(self, gram: Tensor | np.ndarray):
-        g = gram.detach().to("cpu", torch.float64).numpy() if isinstance(gram, Tensor) else gram
-        g = np.asarray(g, dtype=np.float64)
-        if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
-            raise ValueError(f"gram must be a non-empty square matrix, got shape {g.shape}")
-        self.finite = np.isfinite(np.diag(g))
-        self.valid = valid_rows(g)
-        # Invalid rows/columns zeroed so no NaN reaches the arithmetic (as core.decide does).
-        self.g = np.where(self.valid[:, None] & self.valid[None, :], g, 0.0)
-
-    def to_sum(self, weights: np.ndarray, k: int) -> float:
-        g = self.g
-        return distance_from_products(float(weights @ g[:, k]), float(weights @ g @ weights),
-                                      float(g[k, k]))
-
-    def pairwise(self) -> np.ndarray:
-        return pairwise_distances(self.g)
 
 
 def layer_gram_matrices(grads: Tensor, segments: Sequence[int]) -> Tensor:
@@ -261,71 +223,6 @@ class SignOracle(DistanceOracle):
         return pairwise_distances(sg)
 
 
-# --------------------------------------------------------------------------------------
-# The rules over an oracle
-
-
-def decide_with(oracle: DistanceOracle, tau: float, rule: str = "mean") -> Decision:
-    """Run ``rule`` with distances from ``oracle``: the control flow of :func:`gaf.core.decide`.
-
-    Deliberately the same choices: invalid rows are never accepted and report distance 2;
-    the first valid row is the anchor; ties in "neighbours" go to the lowest index.
-    """
-    tau = check_tau(tau)
-    rule = check_rule(rule)
-    valid = np.asarray(oracle.valid, dtype=bool)
-    m = len(valid)
-    if not valid.any():
-        d = Decision(np.zeros(m, dtype=bool), np.zeros(m), np.full(m, 2.0), -1, valid)
-    elif rule == "neighbours":
-        d = _neighbours(oracle, tau, valid)
-    else:
-        d = _sequential(oracle, tau, rule, valid)
-    d.finite = np.asarray(oracle.finite, dtype=bool)
-    return d
-
-
-def _sequential(oracle: DistanceOracle, tau: float, rule: str, valid: np.ndarray) -> Decision:
-    m = len(valid)
-    anchor = int(np.argmax(valid))
-    weights = np.zeros(m)
-    weights[anchor] = 1.0
-    accepted = np.zeros(m, dtype=bool)
-    accepted[anchor] = True
-    distances = np.full(m, 2.0)
-    distances[anchor] = 0.0
-    one_hot = weights.copy()
-    for k in range(anchor + 1, m):
-        if not valid[k]:
-            continue
-        d = oracle.to_sum(one_hot if rule == "anchor" else weights, k)
-        distances[k] = d
-        if d <= tau:
-            accepted[k] = True
-            if rule == "halving":
-                weights *= 0.5
-                weights[k] = 0.5
-            else:
-                weights[k] = 1.0
-    if rule != "halving":
-        weights /= weights.sum()
-    return Decision(accepted, weights, distances, anchor, valid)
-
-
-def _neighbours(oracle: DistanceOracle, tau: float, valid: np.ndarray) -> Decision:
-    dist = oracle.pairwise()
-    close = (dist <= tau) & valid[:, None] & valid[None, :]
-    np.fill_diagonal(close, False)
-    counts = np.where(valid, close.sum(axis=1), -1)
-    anchor = int(np.argmax(counts))
-    accepted = close[anchor].copy()
-    accepted[anchor] = True
-    distances = np.where(valid, dist[anchor], 2.0)
-    distances[anchor] = 0.0
-    weights = (accepted / accepted.sum()).astype(np.float64)
-    return Decision(accepted, weights, distances, anchor, valid)
-
-
 def make_oracle(grads: Tensor, measure: str, segments: Sequence[int] | None = None
                 ) -> DistanceOracle:
     """The oracle of ``measure`` over a stack [M, P]."""
@@ -349,12 +246,7 @@ def filter_with_measure(
     tau = check_tau(tau)
     rule = check_rule(rule)
     measure = check_measure(measure)
-    if measure == "cosine":
-        from gaf.core import decide
-
-        decision = decide(gram_matrix(grads), tau, rule)
-    else:
-        decision = decide_with(make_oracle(grads, measure, segments), tau, rule)
+    decision = decide_with(make_oracle(grads, measure, segments), tau, rule)
     out = torch.empty(grads.shape[1], dtype=grads.dtype, device=grads.device)
     weighted_sum(grads, decision.weights, out)
     result = result_from_decision(decision, out, tau, rule)
