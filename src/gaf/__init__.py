@@ -28,12 +28,29 @@ __version__ = "0.1.0"
 
 from gaf.collector import FilterStats, GradientCollector  # noqa: E402
 from gaf.flat import FlatGradients  # noqa: E402
-from gaf.thresholds import FixedThreshold, Threshold  # noqa: E402
+from gaf.thresholds import (  # noqa: E402
+    FixedThreshold,
+    MovingAverageThreshold,
+    NullTailThreshold,
+    QuantileThreshold,
+    ScheduledThreshold,
+    StepThreshold,
+    Threshold,
+    make_threshold,
+    parse_threshold,
+)
 from gaf.training import GAFTrainer, StepResult  # noqa: E402
 
 __all__ += [
     "FilterStats",
     "FixedThreshold",
+    "MovingAverageThreshold",
+    "NullTailThreshold",
+    "QuantileThreshold",
+    "ScheduledThreshold",
+    "StepThreshold",
+    "make_threshold",
+    "parse_threshold",
     "FlatGradients",
     "GAFTrainer",
     "GradientCollector",
