@@ -41,6 +41,7 @@ Semantics:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -52,6 +53,7 @@ from gaf.core import (
     Decision,
     FilterResult,
     check_rule,
+    distance_from_products,
     filter_gradients,
     gram_dtype,
     result_from_decision,
@@ -236,7 +238,11 @@ class GradientCollector:
     def _reset_step(self) -> None:
         self._count = 0
         self._step_tau = self.threshold.value()
-        self._stream_stats: list[Tensor] = []
+        # Per collected row: (accepted, distance, finite, valid), as host floats or as a
+        # device tensor [4] (device-side path), moved to the host once in finish().
+        self._stream_stats: list = []
+        self._host_sum_sq = 0.0
+        self._host_have_anchor = False
         if self.mode == "streaming" and self._sum is not None:
             self._sum.zero_()
             self._sum_sq.zero_()
@@ -251,11 +257,51 @@ class GradientCollector:
             self._sum_sq = torch.zeros((), dtype=acc, device=flat.device)
             self._have_anchor = torch.zeros((), dtype=torch.bool, device=flat.device)
         g = flat.gather(self._current)
-        s = self._sum
         acc = self._sum_sq.dtype
         # Products in the Gram dtype (float64 for half precision) so that streaming and
         # stacked see the same numbers.
         g_acc = g if g.dtype == acc else g.to(acc)
+        if self.device_side:
+            self._stream_on_device(g, g_acc)
+        else:
+            self._stream_on_host(g, g_acc)
+        # The next backward accumulates into a zeroed buffer bound to .grad.
+        g.zero_()
+        flat.bind(g)
+
+    def _stream_on_host(self, g: Tensor, g_acc: Tensor) -> None:
+        """CPU: reading a scalar costs nothing, so decide in Python floats and branch;
+        a handful of scalar tensor ops and a P-sized torch.where would cost more."""
+        s = self._sum
+        norm_sq_g = float(g_acc @ g_acc)
+        finite = math.isfinite(norm_sq_g)
+        valid = finite and norm_sq_g > 0
+        if not valid:
+            self._stream_stats.append((0.0, 2.0, float(finite), 0.0))
+            return
+        if not self._host_have_anchor:
+            s.copy_(g)
+            self._host_sum_sq, self._host_have_anchor = norm_sq_g, True
+            self._stream_stats.append((1.0, 0.0, 1.0, 1.0))
+            return
+        s_acc = s if s.dtype == g_acc.dtype else s.to(g_acc.dtype)
+        dot = float(s_acc @ g_acc)
+        dist = distance_from_products(dot, self._host_sum_sq, norm_sq_g)
+        accept = dist <= self._step_tau
+        if accept:
+            grown = self._host_sum_sq + 2 * dot + norm_sq_g
+            if self.rule == "halving":
+                s.mul_(0.5).add_(g, alpha=0.5)
+                grown /= 4
+            else:
+                s.add_(g)
+            self._host_sum_sq = grown
+        self._stream_stats.append((float(accept), dist, 1.0, 1.0))
+
+    def _stream_on_device(self, g: Tensor, g_acc: Tensor) -> None:
+        """Accelerators: the accept/reject test stays on the device, no host sync."""
+        s = self._sum
+        acc = g_acc.dtype
         s_acc = s if s.dtype == acc else s.to(acc)
         norm_sq_g = g_acc @ g_acc
         dot = s_acc @ g_acc
@@ -268,41 +314,29 @@ class GradientCollector:
         accept = valid & (anchor | (dist <= self._step_tau))
         dist = torch.where(anchor, torch.zeros_like(dist), dist)
         dist = torch.where(valid, dist, torch.full_like(dist, 2.0))
+        # Anchor: s ← g. Later acceptances: s ← s + g ("mean") or (s + g) / 2 ("halving"),
+        # i.e. s ← a·s + b·g. Rejected rows are dropped with torch.where, never
+        # multiplied by zero (0 · inf = NaN).
         if self.rule == "halving":
-            # Anchor: s ← g. Later acceptances: s ← (s + g) / 2, i.e. s ← a·s + b·g.
             a = torch.where(anchor, 0.0, 0.5).to(acc)
             b = torch.where(anchor, 1.0, 0.5).to(acc)
+            s.copy_(torch.where(accept, a.to(s.dtype) * s + b.to(s.dtype) * g, s))
             grown = a * a * self._sum_sq + 2 * a * b * dot + b * b * norm_sq_g
         else:
-            a = b = None
+            s.add_(torch.where(accept, g, torch.zeros((), dtype=g.dtype, device=g.device)))
             grown = self._sum_sq + 2 * dot + norm_sq_g
-        if self.device_side:
-            # Rejected rows are dropped with torch.where, never multiplied by zero
-            # (0 · inf = NaN), and without a host synchronisation.
-            zero = torch.zeros((), dtype=g.dtype, device=g.device)
-            if a is None:
-                s.add_(torch.where(accept, g, zero))
-            else:
-                s.copy_(torch.where(accept, a.to(s.dtype) * s + b.to(s.dtype) * g, s))
-        elif bool(accept):
-            # On the CPU reading a scalar costs nothing, and a branch is several times
-            # cheaper than a P-sized torch.where.
-            if a is None:
-                s.add_(g)
-            else:
-                s.mul_(float(a)).add_(g, alpha=float(b))
         self._sum_sq.copy_(torch.where(accept, grown, self._sum_sq))
         self._have_anchor |= valid
         finite = torch.isfinite(norm_sq_g)
         self._stream_stats.append(torch.stack([accept.to(acc), dist.to(acc), finite.to(acc),
                                                valid.to(acc)]))
-        # The next backward accumulates into a zeroed buffer bound to .grad.
-        g.zero_()
-        flat.bind(g)
 
     def _finish_streaming(self, tau: float) -> FilterResult:
-        # The single device→host transfer of the step.
-        host = torch.stack(self._stream_stats).cpu().double().numpy()
+        if self.device_side:
+            # The single device→host transfer of the step.
+            host = torch.stack(self._stream_stats).cpu().double().numpy()
+        else:
+            host = np.asarray(self._stream_stats, dtype=np.float64)
         accepted = host[:, 0] > 0.5
         distances = host[:, 1].copy()
         finite, valid = host[:, 2] > 0.5, host[:, 3] > 0.5
@@ -332,6 +366,7 @@ class GradientCollector:
         first = (self._capacity_hint or 3) + 1
         capacity = max(needed, first if self._rows is None else 2 * self._rows.shape[0])
         rows = self.flat.new_buffer(capacity)
+        self.flat.forget_views()  # cached views would keep the old buffer alive
         if self._rows is not None:
             rows[: self._count].copy_(self._rows[: self._count])
             # .grad may be bound to the old buffer's row k: gather() copies it over.
