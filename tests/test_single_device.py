@@ -319,3 +319,25 @@ def test_vmap_refuses_batchnorm_in_training_mode():
     assert rows.shape[0] == 4
     with pytest.raises(ValueError, match="divisible"):
         micro_gradients(model, F.cross_entropy, x, y, 5)
+
+
+@pytest.mark.parametrize("mode", ["streaming", "stacked"])
+def test_begin_binds_grad_and_the_direction_buffer_is_reused(mode):
+    model = small_model()
+    collector = GradientCollector(model.parameters(), tau=2.0, mode=mode)
+    x, y = batch()
+    grads = []
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 7.0)  # stale: begin() must drop it
+        collector.begin()
+        assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+        rows = manual_micro_gradients(copy.deepcopy(model), x, y, 2)
+        result = collect_with(collector, model, x, y, 2)
+        assert torch.allclose(result.grad, rows.mean(0))
+        grads.append(result.grad)
+    assert grads[0] is grads[1]  # one buffer, documented as valid until the next finish()
+    F.cross_entropy(model(x), y).backward()
+    collector.collect()
+    with pytest.raises(RuntimeError, match="middle of a step"):
+        collector.begin()

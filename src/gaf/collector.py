@@ -23,6 +23,11 @@ Two modes:
 ``mode="auto"`` picks streaming where the rule allows it. Both modes make the same
 decisions (tests check this in float64).
 
+:meth:`finish` writes the direction into a buffer the collector reuses: ``result.grad``
+(and the ``.grad`` views of it) stay valid until the next :meth:`finish`; clone it to keep
+it longer. :meth:`begin` (optional) points ``.grad`` at a zeroed buffer before the first
+micro-batch, so that no backward allocates or copies.
+
 :meth:`finish` performs exactly one device→host transfer (the small vector of per-row
 statistics), because whether the optimizer may step is a host-side decision. After it,
 every statistic in the returned :class:`~gaf.core.FilterResult` lives on the host.
@@ -173,6 +178,7 @@ class GradientCollector:
         self._rows: Tensor | None = None  # stacked: [capacity, P]
         self._current: Tensor | None = None  # streaming: the micro-gradient being filled
         self._sum: Tensor | None = None  # streaming: running direction s
+        self._out: Tensor | None = None  # the filtered direction, reused across steps
         self._reset_step()
 
     # -- public interface -------------------------------------------------------------
@@ -184,6 +190,26 @@ class GradientCollector:
     @property
     def tau(self) -> float:
         return self.threshold.value()
+
+    def begin(self) -> None:
+        """Start a step: point every ``.grad`` at a zeroed buffer of the collector.
+
+        Optional (``collect()`` also copies gradients that live elsewhere), but it lets the
+        first micro-batch's backward accumulate straight into the collector's buffer, with
+        no fresh allocation and no copy. Whatever ``.grad`` held before is dropped.
+        """
+        if self._count:
+            raise RuntimeError("begin() called in the middle of a step (after collect())")
+        if self.mode == "streaming":
+            if self._current is None:
+                self._allocate_streaming()
+            target = self._current
+        else:
+            if self._rows is None:
+                self._grow(1)
+            target = self._rows[0]
+        target.zero_()
+        self.flat.bind(target)
 
     def collect(self) -> None:
         """Take the micro-gradient now in ``.grad`` and prepare ``.grad`` for the next one."""
@@ -210,7 +236,7 @@ class GradientCollector:
         if result.skipped:
             self.flat.clear()
         else:
-            self.flat.write(result.grad)
+            self.flat.write(result.grad, cache=result.grad is self._out)
         self._reset_step()
         return result
 
@@ -248,14 +274,25 @@ class GradientCollector:
             self._sum_sq.zero_()
             self._have_anchor.zero_()
 
+    def _allocate_streaming(self) -> None:
+        flat = self.flat
+        self._current = flat.new_buffer()
+        self._sum = flat.new_buffer()
+        acc = gram_dtype(flat.dtype)
+        self._sum_sq = torch.zeros((), dtype=acc, device=flat.device)
+        self._have_anchor = torch.zeros((), dtype=torch.bool, device=flat.device)
+
+    def _output_buffer(self) -> Tensor:
+        """The buffer a step's direction is written to, reused across steps: a fresh P-sized
+        allocation every step costs page faults on the CPU and allocator work elsewhere."""
+        if self._out is None:
+            self._out = self.flat.new_buffer()
+        return self._out
+
     def _collect_streaming(self) -> None:
         flat = self.flat
         if self._current is None:
-            self._current = flat.new_buffer()
-            self._sum = flat.new_buffer()
-            acc = gram_dtype(flat.dtype)
-            self._sum_sq = torch.zeros((), dtype=acc, device=flat.device)
-            self._have_anchor = torch.zeros((), dtype=torch.bool, device=flat.device)
+            self._allocate_streaming()
         g = flat.gather(self._current)
         acc = self._sum_sq.dtype
         # Products in the Gram dtype (float64 for half precision) so that streaming and
@@ -341,12 +378,13 @@ class GradientCollector:
         distances = host[:, 1].copy()
         finite, valid = host[:, 2] > 0.5, host[:, 3] > 0.5
         count = int(accepted.sum())
+        grad = self._output_buffer()
         if self.rule == "halving":
             weights = _halving_weights(accepted)
-            grad = self._sum.clone()
+            grad.copy_(self._sum)
         else:
             weights = accepted / max(count, 1)
-            grad = self._sum / max(count, 1)
+            torch.div(self._sum, max(count, 1), out=grad)
         anchor = int(np.argmax(accepted)) if count else -1
         decision = Decision(accepted, weights, distances, anchor, valid, finite)
         return result_from_decision(decision, grad, tau, self.rule)
@@ -381,4 +419,5 @@ class GradientCollector:
         The extension point of the stacked mode: the distributed collector overrides it to
         decide over the rows of every rank. Must return a result whose ``grad`` is [P].
         """
-        return filter_gradients(rows, tau, self.rule, self.measure, self.flat.numels)
+        return filter_gradients(rows, tau, self.rule, self.measure, self.flat.numels,
+                                out=self._output_buffer())

@@ -383,12 +383,25 @@ def weighted_sum(rows: Sequence[Tensor] | Tensor, weights: np.ndarray, out: Tens
     return out
 
 
+def direction_buffer(grads: Tensor, out: Tensor | None) -> Tensor:
+    """``out`` checked against a [M, P] stack, or a new [P] tensor like its rows."""
+    if out is None:
+        return torch.empty(grads.shape[1], dtype=grads.dtype, device=grads.device)
+    if out.shape != (grads.shape[1],) or out.device != grads.device:
+        raise ValueError(
+            f"out must have shape ({grads.shape[1]},) on {grads.device}, got "
+            f"{tuple(out.shape)} on {out.device}"
+        )
+    return out
+
+
 def filter_gradients(
     grads: Tensor,
     tau: float = 0.97,
     rule: str = "mean",
     measure: str = "cosine",
     segments: Sequence[int] | None = None,
+    out: Tensor | None = None,
 ) -> FilterResult:
     """Filter a stack of micro-gradients ``grads`` [M, P] (one flat gradient per row).
 
@@ -397,7 +410,8 @@ def filter_gradients(
 
     ``measure`` picks the agreement measure (:mod:`gaf.measures`): "cosine" (default, the
     Gram path below), "sign" or "layerwise" (which needs ``segments``, the parameter
-    sizes that split a row into tensors).
+    sizes that split a row into tensors). ``out`` [P], if given, receives the direction
+    (a training loop reuses one buffer instead of allocating P numbers every step).
     """
     grads = check_grads(grads)
     tau = check_tau(tau)
@@ -405,8 +419,8 @@ def filter_gradients(
     if measure != "cosine":
         from gaf.measures import filter_with_measure  # measures builds on this module
 
-        return filter_with_measure(grads, tau, rule, measure, segments)
+        return filter_with_measure(grads, tau, rule, measure, segments, out)
     decision = decide(gram_matrix(grads), tau, rule)
-    out = torch.empty(grads.shape[1], dtype=grads.dtype, device=grads.device)
+    out = direction_buffer(grads, out)
     weighted_sum(grads, decision.weights, out)
     return result_from_decision(decision, out, tau, rule)

@@ -139,9 +139,13 @@ class FlatGradients:
                 p.grad = None
                 self._bound[i] = None
 
-    def write(self, flat: Tensor) -> None:
-        """Set every ``param.grad`` to the matching slice of ``flat`` (bound as views)."""
-        for i, (p, view) in enumerate(zip(self.params, self.views(flat), strict=True)):
+    def write(self, flat: Tensor, cache: bool = False) -> None:
+        """Set every ``param.grad`` to the matching slice of ``flat`` (bound as views).
+
+        ``cache``: ``flat`` is a long-lived buffer whose views may be kept (see :meth:`views`).
+        """
+        views = self.views(flat, cache=cache)
+        for i, (p, view) in enumerate(zip(self.params, views, strict=True)):
             if p.dtype == flat.dtype:
                 p.grad = view
                 self._bound[i] = view

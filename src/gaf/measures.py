@@ -68,6 +68,7 @@ from gaf.core import (
     check_rule,
     check_tau,
     decide_with,
+    direction_buffer,
     distance_from_products,
     gram_matrix,
     pairwise_distances,
@@ -240,6 +241,7 @@ def filter_with_measure(
     rule: str = "mean",
     measure: str = "cosine",
     segments: Sequence[int] | None = None,
+    out: Tensor | None = None,
 ) -> FilterResult:
     """:func:`gaf.filter_gradients` with any measure; cosine goes through the Gram path."""
     grads = check_grads(grads)
@@ -247,7 +249,7 @@ def filter_with_measure(
     rule = check_rule(rule)
     measure = check_measure(measure)
     decision = decide_with(make_oracle(grads, measure, segments), tau, rule)
-    out = torch.empty(grads.shape[1], dtype=grads.dtype, device=grads.device)
+    out = direction_buffer(grads, out)
     weighted_sum(grads, decision.weights, out)
     result = result_from_decision(decision, out, tau, rule)
     result.extra["measure"] = measure

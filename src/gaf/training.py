@@ -137,7 +137,7 @@ class GAFTrainer:
         m = self.num_micro_batches
         micro_inputs = split_batch(inputs, m)
         micro_targets = split_batch(targets, m)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.collector.begin()  # .grad → zeroed collector buffer: backward writes in place
         total = None
         for x, y in zip(micro_inputs, micro_targets, strict=True):
             with self._autocast():

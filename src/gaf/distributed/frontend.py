@@ -184,7 +184,6 @@ class DistributedGradientCollector(GradientCollector):
         self.layout = [tuple(s) for s in self.flat.shapes]
         # Exchange buffers and the output are kept between steps: no allocation per step.
         self.workspace = Workspace()
-        self._out: Tensor | None = None
         # Catch a different model on some rank before anything is broadcast over it.
         check_agreement(
             self.comm,
@@ -219,12 +218,10 @@ class DistributedGradientCollector(GradientCollector):
         return result
 
     def filter_rows(self, rows: Tensor, tau: float) -> FilterResult:
-        if self._out is None:
-            self._out = self.flat.new_buffer()
         # Skipped steps are skipped on every rank, and their direction is thrown away:
         # save the final gather.
         return run_protocol(rows, tau, self.rule, self.comm, method=self.method,
-                            check=self.check, layout=self.layout, out=self._out,
+                            check=self.check, layout=self.layout, out=self._output_buffer(),
                             workspace=self.workspace, gather_if_skipped=False)
 
     def state_dict(self) -> dict:
