@@ -113,7 +113,7 @@ def held_bytes(m: int, micro: int) -> dict:
         _, trainer = make_gaf(model, opt, m, mode)
         trainer.step(x, y)
         c = trainer.collector
-        buffers = [b for b in (c._current, c._sum, c._rows) if b is not None]
+        buffers = [b for b in (c._current, c._sum, c._rows, c._out) if b is not None]
         # The buffer .grad is bound to would exist anyway as .grad: count it once less.
         bound = c.flat.numel * c.flat.dtype.itemsize
         out[mode] = sum(b.numel() * b.element_size() for b in buffers) - bound
