@@ -117,7 +117,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="random crop + flip (CIFAR)")
     m = p.add_argument_group("model and batches")
     m.add_argument("--model", choices=MODELS)
-    m.add_argument("--width", type=_positive, help="first-layer channels (small_cnn 32)")
+    m.add_argument("--width", type=_positive,
+                   help="first-layer channels (default: small_cnn 16, resnets 64)")
     m.add_argument("--micro-batch-size", type=_positive)
     m.add_argument("--num-micro-batches", type=_positive, help="micro-batches per step (M)")
     m.add_argument("--batch-size", type=_positive,

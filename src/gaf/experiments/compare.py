@@ -55,7 +55,8 @@ def _data_key(cfg: TrainConfig) -> tuple:
 
 def _worker(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig.from_dict(cfg_dict)
-    return train(cfg).to_dict()
+    # Bars from several processes would overwrite each other: print epoch lines instead.
+    return train(cfg, progress_bar=False).to_dict()
 
 
 @dataclass
@@ -82,6 +83,9 @@ def run_grid(configs: Sequence[TrainConfig], jobs: int = 1) -> list[RunResult]:
         return results
     import multiprocessing as mp
 
+    # Fail (or download) here, once, rather than in every worker.
+    for key in {_data_key(c): c for c in configs}.values():
+        prepare_data(key)
     threads = default_threads(jobs)
     dicts = []
     for cfg in configs:

@@ -41,7 +41,7 @@ class TrainConfig:
     augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR
     # model
     model: str = "small_cnn"
-    width: int | None = None  # channels of the first layer (small_cnn 32, resnets 64)
+    width: int | None = None  # channels of the first layer (None: small_cnn 16, resnets 64)
     # method
     method: str = "gaf"
     tau: float = 0.97

@@ -14,20 +14,27 @@ MODELS: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34")
 
 
 class SmallCNN(nn.Module):
-    """conv(32)-pool-conv(64)-pool-fc(128)-fc(K) for 1×28×28 (or C×H×W) inputs."""
+    """A small CNN for 1×28×28 (or C×H×W) inputs, built to train fast on a CPU.
+
+    conv3×3(w)-ReLU-maxpool2 → conv3×3 stride 2 (2w)-ReLU → fc(hidden)-ReLU → fc(K).
+    The second convolution strides instead of pooling: it runs at a quarter of the cost of
+    a stride-1 convolution followed by a pool, which is where such a net spends its time
+    on a CPU. With w = 16, hidden = 128 it has about 207k parameters, enough to memorise
+    thousands of noisy labels.
+    """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 width: int = 32, hidden: int = 128) -> None:
+                 width: int = 16, hidden: int = 128) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        side = image_size // 4
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        side = (image_size // 2 + 1) // 2
         self.fc1 = nn.Linear(2 * width * side * side, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.conv2(x))
         x = F.relu(self.fc1(x.flatten(1)))
         return self.fc2(x)
 

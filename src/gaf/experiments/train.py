@@ -271,7 +271,7 @@ def _flat_grad(params: list[Tensor], out: Tensor) -> Tensor:
 
 
 def _make_collector(params: list[Tensor], cfg: TrainConfig):
-    from gaf.collector import GradientCollector
+    from gaf import GradientCollector
     from gaf.thresholds import parse_threshold
 
     tau = parse_threshold(cfg.threshold) if cfg.threshold else cfg.tau
@@ -286,11 +286,14 @@ def train(
     cfg: TrainConfig,
     data: PreparedData | None = None,
     epoch_hook: Callable[[int, nn.Module], None] | None = None,
+    progress_bar: bool = True,
 ) -> RunResult:
     """Train one model as ``cfg`` says and return its per-epoch history.
 
     ``data`` reuses tensors prepared for the same data settings; ``epoch_hook(epoch,
     model)`` is called before training (epoch 0) and after each epoch's evaluation.
+    With ``cfg.progress``, a tqdm bar shows progress on a terminal (``progress_bar``), else
+    one line per epoch is printed.
     """
     cfg.validate()
     if cfg.threads is not None:
@@ -332,7 +335,7 @@ def train(
 
     if epoch_hook is not None:
         epoch_hook(0, model)
-    bar = _progress(total_steps, cfg)
+    bar = _progress(total_steps, cfg) if progress_bar else None
     step = 0
     t_train = t_eval = 0.0
     for epoch in range(1, cfg.epochs + 1):
