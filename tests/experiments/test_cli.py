@@ -42,6 +42,7 @@ def _error(capsys, argv) -> str:
         (["train", "--lr", "-1"], "expected a finite number >= 0"),
         (["train", "--batch-size", "64", "--micro-batch-size", "32", "--num-micro-batches",
           "4"], "gives 2 micro-batches"),
+        (["report", "/nonexistent/results.json"], "cannot read"),
     ],
 )
 def test_bad_arguments_are_named(capsys, argv, message):
@@ -85,6 +86,12 @@ def test_compare_writes_results_report_and_plots(fmnist_dir, tmp_path, capsys):
     for name in ("curves.png", "distances.png"):
         w, h = _png_size(out / name)
         assert w > 300 and h > 200
+    # gaf report redraws the same report from results.json alone
+    again = tmp_path / "again"
+    assert main(["report", str(out / "results.json"), "--out", str(again)]) == 0
+    strip = lambda t: [x for x in t.splitlines() if not x.startswith(("Wall", "torch"))]  # noqa: E731
+    assert strip((again / "report.md").read_text()) == strip(report)
+    _png_size(again / "curves.png")
 
 
 def test_compare_sweep_in_two_processes(fmnist_dir, tmp_path, capsys):

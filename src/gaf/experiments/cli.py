@@ -1,4 +1,4 @@
-"""``gaf`` command line: ``gaf train``, ``gaf compare``, ``gaf probe``, ``gaf data``.
+"""``gaf`` command line: ``train``, ``compare``, ``probe``, ``report``, ``data``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     gaf compare --recipe cifar100-sym-sweep --data-dir ~/data --out runs/fig6
     gaf train --method gaf --tau 0.95 --micro-batch-size 16 --num-micro-batches 4
     gaf probe --epochs 4 --sizes 2 8 32 128 --out runs/probe
+    gaf report runs/demo/results.json --out runs/again # redraw report and plots
     gaf data --dataset fashion-mnist                 # check the files are found
 
 Every option left unset keeps the recipe's (or the default configuration's) value.
@@ -239,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-epochs", nargs="+", type=_nonneg_int,
                    help="epochs at which to probe (0 = before training)")
 
+    rep = sub.add_parser("report", help="redraw report.md and plots from a results.json")
+    rep.add_argument("results", help="a results.json written by gaf compare/train")
+    rep.add_argument("--out", help="output directory (default: beside results.json)")
+
     dcmd = sub.add_parser("data", help="locate (or download) a dataset and describe it")
     dcmd.add_argument("--dataset", type=_dataset, default="fashion-mnist")
     dcmd.add_argument("--data-dir")
@@ -355,6 +360,27 @@ def cmd_probe(args, parser) -> int:
     return 0
 
 
+def cmd_report(args, parser) -> int:
+    from pathlib import Path
+
+    from gaf.experiments.compare import write_outputs
+    from gaf.experiments.report import format_table, load_results, summary_rows
+
+    try:
+        doc, runs = load_results(args.results)
+    except (OSError, ValueError, KeyError) as e:
+        parser.error(f"cannot read {args.results}: {e}")
+    if not runs:
+        parser.error(f"{args.results} holds no runs")
+    out = args.out or str(Path(args.results).parent)
+    paper = {k: {float(r): v for r, v in d.items()} for k, d in doc.get("paper", {}).items()}
+    outputs = write_outputs(runs, out, doc.get("wall_seconds"),
+                            title=doc.get("title", "GAF against averaging"), paper=paper or None)
+    print(format_table(summary_rows(runs), markdown=False))
+    _print_outputs(outputs)
+    return 0
+
+
 def cmd_data(args, parser) -> int:
     from gaf.experiments.data import load_dataset
 
@@ -373,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"train": cmd_train, "compare": cmd_compare, "probe": cmd_probe,
-                "data": cmd_data}
+                "report": cmd_report, "data": cmd_data}
     t0 = time.perf_counter()
     try:
         return commands[args.command](args, parser)

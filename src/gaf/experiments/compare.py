@@ -128,7 +128,7 @@ def write_outputs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, str] = {}
-    meta = {"wall_seconds": wall_seconds, "gaf_vs_average": gaf_vs_average(runs)}
+    meta = {"title": title, "wall_seconds": wall_seconds, "gaf_vs_average": gaf_vs_average(runs)}
     if paper:
         meta["paper"] = {k: {str(r): v for r, v in d.items()} for k, d in paper.items()}
     meta.update(extra or {})

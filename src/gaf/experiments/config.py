@@ -96,6 +96,8 @@ class TrainConfig:
         if self.noise not in NOISE_KINDS:
             raise ValueError(f"unknown noise {self.noise!r}; choose from {', '.join(NOISE_KINDS)}")
         self.noise_rate = check_rate(self.noise_rate)
+        if self.noise in ("none", "human"):
+            self.noise_rate = 0.0  # the rate means nothing here; keep tables honest
         if self.noise == "human":
             if self.dataset not in ("cifar10", "cifar100"):
                 raise ValueError("human noise (CIFAR-N) needs dataset cifar10 or cifar100")

@@ -154,8 +154,8 @@ def plot_noise_sweep(runs: Sequence[RunResult], path: str | os.PathLike,
         ax.plot([100 * x for x in xs], ys, marker="o", color=colours[label], label=label)
     for i, (label, curve) in enumerate((paper or {}).items()):
         xs = sorted(curve)
-        ax.plot([100 * x for x in xs], [curve[x] for x in xs], ls="--", marker="x",
-                color="0.4" if i else "0.2", label=f"paper: {label}")
+        ax.plot([100 * x for x in xs], [curve[x] for x in xs], ls="--", marker="x", alpha=0.7,
+                color=colours.get(label, "0.4" if i else "0.2"), label=f"paper: {label}")
     ax.set_xlabel("label noise %")
     ax.set_ylabel("final test accuracy %")
     ax.grid(alpha=0.3)

@@ -111,11 +111,12 @@ class RunResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
+        nan = float("nan")  # results.json stores NaN as null
         return cls(
             config=d["config"],
             label=d["label"],
-            history=d["history"],
-            distance_trace=d.get("distance_trace", []),
+            history=[{k: nan if v is None else v for k, v in h.items()} for h in d["history"]],
+            distance_trace=[nan if v is None else v for v in d.get("distance_trace", [])],
             num_params=d.get("num_params", 0),
             steps=d.get("steps", 0),
             skipped_steps=d.get("skipped_steps", 0),
