@@ -14,10 +14,10 @@ Both methods record the cosine distance of each micro-gradient to the running su
 earlier ones (the quantity GAF thresholds); for ``average`` it is measured on the side
 from snapshots of the accumulated gradient and does not change the update.
 
-Hot path: the only host synchronisations per step are GAF's accept/skip decision (the
-optimizer needs it on the host) and, when ``record_distances`` is on for ``average``, the
-M×M Gram matrix. Losses accumulate on the device and are read once per epoch. Evaluation
-runs under ``no_grad`` in large batches over whole tensors.
+Hot path: the only host synchronisation per step is GAF's accept/skip decision (the
+optimizer needs it on the host). Losses, and averaging's side distances, accumulate on the
+device and are read once per epoch. Evaluation runs under ``no_grad`` in large batches over
+whole tensors, with one transfer of its statistics.
 """
 
 from __future__ import annotations
@@ -345,6 +345,7 @@ def train(
                                 cfg.class_balanced, order_gen)[:steps_per_epoch].to(dev)
         loss_sum = torch.zeros((), device=dev)
         epoch_dist: list[float] = []
+        device_dist: list[Tensor] = []  # averaging: read once per epoch
         epoch_skips = 0
         for s in range(batches.shape[0]):
             f = lr_factor(cfg, step, total_steps, steps_per_epoch)
@@ -378,7 +379,7 @@ def train(
                         bar.update(1)
                     continue
             elif record:
-                epoch_dist.append(_average_distance(snap))
+                device_dist.append(_average_distance(snap))
             if cfg.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -387,6 +388,8 @@ def train(
                 bar.update(1)
         n_steps = batches.shape[0]
         train_loss = float(loss_sum) / (n_steps * m)
+        if device_dist:
+            epoch_dist = torch.stack(device_dist).tolist()
         t1 = time.perf_counter()
         metrics = evaluate(model, data, cfg.eval_batch_size)
         t2 = time.perf_counter()
@@ -430,19 +433,26 @@ def _mean_non_anchor(distances: list[float], anchor: int) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def _average_distance(snapshots: Tensor) -> float:
-    """Distances of the micro-gradients of an accumulation step to their running sum.
+def _average_distance(snapshots: Tensor) -> Tensor:
+    """Mean distance of an accumulation step's micro-gradients to the running sum of the
+    earlier ones, as a 0-d tensor on the gradients' device (no host synchronisation).
 
     ``snapshots[k]`` is the accumulated gradient after micro-batch k, so micro-gradient k is
     ``snapshots[k] - snapshots[k-1]`` (up to the common factor 1/M, which no cosine sees).
-    At tau = 2 the paper's rule accepts every valid row, so its per-row distances are the
-    distances GAF would have measured on this step.
+    With the Gram matrix G of the micro-gradients and s_k = g_0 + … + g_{k-1}:
+    ``s_k·g_k = Σ_{i<k} G[i, k]`` and ``|s_k|² = Σ_{i,j<k} G[i, j]``: the distances the
+    paper's rule measures when it accepts everything (tau = 2). A zero or non-finite
+    micro-gradient gives NaN here, which the epoch statistics leave out.
     """
-    from gaf import decide, gram_matrix
-
     micro = torch.diff(snapshots, dim=0, prepend=torch.zeros_like(snapshots[:1]))
-    d = decide(gram_matrix(micro), 2.0, "mean")
-    return _mean_non_anchor(d.distances.tolist(), d.anchor)
+    g = (micro @ micro.T).double()  # float64: the sums below cancel
+    col = g.cumsum(0)  # col[k-1, k] = Σ_{i<k} G[i, k]
+    block = col.cumsum(1)  # block[k-1, k-1] = Σ_{i,j<k} G[i, j]
+    k = torch.arange(1, g.shape[0], device=g.device)
+    dot = col[k - 1, k]
+    norm_sq = block[k - 1, k - 1] * g[k, k]
+    dist = (1.0 - dot / norm_sq.sqrt()).clamp(0.0, 2.0)
+    return dist.mean()
 
 
 def _progress(total: int, cfg: TrainConfig):
