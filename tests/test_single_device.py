@@ -327,7 +327,7 @@ def test_begin_binds_grad_and_the_direction_buffer_is_reused(mode):
     collector = GradientCollector(model.parameters(), tau=2.0, mode=mode)
     x, y = batch()
     grads = []
-    for _ in range(2):
+    for _ in range(4):
         for p in model.parameters():
             p.grad = torch.full_like(p, 7.0)  # stale: begin() must drop it
         collector.begin()
@@ -335,8 +335,9 @@ def test_begin_binds_grad_and_the_direction_buffer_is_reused(mode):
         rows = manual_micro_gradients(copy.deepcopy(model), x, y, 2)
         result = collect_with(collector, model, x, y, 2)
         assert torch.allclose(result.grad, rows.mean(0))
-        grads.append(result.grad)
-    assert grads[0] is grads[1]  # one buffer, documented as valid until the next finish()
+        grads.append(result.grad.data_ptr())
+    # Results live in reused buffers (documented: valid until the next step starts).
+    assert len(set(grads)) <= 2
     F.cross_entropy(model(x), y).backward()
     collector.collect()
     with pytest.raises(RuntimeError, match="middle of a step"):

@@ -24,8 +24,9 @@ Two modes:
 decisions (tests check this in float64).
 
 :meth:`finish` writes the direction into a buffer the collector reuses: ``result.grad``
-(and the ``.grad`` views of it) stay valid until the next :meth:`finish`; clone it to keep
-it longer. :meth:`begin` (optional) points ``.grad`` at a zeroed buffer before the first
+(and the ``.grad`` views of it) stay valid until the next step starts (its first
+:meth:`collect` or :meth:`begin`); clone it to keep it longer. :meth:`begin` (optional)
+points ``.grad`` at a zeroed buffer before the first
 micro-batch, so that no backward allocates or copies.
 
 :meth:`finish` performs exactly one device→host transfer (the small vector of per-row
@@ -269,7 +270,8 @@ class GradientCollector:
         self._stream_stats: list = []
         self._host_sum_sq = 0.0
         self._host_have_anchor = False
-        if self.mode == "streaming" and self._sum is not None:
+        if self.mode == "streaming" and self._sum is not None and self.device_side:
+            # The device path adds the anchor to s; the host path copies it (no zeroing).
             self._sum.zero_()
             self._sum_sq.zero_()
             self._have_anchor.zero_()
@@ -378,13 +380,17 @@ class GradientCollector:
         distances = host[:, 1].copy()
         finite, valid = host[:, 2] > 0.5, host[:, 3] > 0.5
         count = int(accepted.sum())
-        grad = self._output_buffer()
+        # The running sum becomes the result in place, and the previous result buffer
+        # becomes the next step's running sum: no copy of P numbers per step.
+        grad, self._sum = self._sum, self._output_buffer()
+        self._out = grad
+        if count == 0:
+            grad.zero_()  # nothing was accepted; the buffer may hold an older step's sum
         if self.rule == "halving":
             weights = _halving_weights(accepted)
-            grad.copy_(self._sum)
         else:
             weights = accepted / max(count, 1)
-            torch.div(self._sum, max(count, 1), out=grad)
+            grad.div_(max(count, 1))
         anchor = int(np.argmax(accepted)) if count else -1
         decision = Decision(accepted, weights, distances, anchor, valid, finite)
         return result_from_decision(decision, grad, tau, self.rule)
