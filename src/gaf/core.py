@@ -416,11 +416,14 @@ def filter_gradients(
     grads = check_grads(grads)
     tau = check_tau(tau)
     rule = check_rule(rule)
-    if measure != "cosine":
-        from gaf.measures import filter_with_measure  # measures builds on this module
+    if measure == "cosine":
+        decision = decide(gram_matrix(grads), tau, rule)
+    else:
+        from gaf.measures import decide_measure  # measures builds on this module
 
-        return filter_with_measure(grads, tau, rule, measure, segments, out)
-    decision = decide(gram_matrix(grads), tau, rule)
+        decision = decide_measure(grads, tau, rule, measure, segments)
     out = direction_buffer(grads, out)
     weighted_sum(grads, decision.weights, out)
-    return result_from_decision(decision, out, tau, rule)
+    result = result_from_decision(decision, out, tau, rule)
+    result.extra["measure"] = measure
+    return result

@@ -61,18 +61,14 @@ import torch
 from torch import Tensor
 
 from gaf.core import (
+    Decision,
     DistanceOracle,
-    FilterResult,
     GramOracle,
     check_grads,
-    check_rule,
-    check_tau,
     decide_with,
-    direction_buffer,
     distance_from_products,
     gram_matrix,
     pairwise_distances,
-    result_from_decision,
     valid_rows,
     weighted_sum,
 )
@@ -235,22 +231,12 @@ def make_oracle(grads: Tensor, measure: str, segments: Sequence[int] | None = No
     return SignOracle(grads)
 
 
-def filter_with_measure(
+def decide_measure(
     grads: Tensor,
-    tau: float = 0.97,
+    tau: float,
     rule: str = "mean",
     measure: str = "cosine",
     segments: Sequence[int] | None = None,
-    out: Tensor | None = None,
-) -> FilterResult:
-    """:func:`gaf.filter_gradients` with any measure; cosine goes through the Gram path."""
-    grads = check_grads(grads)
-    tau = check_tau(tau)
-    rule = check_rule(rule)
-    measure = check_measure(measure)
-    decision = decide_with(make_oracle(grads, measure, segments), tau, rule)
-    out = direction_buffer(grads, out)
-    weighted_sum(grads, decision.weights, out)
-    result = result_from_decision(decision, out, tau, rule)
-    result.extra["measure"] = measure
-    return result
+) -> Decision:
+    """The decision of ``rule`` over a stack [M, P] with distances of ``measure``."""
+    return decide_with(make_oracle(grads, measure, segments), tau, rule)
