@@ -34,7 +34,7 @@ def _error(capsys, argv) -> str:
         (["train", "--batch-size", "16", "--micro-batch-size", "32"],
          "micro-batch size 32 is larger than the batch size 16"),
         (["train", "--batch-size", "48", "--micro-batch-size", "32"], "not a multiple"),
-        (["train", "--tau", "3"], "tau must be a cosine distance in [0, 2]"),
+        (["train", "--tau", "3"], "tau must lie in [0, 2]"),
         (["train", "--epochs", "0"], "positive integer"),
         (["train", "--method", "gaf", "--num-micro-batches", "1"], "at least 2 micro-batches"),
         (["train", "--noise", "human"], "human noise (CIFAR-N) needs dataset cifar10"),

@@ -80,7 +80,7 @@ def _tau(text: str) -> float:
     try:
         return check_tau(float(text))
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"tau: {err} (got {text!r})") from None
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _nonneg_float(text: str) -> float:
