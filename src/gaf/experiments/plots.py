@@ -24,6 +24,15 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out, write as PNG and close a figure (closing frees it: runs draw many)."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _colours(labels: Sequence[str]) -> dict[str, str]:
     palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
                "#17becf", "#7f7f7f", "#bcbd22"]
@@ -72,11 +81,7 @@ def plot_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
     fig.suptitle(f"{c['dataset']}, {c['model']}, "
                  + ("" if multi_noise else f"{100 * c['noise_rate']:g}% {c['noise']} noise, ")
                  + f"{c['num_micro_batches']}×{c['micro_batch_size']} micro-batches")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _nan(x: float | None) -> float:
@@ -127,11 +132,7 @@ def plot_distances(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_noise_sweep(runs: Sequence[RunResult], path: str | os.PathLike,
@@ -160,11 +161,7 @@ def plot_noise_sweep(runs: Sequence[RunResult], path: str | os.PathLike,
     ax.set_ylabel("final test accuracy %")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_all(runs: Sequence[RunResult], out_dir: str | os.PathLike,

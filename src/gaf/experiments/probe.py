@@ -183,7 +183,7 @@ def write_probe(result: ProbeResult, out_dir: str | os.PathLike, plots: bool = T
 
 
 def plot_probe(result: ProbeResult, path: str | os.PathLike) -> Path:
-    from gaf.experiments.plots import _plt, _smooth
+    from gaf.experiments.plots import _plt, _smooth, save_figure
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -214,8 +214,4 @@ def plot_probe(result: ProbeResult, path: str | os.PathLike) -> Path:
     axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
