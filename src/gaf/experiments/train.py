@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
+from gaf.experiments.batches import batch_sources, epoch_batches
 from gaf.experiments.config import TrainConfig, stream_seed
 from gaf.experiments.models import build_model
 from gaf.experiments.prepare import PreparedData, prepare_data
@@ -132,50 +133,7 @@ def _median(xs: list[float]) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Micro-batch order
-
-
-def epoch_batches(
-    labels: Tensor,
-    num_classes: int,
-    micro_batch_size: int,
-    num_micro_batches: int,
-    class_balanced: bool,
-    generator: torch.Generator,
-) -> Tensor:
-    """Indices for one epoch, shape ``[steps, M, micro_batch_size]`` (CPU, int64).
-
-    Random: a permutation cut into micro-batches (the incomplete last batch is dropped).
-    Class-balanced: every micro-batch holds ``micro_batch_size / K`` samples of each
-    (observed) class, drawn without replacement; the epoch ends when the smallest class
-    runs out.
-    """
-    labels = labels.cpu()
-    n = labels.numel()
-    m, b = num_micro_batches, micro_batch_size
-    if not class_balanced:
-        steps = n // (m * b)
-        perm = torch.randperm(n, generator=generator)
-        return perm[: steps * m * b].view(steps, m, b)
-    per_class = b // num_classes
-    if per_class * num_classes != b:
-        raise ValueError(f"micro_batch_size {b} is not a multiple of {num_classes} classes")
-    members = [torch.nonzero(labels == c).reshape(-1) for c in range(num_classes)]
-    n_micro = min(len(x) for x in members) // per_class
-    steps = n_micro // m
-    if steps == 0:
-        raise ValueError(
-            f"class-balanced micro-batches of {per_class} per class: some class has fewer "
-            f"than {per_class * m} samples, not enough for one step"
-        )
-    cols = []
-    for x in members:
-        shuffled = x[torch.randperm(len(x), generator=generator)]
-        cols.append(shuffled[: steps * m * per_class].view(steps * m, per_class))
-    micro = torch.cat(cols, dim=1)  # [steps*M, K*per_class]
-    # Shuffle within each micro-batch so the samples of a class are not contiguous.
-    inner = torch.argsort(torch.rand(micro.shape, generator=generator), dim=1)
-    return micro.gather(1, inner).view(steps, m, b)
+# Augmentation
 
 
 def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
@@ -320,8 +278,9 @@ def train(
     record = cfg.record_distances and not is_gaf and m >= 2
     snap = torch.empty(m, num_params, device=dev) if record else None
 
+    sources = batch_sources(cfg, data)  # None unless micro-batches come one source each
     first = epoch_batches(data.train_y, data.num_classes, cfg.micro_batch_size, m,
-                          cfg.class_balanced, _generator(0))
+                          cfg.class_balanced, _generator(0), sources)
     steps_per_epoch = first.shape[0]
     if cfg.max_steps is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
@@ -342,7 +301,7 @@ def train(
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         batches = epoch_batches(data.train_y, data.num_classes, cfg.micro_batch_size, m,
-                                cfg.class_balanced, order_gen)[:steps_per_epoch].to(dev)
+                                cfg.class_balanced, order_gen, sources)[:steps_per_epoch].to(dev)
         loss_sum = torch.zeros((), device=dev)
         epoch_dist: list[float] = []
         device_dist: list[Tensor] = []  # averaging: read once per epoch
