@@ -32,7 +32,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gaf.core import Decision
+from gaf.core import (
+    Decision,
+    FilterResult,
+    check_grads,
+    direction_buffer,
+    result_from_decision,
+)
 
 COORDINATEWISE_RULES: tuple[str, ...] = ("median", "trimmed-mean")
 
@@ -92,3 +98,17 @@ def coordinatewise(grads: Tensor, trim: int | None, out: Tensor) -> Decision:
     cos = np.where(safe, dots / np.where(safe, norms, 1.0), 0.0)
     distances[idx] = np.clip(1.0 - cos, 0.0, 2.0)
     return Decision(share > 0, share, distances, int(np.argmax(share)), valid, finite)
+
+
+def aggregate_coordinatewise(grads: Tensor, rule: str = "median", trim: int = 1,
+                             out: Tensor | None = None) -> FilterResult:
+    """The coordinate-wise ``rule`` ("median", or "trimmed-mean" dropping ``trim`` values
+    at each end) over a [M, P] stack, as a :class:`~gaf.core.FilterResult`."""
+    grads = check_grads(grads)
+    if rule not in COORDINATEWISE_RULES:
+        raise ValueError(f"unknown coordinate-wise rule {rule!r}; choose one of "
+                         f"{', '.join(COORDINATEWISE_RULES)}")
+    trim_used = check_trim(grads.shape[0], trim) if rule == "trimmed-mean" else None
+    out = direction_buffer(grads, out)
+    decision = coordinatewise(grads, trim_used, out)
+    return result_from_decision(decision, out, 2.0, rule)
