@@ -106,3 +106,24 @@ def test_spec_validation_and_record():
     assert record["rows"] == [0, 2] and record["value"] == "nan" and record["seed"] == 3
     assert set(FAULT_KINDS) >= {"sign-flip", "scale", "noise", "nonfinite", "stale",
                                 "wrong-labels"}
+
+
+def test_gradient_hook_on_accumulated_gradients_corrupts_one_micro_gradient():
+    # Under plain accumulation .grad holds Σ_{i<=k} g_i; the hook must corrupt g_k alone.
+    model = nn.Linear(3, 2)
+    params = list(model.parameters())
+    batches = [torch.randn(4, 3, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    grads = []
+    for xb in batches:
+        model.zero_grad()
+        model(xb).sum().backward()
+        grads.append([p.grad.clone() for p in params])
+    hook = FaultInjector.make("scale", [1], scale=-10.0).gradient_hook(params, num_rows=3,
+                                                                        accumulated=True)
+    model.zero_grad()
+    for k, xb in enumerate(batches):
+        model(xb).sum().backward()
+        hook(k)
+    for j, p in enumerate(params):
+        expected = grads[0][j] - 10 * grads[1][j] + grads[2][j]
+        torch.testing.assert_close(p.grad, expected)

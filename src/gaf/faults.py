@@ -155,17 +155,36 @@ class FaultInjector:
         self.end_step()
         return hit
 
-    def gradient_hook(self, params: Iterable[Tensor], num_rows: int,
-                      first_row: int = 0) -> Callable[[int], None]:
+    def gradient_hook(self, params: Iterable[Tensor], num_rows: int, first_row: int = 0,
+                      accumulated: bool = False) -> Callable[[int], None]:
         """``fn(k)`` corrupting the ``.grad`` of ``params`` while they hold micro-gradient
         k (global row ``first_row + k``); the step ends after row ``num_rows - 1`` (m, the
-        micro-batches per step on this process)."""
+        micro-batches per step on this process).
+
+        ``accumulated=True`` is for loops where ``.grad`` holds the running sum of the
+        micro-gradients so far (plain gradient accumulation, ``GAFTrainer(average=True)``):
+        the hook then recovers micro-gradient k as the difference from the sum it saw at
+        k - 1, corrupts that, and writes back the previous sum plus the corrupted term. It
+        keeps one copy of the gradient (P numbers) to do so.
+        """
         if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
             raise ValueError(f"num_rows must be a positive int, got {num_rows!r}")
         params = [p for p in params if p.requires_grad]
+        before: list[Tensor | None] = [None] * len(params)
 
         def on_micro_gradient(k: int, *_ignored) -> None:
-            self.corrupt(first_row + k, [p.grad for p in params if p.grad is not None])
+            present = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
+            if not accumulated:
+                self.corrupt(first_row + k, [g for _, g in present])
+            else:
+                if k == 0:
+                    before[:] = [None] * len(params)
+                own = [g.clone() if before[i] is None else g - before[i] for i, g in present]
+                if self.corrupt(first_row + k, own):
+                    for (i, g), term in zip(present, own, strict=True):
+                        g.copy_(term if before[i] is None else before[i] + term)
+                for i, g in present:
+                    before[i] = g.detach().clone()
             if k == num_rows - 1:
                 self.end_step()
 
