@@ -195,7 +195,7 @@ def _cli_error(capsys, argv) -> str:
 
 def test_report_keeps_noise_per_source_apart_from_noise_over_samples():
     from gaf.experiments.report import summary_rows
-    from gaf.experiments.train import RunResult
+    from gaf.experiments.results import RunResult
 
     row = {"test_acc": 0.5, "memorised": 0.1, "train_acc_clean": 0.6}
     spread = TrainConfig(method="average").validate()

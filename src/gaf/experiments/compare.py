@@ -19,7 +19,8 @@ from typing import Any
 
 from gaf.experiments.config import TrainConfig
 from gaf.experiments.prepare import PreparedData, prepare_data
-from gaf.experiments.train import RunResult, default_threads, train
+from gaf.experiments.results import RunResult
+from gaf.experiments.train import default_threads, train
 
 
 def expand_grid(

@@ -38,8 +38,8 @@ class PreparedData:
     image_size: int
     noise_fraction: float
     source: str  # where the dataset's files were read from
-    # int64 [N] on the CPU: the source of each training sample under noise per source
-    # (None otherwise); used only to order micro-batches, which happens on the host.
+    # int64 [N]: the source of each training sample under noise per source (None
+    # otherwise); micro-batches of one source each are drawn from it.
     train_source: Tensor | None = None
 
 
@@ -134,5 +134,5 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         image_size=int(h),
         noise_fraction=noise.noise_fraction,
         source=data.source,
-        train_source=train_source,
+        train_source=None if train_source is None else train_source.to(dev),
     )

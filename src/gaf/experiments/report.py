@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gaf.experiments.train import RunResult
+from gaf.experiments.results import RunResult
 
 
 def environment() -> dict[str, Any]:
@@ -73,10 +73,6 @@ def _jsonable(x: Any) -> Any:
 
 # --------------------------------------------------------------------------------------
 # Tables
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
 
 
 def _pct_pm(xs: list[float]) -> str:
