@@ -31,6 +31,7 @@ from gaf.experiments.config import (
     micro_batches_per_step,
 )
 from gaf.experiments.data import DATASETS, DatasetNotFoundError, canonical_name
+from gaf.experiments.methods import canonical_method
 from gaf.experiments.models import MODELS
 from gaf.experiments.noise import NOISE_KINDS, check_rate
 from gaf.measures import MEASURES
@@ -147,6 +148,44 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", help="output directory (results.json, report.md, PNG plots)")
 
 
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
+    return v
+
+
+def _method_name(text: str) -> str:
+    try:
+        return canonical_method(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("methods other than GAF (see gaf.experiments.methods)")
+    g.add_argument("--control-rate", type=_probability,
+                   help="random-skip's p / random-drop's q (default in gaf compare: matched "
+                        "to the GAF run of the same setting and seed)")
+    g.add_argument("--match-per-epoch", action="store_true", default=None,
+                   help="matched controls follow GAF's rate epoch by epoch")
+    g.add_argument("--forget-rate", type=_probability,
+                   help="small-loss: fraction of samples dropped once ramped (default: the "
+                        "training set's known noise rate)")
+    g.add_argument("--forget-epochs", type=_nonneg_int,
+                   help="small-loss: epochs over which the forget rate ramps up (default 10)")
+    g.add_argument("--gce-q", type=_probability, help="gce: the exponent q (default 0.7)")
+    g.add_argument("--holdout-fraction", type=_probability,
+                   help="hold out this fraction of the training set, labels as noisy, for "
+                        "early-stop (give it to every compared run: same micro-batches)")
+    g.add_argument("--patience", type=_positive,
+                   help="early-stop: stop after this many epochs without improvement "
+                        "(default: run every epoch, keep the best)")
+
+
 def _add_threshold_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", help="adaptive or scheduled threshold for the GAF runs, "
                    "replacing --tau, e.g. null-tail, 'quantile:target_acceptance=0.7' "
@@ -156,6 +195,7 @@ def _add_threshold_options(p: argparse.ArgumentParser) -> None:
 
 
 _CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
+_METHODS_HELP = "one of " + ", ".join(METHODS)
 
 
 def _apply(args: argparse.Namespace, base: TrainConfig, parser: argparse.ArgumentParser
@@ -190,10 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="one training run")
     _add_common(t)
-    t.add_argument("--method", choices=METHODS + ("averaging",), default=None)
+    t.add_argument("--method", type=_method_name, default=None, help=_METHODS_HELP)
     t.add_argument("--tau", type=_tau)
     t.add_argument("--rule", choices=RULES)
     _add_threshold_options(t)
+    _add_method_options(t)
     t.add_argument("--noise-rate", type=_fraction, help="fraction of wrong labels, e.g. 0.4")
     t.add_argument("--seed", type=_nonneg_int)
 
@@ -201,10 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(c)
     c.add_argument("--recipe", help="named configuration (see --list-recipes)")
     c.add_argument("--list-recipes", action="store_true")
-    c.add_argument("--methods", nargs="+", choices=METHODS + ("averaging",))
+    c.add_argument("--methods", nargs="+", type=_method_name, help=_METHODS_HELP)
     c.add_argument("--tau", nargs="+", type=_tau, help="GAF thresholds (one run each)")
     c.add_argument("--rule", choices=RULES)
     _add_threshold_options(c)
+    _add_method_options(c)
     c.add_argument("--noise-rate", nargs="+", type=_fraction,
                    help="fractions of wrong labels, e.g. 0.2 0.4")
     c.add_argument("--seed", nargs="+", type=_nonneg_int)
@@ -218,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="micro-gradient cosine distance over training and "
                                      "against micro-batch size")
     _add_common(p)
-    p.add_argument("--method", choices=METHODS + ("averaging",), default=None)
+    p.add_argument("--method", type=_method_name, default=None, help=_METHODS_HELP)
     p.add_argument("--tau", type=_tau)
     p.add_argument("--rule", choices=RULES)
     p.add_argument("--noise-rate", type=_fraction)
@@ -239,16 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _method(m: str | None) -> str | None:
-    return "average" if m == "averaging" else m
-
-
 def cmd_train(args, parser) -> int:
     base = TrainConfig()
     for k in ("method", "tau", "noise_rate", "seed"):
         v = getattr(args, k)
         if v is not None:
-            setattr(base, k, _method(v) if k == "method" else v)
+            setattr(base, k, v)
     cfg = _apply(args, base, parser)
     from gaf.experiments.compare import run_comparison
     from gaf.experiments.report import format_table, summary_rows
@@ -256,8 +294,33 @@ def cmd_train(args, parser) -> int:
     comp = run_comparison([cfg], args.out, jobs=1, title=f"gaf train: {cfg.label}",
                           plots=args.plots)
     print(format_table(summary_rows(comp.runs), markdown=False))
+    _print_method_tables(comp.runs)
     _print_outputs(comp.outputs)
     return 0
+
+
+def _print_method_tables(runs) -> None:
+    """Selection precision, paired differences and warnings, after the summary table."""
+    from gaf.experiments.report import (
+        DIFFERENCE_COLUMNS,
+        SELECTION_COLUMNS,
+        difference_rows,
+        format_table,
+        selection_rows,
+    )
+
+    for title, rows, header in (
+        ("what each method kept (noise fraction, means over epochs)", selection_rows(runs),
+         SELECTION_COLUMNS),
+        ("GAF − other, paired by seed (mean ± 95% interval)", difference_rows(runs),
+         DIFFERENCE_COLUMNS),
+    ):
+        if rows:
+            print(f"\n{title}:")
+            print(format_table(rows, header, markdown=False))
+    for r in runs:
+        for w in r.warnings:
+            print(f"warning, {r.label} (seed {r.config['seed']}): {w['message']}")
 
 
 def cmd_compare(args, parser) -> int:
@@ -272,16 +335,17 @@ def cmd_compare(args, parser) -> int:
     except ValueError as e:
         parser.error(str(e))
     cfg = _apply(args, recipe.base, parser)
-    methods = [_method(m) for m in args.methods] if args.methods else list(recipe.methods)
+    methods = list(args.methods) if args.methods else list(recipe.methods)
     taus = args.tau or list(recipe.taus)
     if cfg.threshold:
         taus = taus[:1]  # the threshold object replaces tau: one GAF run per setting
     rates = args.noise_rate or list(recipe.noise_rates)
+    settings = None if args.noise_rate else recipe.settings
     seeds = args.seed if args.seed is not None else list(recipe.seeds)
     if args.rule:
         cfg.rule = args.rule
     try:
-        configs = expand_grid(cfg, methods, taus, rates, seeds)
+        configs = expand_grid(cfg, methods, taus, rates, seeds, settings)
     except ValueError as e:
         parser.error(str(e))
     jobs = args.jobs or _default_jobs(configs)
@@ -295,11 +359,8 @@ def cmd_compare(args, parser) -> int:
 
     print()
     print(format_table(summary_rows(comp.runs), markdown=False))
+    _print_method_tables(comp.runs)
     vs = gaf_vs_average(comp.runs)
-    for d in vs:
-        print(f"{d['gaf']} vs average (noise {100 * d['noise_rate']:g}%, seed {d['seed']}): "
-              f"test accuracy {d['test_acc_gain_points']:+.1f} points, memorised ratio "
-              f"{d['memorised_ratio']:.2f}")
     print(f"wall time {comp.wall_seconds:.0f} s")
     _print_outputs(comp.outputs)
     if args.check:
@@ -328,7 +389,7 @@ def cmd_probe(args, parser) -> int:
     for k in ("method", "tau", "noise_rate", "seed"):
         v = getattr(args, k)
         if v is not None:
-            setattr(base, k, _method(v) if k == "method" else v)
+            setattr(base, k, v)
     cfg = _apply(args, base, parser)
     pcfg = ProbeConfig(train=cfg, pairs=args.pairs)
     if args.sizes:
