@@ -85,13 +85,16 @@ def comparisons(runs: Sequence[RunResult]) -> list[tuple[str, str, str, list[tup
 def paired_differences(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     """GAF − matched control and GAF − averaging, paired by seed, in points of accuracy
     (final and best test accuracy, memorised fraction), with 95% t-intervals."""
+    from gaf.experiments.report import noise_text
+
     rows = []
     for gaf_label, other, kind, pairs in comparisons(runs):
         pairs = sorted(pairs, key=lambda p: p[0].config["seed"])
         c = pairs[0][0].config
         row: dict[str, Any] = {
-            "gaf": gaf_label, "versus": other, "kind": kind, "noise": c["noise"],
-            "noise_rate": c["noise_rate"], "seeds": [g.config["seed"] for g, _ in pairs],
+            "gaf": gaf_label, "versus": other, "kind": kind, "setting": noise_text(c),
+            "noise": c["noise"], "noise_rate": c["noise_rate"],
+            "seeds": [g.config["seed"] for g, _ in pairs],
         }
         for name, get in (("final_test_acc", lambda r: r.final_test_acc),
                           ("best_test_acc", lambda r: r.best_test_acc),

@@ -132,19 +132,22 @@ def _noisy_baselines() -> Recipe:
             "control (random-drop), GAF with the consensus rule, small-loss selection, GCE "
             "and early stopping on a noisy held-out split (10%, held out from every run). "
             "Fashion-MNIST 20k, small CNN, 4 micro-batches of 16; 40% and 60% symmetric, "
-            "40% asymmetric noise; 3 seeds, 12 epochs. Shrink it with --train-size and "
-            "--epochs (e.g. --train-size 4000 --epochs 8 for a run on 2 cores)."
+            "40% asymmetric noise, and 40% per source (all labels wrong in 4 of 10 sources, "
+            "every micro-batch from one source); 3 seeds, 12 epochs. Shrink it with "
+            "--train-size and --epochs (e.g. --train-size 4000 --epochs 8 for a run on 2 "
+            "cores)."
         ),
         base=TrainConfig(micro_batch_size=16, num_micro_batches=4, holdout_fraction=0.1),
         methods=("average", "gaf", "random-drop", ("gaf", {"rule": "consensus"}),
                  "small-loss", "gce", "early-stop"),
         seeds=(0, 1, 2),
-        # Noise per source (40% of the labels, all in some sources) joins these once the
-        # data settings for it exist in TrainConfig.
         settings=(
             {"noise": "symmetric", "noise_rate": 0.4},
             {"noise": "symmetric", "noise_rate": 0.6},
             {"noise": "asymmetric", "noise_rate": 0.4},
+            # 40% of the labels wrong, all of them in 4 of 10 sources (each micro-batch all
+            # clean or all noisy): the case where agreement can see the noise.
+            {"noise": "symmetric", "noise_rate": 0.4, "noise_sources": 10, "bad_sources": 0.4},
         ),
     )
 

@@ -102,14 +102,11 @@ def summary_rows(runs: Sequence[RunResult]) -> list[list[str]]:
         groups[(r.label, c["noise"], c["noise_rate"], c.get("human_labels"),
                 *_source_settings(c))].append(r)
     rows = []
-    for (label, noise, rate, human, *_), rs in groups.items():
+    for (label, *_), rs in groups.items():
         s = [r.summary() for r in rs]
-        noise_s = f"{noise} {human}" if noise == "human" else (
-            "none" if noise == "none" else f"{noise} {100 * rate:g}%")
-        noise_s += _source_description(rs[0].config)
         rows.append([
             label,
-            noise_s,
+            noise_text(rs[0].config),
             ",".join(str(x["seed"]) for x in s),
             _pct_pm([x["final_test_acc"] for x in s]),
             _pct_pm([x["best_test_acc"] for x in s]),
@@ -184,9 +181,12 @@ def gaf_vs_average(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
 
 
 def noise_text(c: dict[str, Any]) -> str:
+    """The noise of a run's configuration in words, e.g. 'symmetric 40% in 4/10 sources'."""
     if c["noise"] == "human":
         return f"human {c.get('human_labels')}"
-    return "none" if c["noise"] == "none" else f"{c['noise']} {100 * c['noise_rate']:g}%"
+    if c["noise"] == "none":
+        return "none"
+    return f"{c['noise']} {100 * c['noise_rate']:g}%" + _source_description(c)
 
 
 SELECTION_COLUMNS = (
@@ -230,9 +230,8 @@ def difference_rows(runs: Sequence[RunResult]) -> list[list[str]]:
 
     rows = []
     for d in paired_differences(runs):
-        noise = "none" if d["noise"] == "none" else f"{d['noise']} {100 * d['noise_rate']:g}%"
         rows.append([
-            d["gaf"], d["versus"], noise, ",".join(map(str, d["seeds"])),
+            d["gaf"], d["versus"], d["setting"], ",".join(map(str, d["seeds"])),
             *(format_difference(d[f"{k}_diff_points"], d[f"{k}_ci95_points"])
               for k in ("final_test_acc", "best_test_acc", "final_memorised")),
         ])
