@@ -259,6 +259,7 @@ class GradientCollector:
             )
         self.stats.load_state_dict(state["stats"])
         self.threshold.load_state_dict(state["threshold"])
+        self._step_tau = self.threshold.value()  # the next step tests the restored tau
 
     # -- streaming ------------------------------------------------------------------------
 
