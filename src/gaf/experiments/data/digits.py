@@ -16,9 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from gaf.experiments.data.types import DataFormat, DatasetInfo, ImageData, check_label_range
+from gaf.experiments.data.types import (
+    DataFormat,
+    DatasetInfo,
+    ImageData,
+    check_label_range,
+    image_data,
+)
 
 DIGITS_FILE = "digits.csv.gz"
 TEST_EVERY = 5  # rows i with i % 5 == 4 are the test split
@@ -74,18 +79,8 @@ class DigitsCsv(DataFormat):
         images, labels = read_digits_csv(directory / DIGITS_FILE)
         check_label_range(labels, info.num_classes, directory / DIGITS_FILE, "all")
         test = np.arange(labels.size) % TEST_EVERY == TEST_EVERY - 1
-        return ImageData(
-            name=info.name,
-            train_images=torch.from_numpy(images[~test]).unsqueeze(1),
-            train_labels=torch.from_numpy(labels[~test]),
-            test_images=torch.from_numpy(images[test]).unsqueeze(1),
-            test_labels=torch.from_numpy(labels[test]),
-            num_classes=info.num_classes,
-            mean=info.mean,
-            std=info.std,
-            class_names=info.class_names,
-            source=str(directory),
-        )
+        return image_data(info, (images[~test, None], labels[~test]),
+                          (images[test, None], labels[test]), directory)
 
     def download(self, info: DatasetInfo, root: Path) -> Path:
         raise OSError("the digits have no download; install scikit-learn, which ships them")

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from gaf.experiments.data.files import download_file
 from gaf.experiments.data.types import (
@@ -22,6 +21,7 @@ from gaf.experiments.data.types import (
     ImageData,
     Remote,
     check_label_range,
+    image_data,
 )
 
 IDX_FILES = (
@@ -127,18 +127,8 @@ class IdxFormat(DataFormat):
                     f"{directory}: {split} images {x.shape} and labels {y.shape} do not match"
                 )
             check_label_range(y, info.num_classes, directory, split)
-        return ImageData(
-            name=info.name,
-            train_images=torch.from_numpy(tr_x.astype(np.uint8)).unsqueeze(1),
-            train_labels=torch.from_numpy(tr_y.astype(np.int64)),
-            test_images=torch.from_numpy(te_x.astype(np.uint8)).unsqueeze(1),
-            test_labels=torch.from_numpy(te_y.astype(np.int64)),
-            num_classes=info.num_classes,
-            mean=info.mean,
-            std=info.std,
-            class_names=info.class_names,
-            source=str(directory),
-        )
+        # IDX images are [N, H, W]: one channel.
+        return image_data(info, (tr_x[:, None], tr_y), (te_x[:, None], te_y), directory)
 
     def download(self, info: DatasetInfo, root: Path) -> Path:
         target = root / info.name

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import Tensor
 
 
@@ -112,6 +114,27 @@ class ImageData:
             source=self.source,
             extras={k: v[indices] for k, v in self.extras.items()},
         )
+
+
+def image_data(info: DatasetInfo, train: tuple[np.ndarray, np.ndarray],
+               test: tuple[np.ndarray, np.ndarray], directory: Path,
+               class_names: tuple[str, ...] | None = None,
+               extras: dict[str, Tensor] | None = None) -> ImageData:
+    """An :class:`ImageData` from ``(images uint8 [N, C, H, W], labels [N])`` arrays per split,
+    with the dataset's normalisation and class names, read from ``directory``."""
+    return ImageData(
+        name=info.name,
+        train_images=torch.from_numpy(np.ascontiguousarray(train[0], dtype=np.uint8)),
+        train_labels=torch.from_numpy(np.asarray(train[1], dtype=np.int64)),
+        test_images=torch.from_numpy(np.ascontiguousarray(test[0], dtype=np.uint8)),
+        test_labels=torch.from_numpy(np.asarray(test[1], dtype=np.int64)),
+        num_classes=info.num_classes,
+        mean=info.mean,
+        std=info.std,
+        class_names=info.class_names if class_names is None else class_names,
+        source=str(directory),
+        extras=extras or {},
+    )
 
 
 class DataFormat:
