@@ -39,6 +39,7 @@ from gaf.thresholds import (  # noqa: E402
     make_threshold,
     parse_threshold,
 )
+from gaf.one_pass import OnePassFilter, one_pass_filter  # noqa: E402
 from gaf.training import GAFTrainer, StepResult  # noqa: E402
 
 __all__ += [
@@ -54,6 +55,8 @@ __all__ += [
     "FlatGradients",
     "GAFTrainer",
     "GradientCollector",
+    "OnePassFilter",
+    "one_pass_filter",
     "StepResult",
     "Threshold",
 ]

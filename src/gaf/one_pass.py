@@ -69,8 +69,8 @@ from gaf.one_pass_layers import (
     embedding_pieces,
     linear_direction,
     linear_pieces,
-    normalised,
     norm_pieces,
+    normalised,
     weighted_rows,
 )
 from gaf.thresholds import Threshold, as_threshold
@@ -313,19 +313,15 @@ class OnePassFilter:
         for cap in self.captures:
             if not clean:
                 _zero_rejected(cap, w_samples)
-            computed = {}
-            if cap.kind == "linear" and "rows" in cap.extra:
-                computed = linear_direction(cap, w_samples)
-            elif cap.kind == "embedding" and "rows" in cap.extra:
-                computed = embedding_direction(cap, w_samples)
-            elif cap.kind == "conv" and "calls" in cap.extra:
-                computed = conv_direction(cap, w_samples)
+            directions = {"linear": linear_direction, "embedding": embedding_direction,
+                          "conv": conv_direction}
+            pieces = cap.extra.get("rows", cap.extra.get("calls"))
             for name, p in cap.params.items():
                 view = views[self._index[id(p)]]
                 if name in cap.kept:
-                    view.copy_(weighted_rows(cap.kept[name], weights, use).reshape(p.shape))
-                elif name in computed:
-                    view.copy_(computed[name].reshape(p.shape))
+                    weighted_rows(cap.kept[name], weights, use, view)
+                elif name == "weight" and pieces is not None:
+                    directions[cap.kind](cap, w_samples, view)
                 else:
                     view.zero_()  # the layer never reached the loss
 

@@ -23,9 +23,8 @@ Linear      g_i = Δ_iᵀ X_i (rows of micro-batch i). Two ways to its Gram piec
                             direction recomputed (R·P_l).
             The cheaper by flop count is taken, layer by layer; keeping needs room in the
             keep budget (see :class:`Budget`).
-Conv1/2/3d  materialised, as Linear: per micro-batch weight gradients from the unfolded
-            input and one bmm (groups = 1, equal micro-batches, 1-D/2-D), otherwise the
-            framework's weight-gradient kernel on each micro-batch's slice. The ghost form
+Conv1/2/3d  materialised, as Linear: the framework's weight-gradient kernel, once for all
+            micro-batches (index folded into the channel groups) or once per slice. The ghost form
             would cost R² with R = samples × output positions: far too much for images.
 Embedding   g_i scatters micro-batch i's rows of Δ into the used vocabulary rows: compact
             [M, U, D] over the U distinct indices of the batch (M²·U·D for the Gram), or
@@ -62,8 +61,13 @@ class MicroBatches:
         self.sample_ids = torch.repeat_interleave(
             torch.arange(m, device=device), torch.tensor(self.sizes, device=device))
 
+        self._row_ids: dict[int, Tensor] = {1: self.sample_ids}
+
     def row_ids(self, per_sample: int) -> Tensor:
-        return self.sample_ids.repeat_interleave(per_sample)
+        """Micro-batch of each row when every sample has ``per_sample`` rows, sample-major."""
+        if per_sample not in self._row_ids:
+            self._row_ids[per_sample] = self.sample_ids.repeat_interleave(per_sample)
+        return self._row_ids[per_sample]
 
     def segment_sum(self, t: Tensor) -> Tensor:
         """[B, ...] → [M, ...]: the sum over each micro-batch's samples."""
@@ -72,10 +76,11 @@ class MicroBatches:
         out = torch.zeros(self.m, *t.shape[1:], dtype=t.dtype, device=t.device)
         return out.index_add_(0, self.sample_ids, t)
 
-    def block_sum(self, p: Tensor, rows: Tensor) -> Tensor:
-        """[R, R] → [M, M]: sums of the blocks whose rows/columns belong to micro-batches."""
+    def block_sum(self, p: Tensor, rows: Tensor, regular: bool) -> Tensor:
+        """[R, R] → [M, M]: sums of the blocks whose rows/columns belong to micro-batches.
+        ``regular``: the rows are M equal runs, one per micro-batch, in order."""
         r = p.shape[0]
-        if self.equal and r % self.m == 0 and torch.equal(rows, self.row_ids(r // self.total)):
+        if regular:
             return p.reshape(self.m, r // self.m, self.m, r // self.m).sum((1, 3))
         s = F.one_hot(rows, self.m).to(p.dtype)
         return s.T @ p @ s
@@ -106,12 +111,17 @@ def gram(rows: Tensor) -> Tensor:
     return flat @ flat.T
 
 
-def weighted_rows(blocks: Tensor, weights: Tensor, use: Tensor) -> Tensor:
-    """Σ_i weights[i] · blocks[i] over the micro-batches in ``use`` only, so an inf/NaN in a
-    rejected block never meets its zero weight (0 · inf = NaN)."""
-    idx = torch.nonzero(use).flatten().to(blocks.device)
-    w = weights[use].to(blocks.device, blocks.dtype)
-    return torch.tensordot(w, blocks.index_select(0, idx), dims=1)
+def weighted_rows(blocks: Tensor, weights: Tensor, use: Tensor, out: Tensor) -> Tensor:
+    """out = Σ_i weights[i] · blocks[i] over the micro-batches in ``use`` only, so an inf/NaN
+    in a rejected block never meets its zero weight (0 · inf = NaN)."""
+    rows = blocks.reshape(blocks.shape[0], -1)
+    if not bool(use.all()):
+        idx = torch.nonzero(use).flatten().to(blocks.device)
+        rows, weights = rows.index_select(0, idx), weights[use]
+    w = weights.to(blocks.device, blocks.dtype).reshape(1, -1)
+    if out.dtype == rows.dtype and out.is_contiguous():
+        return torch.mm(w, rows, out=out.view(1, -1))
+    return out.copy_((w @ rows).reshape(out.shape))
 
 
 @dataclass
@@ -146,8 +156,9 @@ def _dtype(*tensors: Tensor) -> torch.dtype:
 # -- Linear and Embedding: row-wise layers -----------------------------------------------------
 
 
-def _rows(cap: Captured, mb: MicroBatches) -> tuple[Tensor, Tensor, Tensor]:
-    """Every call's (input rows, delta rows, micro-batch id per row), concatenated."""
+def _rows(cap: Captured, mb: MicroBatches) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Every call's (input rows, delta rows, micro-batch id per row), concatenated, and
+    whether the rows are M equal runs in micro-batch order (one call, equal sizes)."""
     xs, ds, ids = [], [], []
     for x, d in zip(cap.saved, cap.deltas, strict=True):
         if d is None:
@@ -160,17 +171,20 @@ def _rows(cap: Captured, mb: MicroBatches) -> tuple[Tensor, Tensor, Tensor]:
         ds.append(d.reshape(-1, d.shape[-1]))
         ids.append(mb.row_ids(per_sample))
     if len(xs) == 1:
-        return xs[0], ds[0], ids[0]
-    return torch.cat(xs), torch.cat(ds), torch.cat(ids)
+        return xs[0], ds[0], ids[0], mb.equal
+    return torch.cat(xs), torch.cat(ds), torch.cat(ids), False
 
 
 def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
-    x, d, ids = _rows(cap, mb)
+    x, d, ids, regular = _rows(cap, mb)
     dtype = _dtype(x, d)
     x, d = x.to(dtype), d.to(dtype)
     m, r = mb.m, x.shape[0]
     if "bias" in cap.params:
-        bias = torch.zeros(m, d.shape[1], dtype=dtype, device=d.device).index_add_(0, ids, d)
+        if regular:
+            bias = d.reshape(m, r // m, d.shape[1]).sum(1)
+        else:
+            bias = torch.zeros(m, d.shape[1], dtype=dtype, device=d.device).index_add_(0, ids, d)
         cap.kept["bias"], cap.plan["bias"] = bias, "kept"
         cap.add(gram(bias))
     if "weight" not in cap.params:
@@ -183,18 +197,19 @@ def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     if ghost < materialised + m * p_l:  # even the cheapest materialised form costs more
         acc = gram_dtype(dtype)
         prod = (x @ x.T).to(acc) * (d @ d.T).to(acc)
-        cap.add(mb.block_sum(prod, ids))
+        cap.add(mb.block_sum(prod, ids, regular))
         cap.plan["weight"] = "ghost"
         cap.extra["rows"] = (x, d, ids)
         cap.release()
         return
-    equal = mb.equal and r % m == 0 and torch.equal(ids, mb.row_ids(r // mb.total))
-    if equal:
+    if regular:
         blocks = torch.bmm(d.reshape(m, r // m, n_out).transpose(1, 2), x.reshape(m, r // m, n_in))
     else:
         blocks = torch.stack([d[ids == i].T @ x[ids == i] for i in range(m)])
     cap.add(gram(blocks))
-    if budget.take(m * p_l):
+    # Keep the blocks when the budget allows, or when they are smaller than the rows a
+    # recomputation would have to hold until the decision.
+    if m * p_l <= r * (n_in + n_out) or budget.take(m * p_l):
         cap.kept["weight"], cap.plan["weight"] = blocks, "kept"
         cap.release()
     else:
@@ -203,27 +218,39 @@ def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
         cap.release()
 
 
-def linear_direction(cap: Captured, w_rows: Tensor) -> dict:
+def linear_direction(cap: Captured, w_rows: Tensor, out: Tensor) -> None:
     x, d, ids = cap.extra.pop("rows")
     scaled = d * w_rows[ids].to(d.dtype)[:, None]
-    return {"weight": scaled.T @ x}
+    if out.dtype == x.dtype:
+        torch.mm(scaled.T, x, out=out)
+    else:
+        out.copy_(scaled.T @ x)
 
 
 def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     module: nn.Embedding = cap.module
-    idx, d, ids = _rows(cap, mb)
+    idx, d, ids, regular = _rows(cap, mb)
     if module.padding_idx is not None:  # the padding row receives no gradient
-        d = torch.where((idx == module.padding_idx)[:, None], torch.zeros((), dtype=d.dtype,
-                                                                          device=d.device), d)
+        d = torch.where((idx == module.padding_idx)[:, None],
+                        torch.zeros((), dtype=d.dtype, device=d.device), d)
     m, r, dim = mb.m, d.shape[0], d.shape[1]
-    uniq, inverse = torch.unique(idx, return_inverse=True)
-    u = uniq.numel()
+    vocab = module.num_embeddings
     acc = gram_dtype(d.dtype)
-    if r * r * dim < m * m * u * dim:
+    # Three ways, by cost: dense [M, V, D] blocks (M²·V·D; no sort) when the vocabulary is
+    # no larger than the rows, else compact blocks over the U distinct indices (a sort,
+    # then M²·U·D), or the ghost product [idx_a = idx_b] ∘ Δ Δᵀ (R²·D).
+    if vocab <= r and m * m * vocab <= r * r:
+        blocks = torch.zeros(m * vocab, dim, dtype=d.dtype, device=d.device)
+        blocks.index_add_(0, ids * vocab + idx, d)
+        cap.add(gram(blocks.reshape(m, vocab * dim)))
+        cap.plan["weight"] = "dense"
+    elif r * r < m * m * min(vocab, r):
         same = (idx[:, None] == idx[None, :]).to(acc)
-        cap.add(mb.block_sum(same * (d @ d.T).to(acc), ids))
+        cap.add(mb.block_sum(same * (d @ d.T).to(acc), ids, regular))
         cap.plan["weight"] = "ghost"
     else:
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        u = uniq.numel()
         compact = torch.zeros(m * u, dim, dtype=d.dtype, device=d.device)
         compact.index_add_(0, ids * u + inverse, d)
         cap.add(gram(compact.reshape(m, u * dim)))
@@ -232,11 +259,9 @@ def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     cap.release()
 
 
-def embedding_direction(cap: Captured, w_rows: Tensor) -> dict:
+def embedding_direction(cap: Captured, w_rows: Tensor, out: Tensor) -> None:
     idx, d, ids = cap.extra.pop("rows")
-    weight = cap.params["weight"]
-    out = torch.zeros(weight.shape, dtype=d.dtype, device=d.device)
-    return {"weight": out.index_add_(0, idx, d * w_rows[ids].to(d.dtype)[:, None])}
+    out.zero_().index_add_(0, idx, (d * w_rows[ids].to(d.dtype)[:, None]).to(out.dtype))
 
 
 # -- Convolutions ------------------------------------------------------------------------------
@@ -267,19 +292,24 @@ def _conv_weight_grad(module, x: Tensor, d: Tensor, padding: list[int]) -> Tenso
 
 
 def _conv_blocks(module, x: Tensor, d: Tensor, padding: list[int], mb: MicroBatches) -> Tensor:
-    """[M, *weight.shape]: each micro-batch's weight gradient."""
-    dims = len(module.kernel_size)
-    if mb.equal and module.groups == 1 and dims in (1, 2):
-        # Unfold once, then one bmm over the micro-batch axis: [M, out, n·L] × [M, n·L, C·k].
-        ks, st, dl, pd = (module.kernel_size, module.stride, module.dilation, padding)
-        if dims == 1:
-            x, ks, st, dl, pd = x.unsqueeze(2), (1, *ks), (1, *st), (1, *dl), (0, *pd)
-        cols = F.unfold(x, ks, dilation=dl, padding=pd, stride=st)  # [B, C·k, L]
-        m, n, o = mb.m, mb.size, d.shape[1]
-        length = cols.shape[2]
-        dm = d.reshape(m, n, o, length).transpose(1, 2).reshape(m, o, n * length)
-        cm = cols.reshape(m, n, -1, length).transpose(2, 3).reshape(m, n * length, -1)
-        return torch.bmm(dm, cm).reshape(m, *module.weight.shape)
+    """[M, *weight.shape]: each micro-batch's weight gradient.
+
+    Small equal micro-batches: one grouped weight-gradient kernel call, the micro-batch
+    index folded into the channels ([n, M·C, ...] with M·groups groups), instead of M
+    calls whose fixed cost dominates at a few samples each. Otherwise one call per slice.
+    """
+    m, n = mb.m, mb.size
+    if mb.equal and m > 1 and n < 16:
+        def fold(t: Tensor) -> Tensor:
+            return t.reshape(m, n, *t.shape[1:]).transpose(0, 1).reshape(n, -1, *t.shape[2:])
+        weight = module.weight.detach().to(d.dtype)
+        grouped = weight.repeat(m, *([1] * (weight.dim() - 1)))
+        dims = len(module.kernel_size)
+        blocks = torch.ops.aten.convolution_backward(
+            fold(d), fold(x), grouped, None, list(module.stride), padding,
+            list(module.dilation), False, [0] * dims, m * module.groups,
+            [False, True, False])[1]
+        return blocks.reshape(m, *weight.shape)
     return torch.stack([_conv_weight_grad(module, xi, di, padding)
                         for xi, di in zip(x.split(mb.sizes), d.split(mb.sizes), strict=True)])
 
@@ -303,7 +333,9 @@ def conv_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     if weights:
         blocks = sum(weights)
         cap.add(gram(blocks))
-        if budget.take(blocks.numel()):
+        rows = sum(x.numel() + d.numel() for x, d in zip(cap.saved, cap.deltas, strict=True)
+                   if d is not None)
+        if blocks.numel() <= rows or budget.take(blocks.numel()):
             cap.kept["weight"], cap.plan["weight"] = blocks, "kept"
         else:
             cap.plan["weight"] = "recomputed"
@@ -312,7 +344,7 @@ def conv_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     cap.release()
 
 
-def conv_direction(cap: Captured, w_samples: Tensor) -> dict:
+def conv_direction(cap: Captured, w_samples: Tensor, out: Tensor) -> None:
     module, total = cap.module, None
     for x, d in cap.extra.pop("calls"):
         dtype = _dtype(x, d)
@@ -320,7 +352,7 @@ def conv_direction(cap: Captured, w_samples: Tensor) -> dict:
         xp, padding = conv_input(module, x.to(dtype))
         g = _conv_weight_grad(module, xp, d.to(dtype) * scale, padding)
         total = g if total is None else total + g
-    return {"weight": total}
+    out.copy_(total)
 
 
 # -- Normalisation layers ----------------------------------------------------------------------
