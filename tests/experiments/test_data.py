@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,12 +120,9 @@ def test_download_of_idx_dataset_then_load(tmp_path, monkeypatch):
     served = write_idx_dataset(tmp_path / "served", n_train=30, n_test=10)
     remotes = tuple(
         Remote((served / f"{s}.gz").as_uri(), f"{s}.gz", D.file_md5(served / f"{s}.gz"))
-        for s in D._IDX_FILES
+        for s in D.IDX_FILES
     )
-    info = D.DATASETS["mnist"]
-    monkeypatch.setitem(D.DATASETS, "mnist", D.DatasetInfo(
-        name=info.name, num_classes=10, shape=info.shape, mean=info.mean, std=info.std,
-        class_names=info.class_names, subdirs=info.subdirs, remotes=remotes))
+    monkeypatch.setitem(D.DATASETS, "mnist", replace(D.DATASETS["mnist"], remotes=remotes))
     d = load_dataset("mnist", tmp_path / "target", download=True)
     assert d.num_train == 30
     assert (tmp_path / "target" / "mnist" / "train-images-idx3-ubyte.gz").is_file()
@@ -188,3 +186,23 @@ def test_real_fashion_mnist_from_the_debian_package():
     assert d.num_train == 60000 and d.num_test == 10000
     assert d.train_labels.bincount().tolist() == [6000] * 10
     assert d.test_labels.bincount().tolist() == [1000] * 10
+
+
+def test_a_new_dataset_in_a_known_format_is_one_registry_entry(tmp_path, monkeypatch):
+    """Loading dispatches on the entry's format, never on the dataset's name."""
+    write_idx_dataset(tmp_path / "kmnist", n_train=30, n_test=10)
+    entry = replace(D.DATASETS["mnist"], name="kmnist", subdirs=("kmnist",), remotes=())
+    monkeypatch.setitem(D.DATASETS, "kmnist", entry)
+    d = load_dataset("kmnist", tmp_path, download=False)
+    assert d.name == "kmnist" and d.num_train == 30
+    assert d.source == str(tmp_path / "kmnist")
+
+
+def test_an_entry_naming_an_unknown_format_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(D.DATASETS, "mnist", replace(D.DATASETS["mnist"], format="hdf5"))
+    with pytest.raises(ValueError, match="format 'hdf5'.*known formats: .*idx"):
+        load_dataset("mnist", tmp_path, download=False)
+
+
+def test_every_registered_dataset_names_a_registered_format():
+    assert {info.format for info in D.DATASETS.values()} <= set(D.FORMATS)

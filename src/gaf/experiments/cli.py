@@ -22,9 +22,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import fields
 
-from gaf.core import check_tau
+from gaf.core import RULES, check_tau
 from gaf.experiments.config import (
-    GAF_RULES,
     METHODS,
     OPTIMIZERS,
     SCHEDULES,
@@ -34,6 +33,7 @@ from gaf.experiments.config import (
 from gaf.experiments.data import DATASETS, DatasetNotFoundError, canonical_name
 from gaf.experiments.models import MODELS
 from gaf.experiments.noise import NOISE_KINDS, check_rate
+from gaf.measures import MEASURES
 
 
 def _fraction(text: str) -> float:
@@ -114,6 +114,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="CIFAR-N label set: aggre/worse/random1-3 (cifar10), noisy (cifar100)")
     d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip (CIFAR)")
+    d.add_argument("--noise-sources", type=_positive, metavar="S",
+                   help="noise per source: split the training set into S random sources")
+    d.add_argument("--bad-sources", type=_fraction, metavar="F",
+                   help="fraction of the sources carrying the --noise kind (F*S whole)")
+    d.add_argument("--source-noise-rate", type=_fraction, metavar="R",
+                   help="rate inside a bad source (default: the rate that makes the overall "
+                        "rate --noise-rate)")
+    d.add_argument("--other-source-noise-rate", type=_fraction, metavar="R",
+                   help="rate inside the other sources (default 0: clean)")
+    d.add_argument("--source-batches", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --noise-sources, every micro-batch from one source (default); "
+                        "--no-source-batches mixes them")
     m = p.add_argument_group("model and batches")
     m.add_argument("--model", choices=MODELS)
     m.add_argument("--width", type=_positive,
@@ -151,7 +163,7 @@ def _add_threshold_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", help="adaptive or scheduled threshold for the GAF runs, "
                    "replacing --tau, e.g. null-tail, 'quantile:target_acceptance=0.7' "
                    "(see gaf.thresholds.parse_threshold)")
-    p.add_argument("--measure", choices=("cosine", "sign", "layerwise"),
+    p.add_argument("--measure", choices=MEASURES,
                    help="agreement measure for the GAF runs (default cosine)")
 
 
@@ -179,16 +191,6 @@ def _apply(args: argparse.Namespace, base: TrainConfig, parser: argparse.Argumen
     return cfg
 
 
-def _one(values, name: str, parser: argparse.ArgumentParser):
-    if values is None:
-        return None
-    if isinstance(values, list):
-        if len(values) != 1:
-            parser.error(f"{name} takes one value here")
-        return values[0]
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gaf",
@@ -202,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(t)
     t.add_argument("--method", choices=METHODS + ("averaging",), default=None)
     t.add_argument("--tau", type=_tau)
-    t.add_argument("--rule", choices=GAF_RULES)
+    t.add_argument("--rule", choices=RULES)
     _add_threshold_options(t)
     t.add_argument("--noise-rate", type=_fraction, help="fraction of wrong labels, e.g. 0.4")
     t.add_argument("--seed", type=_nonneg_int)
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--list-recipes", action="store_true")
     c.add_argument("--methods", nargs="+", choices=METHODS + ("averaging",))
     c.add_argument("--tau", nargs="+", type=_tau, help="GAF thresholds (one run each)")
-    c.add_argument("--rule", choices=GAF_RULES)
+    c.add_argument("--rule", choices=RULES)
     _add_threshold_options(c)
     c.add_argument("--noise-rate", nargs="+", type=_fraction,
                    help="fractions of wrong labels, e.g. 0.2 0.4")
@@ -230,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--method", choices=METHODS + ("averaging",), default=None)
     p.add_argument("--tau", type=_tau)
-    p.add_argument("--rule", choices=GAF_RULES)
+    p.add_argument("--rule", choices=RULES)
     p.add_argument("--noise-rate", type=_fraction)
     p.add_argument("--seed", type=_nonneg_int)
     p.add_argument("--sizes", nargs="+", type=_positive, help="micro-batch sizes to probe")

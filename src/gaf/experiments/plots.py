@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gaf.experiments.train import RunResult
+from gaf.experiments.results import RunResult
 
 
 def _plt():
