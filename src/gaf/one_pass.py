@@ -312,7 +312,7 @@ class OnePassFilter:
         views = self.flat.views(self._out, cache=True)
         for cap in self.captures:
             if not clean:
-                _zero_rejected(cap, w_samples)
+                _zero_rejected(cap, weights, w_samples)
             directions = {"linear": linear_direction, "embedding": embedding_direction,
                           "conv": conv_direction}
             pieces = cap.extra.get("rows", cap.extra.get("calls"))
@@ -321,7 +321,8 @@ class OnePassFilter:
                 if name in cap.kept:
                     weighted_rows(cap.kept[name], weights, use, view)
                 elif name == "weight" and pieces is not None:
-                    directions[cap.kind](cap, w_samples, view)
+                    # Row-wise layers index micro-batch weights by row; convs by sample.
+                    directions[cap.kind](cap, w_samples if cap.kind == "conv" else weights, view)
                 else:
                     view.zero_()  # the layer never reached the loss
 
@@ -338,20 +339,20 @@ class OnePassFilter:
         self.threshold.load_state_dict(state["threshold"])
 
 
-def _zero_rejected(cap: Captured, w_samples: Tensor) -> None:
+def _zero_rejected(cap: Captured, weights: Tensor, w_samples: Tensor) -> None:
     """Replace the rows of zero-weight micro-batches by zeros in what the direction reads."""
-    def clean(t: Tensor, ids: Tensor) -> Tensor:
+    def clean(t: Tensor, row_weights: Tensor) -> Tensor:
         if not t.is_floating_point():
             return t
-        keep = (w_samples[ids] != 0).reshape(-1, *([1] * (t.dim() - 1)))
+        keep = (row_weights != 0).reshape(-1, *([1] * (t.dim() - 1)))
         return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
     if "rows" in cap.extra:
         x, d, ids = cap.extra["rows"]
-        cap.extra["rows"] = (clean(x, ids), clean(d, ids), ids)
+        cap.extra["rows"] = (clean(x, weights[ids]), clean(d, weights[ids]), ids)
     if "calls" in cap.extra:
-        ids = torch.arange(w_samples.numel(), device=w_samples.device)
-        cap.extra["calls"] = [(clean(x, ids), clean(d, ids)) for x, d in cap.extra["calls"]]
+        cap.extra["calls"] = [(clean(x, w_samples), clean(d, w_samples))
+                              for x, d in cap.extra["calls"]]
 
 
 def one_pass_filter(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],

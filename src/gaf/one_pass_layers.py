@@ -218,9 +218,10 @@ def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
         cap.release()
 
 
-def linear_direction(cap: Captured, w_rows: Tensor, out: Tensor) -> None:
+def linear_direction(cap: Captured, weights: Tensor, out: Tensor) -> None:
+    """out = Σ_rows w_{micro-batch(row)} δ_row x_rowᵀ: the gradient of Σ_i w_i L_i."""
     x, d, ids = cap.extra.pop("rows")
-    scaled = d * w_rows[ids].to(d.dtype)[:, None]
+    scaled = d * weights[ids].to(d.dtype)[:, None]
     if out.dtype == x.dtype:
         torch.mm(scaled.T, x, out=out)
     else:
@@ -259,9 +260,9 @@ def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     cap.release()
 
 
-def embedding_direction(cap: Captured, w_rows: Tensor, out: Tensor) -> None:
+def embedding_direction(cap: Captured, weights: Tensor, out: Tensor) -> None:
     idx, d, ids = cap.extra.pop("rows")
-    out.zero_().index_add_(0, idx, (d * w_rows[ids].to(d.dtype)[:, None]).to(out.dtype))
+    out.zero_().index_add_(0, idx, (d * weights[ids].to(d.dtype)[:, None]).to(out.dtype))
 
 
 # -- Convolutions ------------------------------------------------------------------------------
