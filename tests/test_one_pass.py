@@ -292,7 +292,8 @@ def trainer_run(micro_gradients, model_name, steps, seed=0):
     labels = (data.flatten(1) @ teacher).argmax(1)
     noisy = labels.clone()
     flip = torch.rand(512, generator=torch.Generator().manual_seed(2)) < 0.2
-    noisy[flip] = torch.randint(0, 4, (int(flip.sum()),), generator=torch.Generator().manual_seed(3))
+    noisy[flip] = torch.randint(0, 4, (int(flip.sum()),),
+                                generator=torch.Generator().manual_seed(3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     trainer = gaf.GAFTrainer(model, opt, F.cross_entropy, 4, tau=0.99,
                              micro_gradients=micro_gradients)

@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 
 from gaf.collector import FilterStats, GradientCollector  # noqa: E402
 from gaf.flat import FlatGradients  # noqa: E402
+from gaf.one_pass import OnePassFilter, one_pass_filter  # noqa: E402
 from gaf.thresholds import (  # noqa: E402
     FixedThreshold,
     MovingAverageThreshold,
@@ -39,7 +40,6 @@ from gaf.thresholds import (  # noqa: E402
     make_threshold,
     parse_threshold,
 )
-from gaf.one_pass import OnePassFilter, one_pass_filter  # noqa: E402
 from gaf.training import GAFTrainer, StepResult  # noqa: E402
 
 __all__ += [

@@ -42,7 +42,6 @@ from gaf.core import FilterResult
 from gaf.one_pass import OnePassFilter
 from gaf.thresholds import Threshold
 
-
 MICRO_GRADIENTS = ("sequential", "one-pass")
 
 
