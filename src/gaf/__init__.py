@@ -19,6 +19,7 @@ from gaf.core import (
     gram_matrix,
 )
 from gaf.flat import FlatGradients
+from gaf.one_pass import OnePassFilter, one_pass_filter
 from gaf.thresholds import (
     FixedThreshold,
     MovingAverageThreshold,
@@ -47,6 +48,7 @@ __all__ = [
     "GradientCollector",
     "MovingAverageThreshold",
     "NullTailThreshold",
+    "OnePassFilter",
     "QuantileThreshold",
     "RandomDrop",
     "RandomSkip",
@@ -59,5 +61,6 @@ __all__ = [
     "filter_gradients",
     "gram_matrix",
     "make_threshold",
+    "one_pass_filter",
     "parse_threshold",
 ]

@@ -57,7 +57,10 @@ from gaf.collector import FilterStats, GradientCollector
 from gaf.controls import Control
 from gaf.core import FilterResult
 from gaf.flat import FlatGradients
+from gaf.one_pass import OnePassFilter
 from gaf.thresholds import Threshold
+
+MICRO_GRADIENTS = ("sequential", "one-pass")
 
 
 @dataclass
@@ -108,6 +111,9 @@ class GAFTrainer:
         control: a blind control (:mod:`gaf.controls`) deciding in place of agreement.
         average: plain gradient averaging through the same loop, no filter (module
             docstring); ``tau``, ``rule``, ``mode``, ``measure``, ``control`` unused.
+        micro_gradients: "sequential" (M forward/backward passes, the default) or
+            "one-pass" (one forward and backward of the whole batch, same decisions and
+            direction; see :mod:`gaf.one_pass` for the layers and losses it supports).
 
     One micro-batch per step on one device is refused: one micro-gradient can agree with
     no other, so every step would be skipped (distributed, m = 1 per rank is fine).
@@ -129,6 +135,7 @@ class GAFTrainer:
         collector: GradientCollector | None = None,
         control: Control | None = None,
         average: bool = False,
+        micro_gradients: str = "sequential",
     ):
         if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) \
                 or num_micro_batches < 1:
@@ -145,6 +152,17 @@ class GAFTrainer:
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
         self.average = bool(average)
+        if micro_gradients not in MICRO_GRADIENTS:
+            raise ValueError(f"unknown micro_gradients {micro_gradients!r}; choose one of "
+                             f"{', '.join(MICRO_GRADIENTS)}")
+        self.micro_gradients = micro_gradients
+        if micro_gradients == "one-pass":
+            if collector is not None or mode != "auto" or measure != "cosine" or average \
+                    or control is not None:
+                raise ValueError("micro_gradients='one-pass' takes no collector, mode or "
+                                 "measure (nor control or average): it filters by cosine from "
+                                 "its own Gram matrix")
+            collector = OnePassFilter(model, optimizer.param_groups, tau=tau, rule=rule)
         if self.average:
             collector = None
             self._flat = FlatGradients(optimizer.param_groups)
@@ -157,7 +175,7 @@ class GAFTrainer:
         self.collector = collector
         if collector is not None:
             self._flat = collector.flat
-            if num_micro_batches * collector.world_size < 2:
+            if num_micro_batches * getattr(collector, "world_size", 1) < 2:
                 raise ValueError(
                     "num_micro_batches=1 on one device: a single micro-gradient can agree "
                     "with no other, so every step would be skipped; use M >= 2 (or "
@@ -219,9 +237,20 @@ class GAFTrainer:
         """
         if self.average:
             return self._average_step(inputs, targets, on_micro_gradient)
+        if self.micro_gradients == "one-pass":
+            if on_micro_gradient is not None:
+                raise ValueError("on_micro_gradient needs micro_gradients='sequential': one "
+                                 "pass never holds a micro-gradient in .grad")
+            scale = self.scaler.scale if self.scaler is not None else None
+            result, loss = self.collector.step(inputs, targets, self.loss_fn,
+                                               self.num_micro_batches, scale, self._autocast)
+            return self._filtered_step(result, loss)
         self.collector.begin()  # .grad → zeroed collector buffer: backward writes in place
         loss = self._micro_batches(inputs, targets, on_micro_gradient, self.collector.collect)
-        result = self.collector.finish()
+        return self._filtered_step(self.collector.finish(), loss)
+
+    def _filtered_step(self, result: FilterResult, loss: Tensor) -> StepResult:
+        """Step the optimizer on the filtered gradient now in ``.grad``, or skip."""
         overflow = self.scaler is not None and result.num_nonfinite > 0
         if overflow:
             self._step_scaler_overflow()
