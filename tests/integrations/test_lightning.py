@@ -126,3 +126,61 @@ def test_lightning_bf16_mixed_matches_gaftrainer_autocast(tmp_path):
     assert ref.stats.skipped_steps > 0
     assert callback.stats == ref.stats
     assert_same_tensors(module.net.parameters(), net.parameters(), "parameters")
+
+
+def test_lightning_16_mixed_grad_scaler_matches_gaftrainer_with_overflows(tmp_path):
+    # Lightning's "16-mixed" falls back to bf16 on the CPU; the plugin given by hand keeps
+    # float16 autocast and a real GradScaler. The initial scale is large enough that the
+    # first steps overflow, so the overflow path (scaler skips and backs off) runs too.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    x, y = make_data(96)
+
+    def make_optimizer(p):
+        return torch.optim.SGD(p, lr=0.1, momentum=0.9)
+
+    def make_scaler(init_scale):
+        return torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=3)
+
+    # Lightning scales loss / M: its scale S meets the same float16 range as GAFTrainer's
+    # S / M on the undivided loss (and the overflows fall on the same steps).
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=make_scaler(2.0**19))
+    module = Module(make_net(), make_optimizer)
+    callback = GAFCallback(tau=TAU)
+    fit(module, x, y, callback, tmp_path, plugins=[plugin], gradient_clip_val=0.5)
+
+    net = make_net()
+    ref = reference_run(net, make_optimizer(net.parameters()), x, y, micro_batch=MICRO,
+                        num_micro_batches=M, tau=TAU, autocast_dtype=torch.float16,
+                        scaler=make_scaler(2.0**19 / M), max_grad_norm=0.5)
+    assert ref.overflow_steps > 0 and ref.stats.skipped_steps > ref.overflow_steps
+    assert callback.overflow_steps == ref.overflow_steps
+    assert callback.stats == ref.stats
+    lightning_state, ref_state = plugin.scaler.state_dict(), ref.scaler.state_dict()
+    assert lightning_state.pop("scale") == M * ref_state.pop("scale")
+    assert lightning_state == ref_state  # growth tracker: skipped steps left it alone
+    assert_same_tensors(module.net.parameters(), net.parameters(), "parameters")
+
+
+def run_two_ranks(framework: str, tmp_path: Path) -> list[dict]:
+    """Two gloo processes under torchrun, each writing what it found (see ddp_worker.py)."""
+    import json
+
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(worker), framework, str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_lightning_ddp_two_processes_matches_distributed_gaftrainer(tmp_path):
+    reports = run_two_ranks("lightning", tmp_path)
+    for report in reports:
+        assert all(report["same_as_reference"]), report
+        assert report["stats"] == report["reference_stats"]
+        assert report["ranks_agree"]
+    stats = reports[0]["stats"]
+    assert 0 < stats["skipped_steps"] < stats["steps"]
+    assert stats["micro_batches"] == 2 * M * stats["steps"]  # every rank's micro-gradients
