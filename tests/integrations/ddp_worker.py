@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytest has it
 
 from gaf.distributed import DistributedGAFTrainer  # noqa: E402
-from tests.integrations.tiny import make_data, make_net  # noqa: E402
+from integrations.tiny import make_data, make_net  # noqa: E402
 
 MICRO, M, TAU, SAMPLES = 4, 2, 0.6, 48
 
@@ -33,7 +33,7 @@ def run_lightning(x, y, out: Path):
     from torch.utils.data import DataLoader, TensorDataset
 
     from gaf.integrations.lightning import GAFCallback
-    from tests.integrations.test_lightning import Module
+    from integrations.test_lightning import Module
 
     module = Module(make_net(), make_optimizer)
     callback = GAFCallback(tau=TAU)

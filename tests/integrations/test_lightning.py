@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from gaf.integrations.lightning import GAFCallback
-from tests.integrations.tiny import (
+
+from .tiny import (
     assert_same_tensors,
     make_data,
     make_net,
@@ -103,7 +103,8 @@ def test_lightning_holds_step_schedulers_on_skipped_steps(tmp_path):
                         scheduler=scheduler)
     assert ref.stats.skipped_steps > 0
     lightning_scheduler = trainer.lr_scheduler_configs[0].scheduler
-    assert lightning_scheduler.last_epoch == scheduler.last_epoch == ref.stats.steps - ref.stats.skipped_steps
+    taken = ref.stats.steps - ref.stats.skipped_steps
+    assert lightning_scheduler.last_epoch == scheduler.last_epoch == taken
     assert trainer.optimizers[0].param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
     assert_same_tensors(module.net.parameters(), net.parameters(), "parameters")
     # The callback puts the scheduler's own step back when fitting ends.

@@ -152,7 +152,8 @@ class GAFCallback(Callback):
             )
         if len(trainer.optimizers) != 1:
             raise ValueError(
-                f"GAFCallback supports one optimizer, the module configured {len(trainer.optimizers)}"
+                "GAFCallback supports one optimizer, the module configured "
+                f"{len(trainer.optimizers)}"
             )
         ddp = isinstance(trainer.strategy.model, torch.nn.parallel.DistributedDataParallel)
         if trainer.world_size > 1 and not ddp:
