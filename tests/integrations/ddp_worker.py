@@ -71,12 +71,45 @@ def run_accelerate(x, y, out: Path):
     return list(accelerator.unwrap_model(model).parameters()), gaf_step.stats
 
 
+def run_transformers(x, y, out: Path):
+    from transformers import TrainingArguments
+
+    from gaf.integrations.transformers import GAFHFTrainer
+    from integrations.test_transformers import Classifier, Rows
+
+    # The Trainer shards one dataset: with a sequential sampler rank r reads micro-batches
+    # r, r + 2, r + 4, ... of it, which is what make_rank_data gave this rank.
+    world_x, world_y = make_data(2 * SAMPLES, seed=10)
+    model = Classifier(make_net())
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=M, num_train_epochs=1, max_grad_norm=0.5,
+        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, ddp_backend="gloo",
+    )
+    optimizer = make_optimizer(model.parameters())
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # not HF's decay
+    trainer = GAFHFTrainer(model=model, args=args, train_dataset=Rows(world_x, world_y),
+                           optimizers=(optimizer, constant), tau=TAU)
+    trainer.train()
+    return list(model.net.parameters()), trainer.gaf_stats
+
+
+def make_rank_data(framework: str, rank: int):
+    if framework != "transformers":
+        return make_data(SAMPLES, seed=10 + rank)
+    x, y = make_data(2 * SAMPLES, seed=10)
+    picks = [i for i in range(len(x)) if (i // MICRO) % 2 == rank]
+    return x[picks], y[picks]
+
+
 def main() -> None:
     framework, out = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ["RANK"])
-    x, y = make_data(SAMPLES, seed=10 + rank)
-    params, stats = {"lightning": run_lightning, "accelerate": run_accelerate}[framework](
-        x, y, out)
+    x, y = make_rank_data(framework, rank)
+    runs = {"lightning": run_lightning, "accelerate": run_accelerate,
+            "transformers": run_transformers}
+    params, stats = runs[framework](x, y, out)
 
     import torch.distributed as dist
 

@@ -71,6 +71,8 @@ class GAFAccumulator:
         tau, rule, mode, measure: as for :class:`gaf.GradientCollector` (several processes:
             mode "stacked", measure "cosine").
         method, timeout: of the distributed exchange (several processes only).
+        num_micro_batches: micro-batches per step on each process, where the loop
+            accumulates by itself (default: ``accelerator.gradient_accumulation_steps``).
     """
 
     def __init__(
@@ -85,7 +87,10 @@ class GAFAccumulator:
         *,
         method: str = "sharded",
         timeout: float | None = None,
+        num_micro_batches: int | None = None,
     ):
+        if num_micro_batches is None:
+            num_micro_batches = accelerator.gradient_accumulation_steps
         if not isinstance(optimizer, AcceleratedOptimizer):
             raise TypeError(
                 "GAFAccumulator needs the optimizer returned by accelerator.prepare(), got "
@@ -101,17 +106,17 @@ class GAFAccumulator:
                 raise TypeError("with several processes, pass the model accelerator.prepare() "
                                 "wrapped in DistributedDataParallel")
             disable_ddp_allreduce(model)
-        elif accelerator.gradient_accumulation_steps < 2:
+        elif num_micro_batches < 2:
             raise ValueError(
                 "GAF needs at least two micro-gradients per step: create the Accelerator with "
-                f"gradient_accumulation_steps >= 2 (got {accelerator.gradient_accumulation_steps})"
+                f"gradient_accumulation_steps >= 2 (got {num_micro_batches})"
             )
         self.accelerator = accelerator
         self.optimizer = optimizer
         self.collector = build_collector(
             optimizer.optimizer, distributed=distributed, tau=tau, rule=rule, mode=mode,
             measure=measure, method=method, timeout=timeout,
-            num_micro_batches=accelerator.gradient_accumulation_steps,
+            num_micro_batches=num_micro_batches,
         )
         self.window = MicroGradientWindow(self.collector, trainable_params(optimizer.optimizer))
         self.overflow_steps = 0
