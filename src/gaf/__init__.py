@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 
 from gaf.collector import FilterStats, GradientCollector  # noqa: E402
 from gaf.flat import FlatGradients  # noqa: E402
+from gaf.one_pass import OnePassFilter, one_pass_filter  # noqa: E402
 from gaf.thresholds import (  # noqa: E402
     FixedThreshold,
     MovingAverageThreshold,
@@ -54,6 +55,8 @@ __all__ += [
     "FlatGradients",
     "GAFTrainer",
     "GradientCollector",
+    "OnePassFilter",
+    "one_pass_filter",
     "StepResult",
     "Threshold",
 ]

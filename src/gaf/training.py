@@ -39,7 +39,10 @@ from torch import Tensor, nn
 
 from gaf.collector import GradientCollector
 from gaf.core import FilterResult
+from gaf.one_pass import OnePassFilter
 from gaf.thresholds import Threshold
+
+MICRO_GRADIENTS = ("sequential", "one-pass")
 
 
 @dataclass
@@ -87,6 +90,9 @@ class GAFTrainer:
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype.
         collector: a ready collector (e.g. a distributed one) to use instead of building
             one from ``tau``, ``rule``, ``mode`` and ``measure``.
+        micro_gradients: "sequential" (M forward/backward passes, the default) or
+            "one-pass" (one forward and backward of the whole batch, same decisions and
+            direction; see :mod:`gaf.one_pass` for the layers and losses it supports).
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class GAFTrainer:
         autocast_dtype: torch.dtype | None = None,
         measure: str = "cosine",
         collector: GradientCollector | None = None,
+        micro_gradients: str = "sequential",
     ):
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches!r}")
@@ -115,6 +122,15 @@ class GAFTrainer:
         self.max_grad_norm = max_grad_norm
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
+        if micro_gradients not in MICRO_GRADIENTS:
+            raise ValueError(f"unknown micro_gradients {micro_gradients!r}; choose one of "
+                             f"{', '.join(MICRO_GRADIENTS)}")
+        self.micro_gradients = micro_gradients
+        if micro_gradients == "one-pass":
+            if collector is not None or mode != "auto" or measure != "cosine":
+                raise ValueError("micro_gradients='one-pass' takes no collector, mode or "
+                                 "measure: it filters by cosine from its own Gram matrix")
+            collector = OnePassFilter(model, optimizer.param_groups, tau=tau, rule=rule)
         if collector is None:
             collector = GradientCollector(
                 optimizer.param_groups, tau=tau, rule=rule, mode=mode,
@@ -134,6 +150,11 @@ class GAFTrainer:
         return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
 
     def step(self, inputs: Tensor | Sequence[Tensor], targets: Tensor) -> StepResult:
+        if self.micro_gradients == "one-pass":
+            scale = self.scaler.scale if self.scaler is not None else None
+            result, loss = self.collector.step(inputs, targets, self.loss_fn,
+                                               self.num_micro_batches, scale, self._autocast)
+            return self._apply(result, loss)
         m = self.num_micro_batches
         micro_inputs = split_batch(inputs, m)
         micro_targets = split_batch(targets, m)
@@ -146,8 +167,10 @@ class GAFTrainer:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             self.collector.collect()
             total = loss.detach().float() if total is None else total + loss.detach().float()
-        result = self.collector.finish()
-        loss = total / m
+        return self._apply(self.collector.finish(), total / m)
+
+    def _apply(self, result: FilterResult, loss: Tensor) -> StepResult:
+        """Step the optimizer on the filtered gradient now in ``.grad``, or skip."""
         overflow = self.scaler is not None and result.num_nonfinite > 0
         if overflow:
             self._step_scaler_overflow()

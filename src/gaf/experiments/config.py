@@ -7,14 +7,20 @@ import zlib
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from gaf.core import check_rule, check_tau
 from gaf.experiments.data import DATASETS, canonical_name
+from gaf.experiments.methods import CONTROLS, METHODS, canonical_method
 from gaf.experiments.models import MODELS
 from gaf.experiments.noise import NOISE_KINDS, check_rate
+from gaf.experiments.source_noise import (
+    SOURCE_NOISE_KINDS,
+    check_source_split,
+    resolve_source_rates,
+)
 
-METHODS: tuple[str, ...] = ("average", "gaf")
+__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
-GAF_RULES: tuple[str, ...] = ("mean", "halving", "anchor", "neighbours")
 
 
 @dataclass
@@ -38,6 +44,17 @@ class TrainConfig:
     noise: str = "symmetric"
     noise_rate: float = 0.4
     human_labels: str | None = None  # CIFAR-N label set for noise="human"
+    # Noise per source (gaf.experiments.source_noise): the training set split into
+    # noise_sources random sources, the fraction bad_sources of them carrying the noise of
+    # kind `noise` at source_noise_rate (None: the rate that makes the overall rate
+    # noise_rate; given: noise_rate becomes the overall rate it implies), the others at
+    # other_source_noise_rate. source_batches: every micro-batch from one source (False:
+    # micro-batches mix sources, the control for the same noisy labels).
+    noise_sources: int | None = None
+    bad_sources: float | None = None
+    source_noise_rate: float | None = None
+    other_source_noise_rate: float = 0.0
+    source_batches: bool = True
     augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR
     # model
     model: str = "small_cnn"
@@ -53,6 +70,23 @@ class TrainConfig:
     micro_batch_size: int = 32
     num_micro_batches: int = 2
     class_balanced: bool = False  # micro-batches with micro_batch_size / K samples per class
+    # blind controls (random-skip: p, random-drop: q); None: matched to GAF by gaf compare
+    control_rate: float | None = None
+    control_rates: list[float] | None = None  # one rate per epoch (matched per epoch)
+    matched_to: str | None = None  # label of the GAF run whose rate the control takes
+    match_per_epoch: bool = False  # matched controls follow GAF's rate epoch by epoch
+    # small-loss: forget rate (None: the training set's known noise fraction) reached
+    # linearly over forget_epochs epochs (co-teaching's T_k)
+    forget_rate: float | None = None
+    forget_epochs: int = 10
+    gce_q: float = 0.7  # generalized cross-entropy
+    # a held-out split of the training set with its noisy labels (early-stop needs one);
+    # every run of a comparison should use the same fraction to see the same micro-batches
+    holdout_fraction: float = 0.0
+    patience: int | None = None  # early-stop: epochs without improvement (None: run all)
+    # collapse warnings: chance accuracy within this margin; GAF acceptance floor
+    collapse_margin: float = 0.02
+    acceptance_floor: float = 0.25
     # optimisation
     epochs: int = 12
     max_steps: int | None = None  # cap on optimizer steps per epoch (quick checks)
@@ -78,11 +112,32 @@ class TrainConfig:
         return self.micro_batch_size * self.num_micro_batches
 
     @property
+    def per_source_batches(self) -> bool:
+        """Whether every micro-batch is drawn from a single source."""
+        return self.noise_sources is not None and self.source_batches
+
+    @property
+    def bad_source_noise_rate(self) -> float:
+        """The noise rate inside a bad source (validated settings; 0 without sources)."""
+        if self.noise_sources is None:
+            return 0.0
+        return resolve_source_rates(self.noise_rate, self.bad_sources,
+                                    self.source_noise_rate, self.other_source_noise_rate)[0]
+
+    @property
     def label(self) -> str:
         if self.name:
             return self.name
-        if self.method == "average":
-            return "average"
+        if self.method not in ("gaf", *CONTROLS):
+            return self.method
+        if self.method in CONTROLS:
+            letter = "p" if self.method == "random-skip" else "q"
+            if self.matched_to is not None or (self.control_rate is None
+                                               and self.control_rates is None):
+                return f"{self.method} (matched{' per epoch' if self.match_per_epoch else ''})"
+            if self.control_rates is not None:
+                return f"{self.method} ({letter} per epoch)"
+            return f"{self.method} ({letter}={self.control_rate:.3g})"
         extra = f", {self.rule}" if self.rule != "mean" else ""
         if self.measure != "cosine":
             extra += f", {self.measure}"
@@ -103,22 +158,17 @@ class TrainConfig:
                 raise ValueError("human noise (CIFAR-N) needs dataset cifar10 or cifar100")
             if self.human_labels is None:
                 self.human_labels = "aggre" if self.dataset == "cifar10" else "noisy"
+        self._validate_sources()
         model = self.model.strip().lower().replace("-", "_")
         if model == "cnn":
             model = "small_cnn"
         if model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(MODELS)}")
         self.model = model
-        self.method = self.method.strip().lower()
-        if self.method in ("avg", "averaging", "mean"):
-            self.method = "average"
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau)
-                and 0.0 <= self.tau <= 2.0):
-            raise ValueError(f"tau must be a cosine distance in [0, 2], got {self.tau!r}")
-        if self.rule not in GAF_RULES:
-            raise ValueError(f"unknown GAF rule {self.rule!r}; choose from {', '.join(GAF_RULES)}")
+        self.method = canonical_method(self.method)
+        self.tau = check_tau(self.tau)
+        check_rule(self.rule)
+        self._validate_method_options()
         from gaf.measures import check_measure
         from gaf.thresholds import parse_threshold
 
@@ -127,8 +177,9 @@ class TrainConfig:
             parse_threshold(self.threshold)  # ValueError naming the bad part
         _positive_int("micro_batch_size", self.micro_batch_size)
         _positive_int("num_micro_batches", self.num_micro_batches)
-        if self.method == "gaf" and self.num_micro_batches < 2:
-            raise ValueError("gaf needs at least 2 micro-batches per step (num_micro_batches >= 2)")
+        if self.method in ("gaf", *CONTROLS) and self.num_micro_batches < 2:
+            raise ValueError(f"{self.method} needs at least 2 micro-batches per step "
+                             "(num_micro_batches >= 2)")
         _positive_int("epochs", self.epochs)
         _positive_int("eval_batch_size", self.eval_batch_size)
         for name in ("train_size", "test_size"):
@@ -147,6 +198,12 @@ class TrainConfig:
                     f"class-balanced micro-batches need micro_batch_size divisible by the "
                     f"{k} classes of {self.dataset}, got {self.micro_batch_size}"
                 )
+        if self.class_balanced and self.per_source_batches:
+            raise ValueError(
+                "class_balanced and noise_sources with source_batches both choose the "
+                "micro-batches; set source_batches=False (--no-source-batches) or drop "
+                "class_balanced"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
@@ -176,6 +233,61 @@ class TrainConfig:
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         return self
+
+    def _validate_sources(self) -> None:
+        if self.noise_sources is None:
+            for name in ("bad_sources", "source_noise_rate"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs noise_sources (the number of sources)")
+            if self.other_source_noise_rate != 0:
+                raise ValueError("other_source_noise_rate needs noise_sources "
+                                 "(the number of sources)")
+            return
+        if self.noise not in SOURCE_NOISE_KINDS:
+            raise ValueError(
+                f"noise_sources needs noise {' or '.join(SOURCE_NOISE_KINDS)}, "
+                f"got noise {self.noise!r}"
+            )
+        if self.bad_sources is None:
+            raise ValueError("noise_sources needs bad_sources, the fraction of sources that "
+                             "carry the noise (e.g. 0.4)")
+        check_source_split(self.noise_sources, self.bad_sources)
+        self.bad_sources = float(self.bad_sources)
+        # The overall rate is what tables and reports show, as for the other kinds.
+        self.noise_rate = resolve_source_rates(self.noise_rate, self.bad_sources,
+                                               self.source_noise_rate,
+                                               self.other_source_noise_rate)[1]
+
+    def _validate_method_options(self) -> None:
+        rates = [self.control_rate] if self.control_rate is not None else []
+        if self.control_rates is not None:
+            self.control_rates = [float(r) for r in self.control_rates]
+            if not self.control_rates:
+                raise ValueError("control_rates is empty: give one rate per epoch, or None")
+            rates += self.control_rates
+        for r in rates:
+            if not (isinstance(r, (int, float)) and math.isfinite(r) and 0.0 <= r <= 1.0):
+                raise ValueError(f"control rate must be a probability in [0, 1], got {r!r}")
+        if self.forget_rate is not None and not (
+                math.isfinite(self.forget_rate) and 0.0 <= self.forget_rate < 1.0):
+            raise ValueError(f"forget_rate must lie in [0, 1), got {self.forget_rate!r}")
+        if isinstance(self.forget_epochs, bool) or not isinstance(self.forget_epochs, int) \
+                or self.forget_epochs < 0:
+            raise ValueError(f"forget_epochs must be an integer >= 0, got {self.forget_epochs!r}")
+        if not (math.isfinite(self.gce_q) and 0.0 <= self.gce_q <= 1.0):
+            raise ValueError(f"gce_q must lie in [0, 1] (0: cross-entropy), got {self.gce_q!r}")
+        if not (math.isfinite(self.holdout_fraction) and 0.0 <= self.holdout_fraction < 1.0):
+            raise ValueError(
+                f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction!r}")
+        if self.method == "early-stop" and self.holdout_fraction == 0:
+            raise ValueError("early-stop needs a held-out split: set holdout_fraction "
+                             "(--holdout-fraction), e.g. 0.1, for every compared run")
+        if self.patience is not None:
+            _positive_int("patience", self.patience)
+        for name in ("collapse_margin", "acceptance_floor"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -61,11 +61,6 @@ class NoisyLabels:
     def num_noisy(self) -> int:
         return int(self.is_noisy.sum())
 
-    def subset(self, indices: Tensor) -> NoisyLabels:
-        return NoisyLabels(
-            self.labels[indices], self.clean[indices], self.is_noisy[indices], self.kind, self.rate
-        )
-
 
 def check_rate(rate: object) -> float:
     """A noise rate must be a finite number in [0, 1]."""

@@ -23,12 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from gaf.experiments.config import TrainConfig, stream_seed
 from gaf.experiments.prepare import PreparedData, prepare_data
-from gaf.experiments.train import RunResult, train
+from gaf.experiments.results import RunResult
+from gaf.experiments.train import train
 
 
 @dataclass
@@ -60,12 +61,6 @@ class ProbeConfig:
         return tuple(sorted({0, e // 2, e}))
 
 
-def _flat_grad(params: list[Tensor]) -> Tensor:
-    return torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
-    ])
-
-
 def micro_gradient_distances(
     model: nn.Module,
     data: PreparedData,
@@ -74,9 +69,11 @@ def micro_gradient_distances(
     generator: torch.Generator,
 ) -> dict[int, list[float]]:
     """Cosine distances between the gradients of pairs of disjoint random micro-batches."""
-    from gaf import cosine_distance
+    from gaf import FlatGradients, cosine_distance
 
     params = [p for p in model.parameters() if p.requires_grad]
+    flat = FlatGradients(params)
+    pair = flat.new_buffer(2)  # two rows reused for every pair
     saved_grads = [None if p.grad is None else p.grad.clone() for p in params]
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     was_training = model.training
@@ -89,12 +86,11 @@ def micro_gradient_distances(
         ds = []
         for _ in range(pairs):
             idx = torch.randperm(n, generator=generator)[: 2 * size].to(data.train_x.device)
-            grads = []
-            for part in (idx[:size], idx[size:]):
+            for row, part in zip(pair, (idx[:size], idx[size:]), strict=True):
                 model.zero_grad(set_to_none=True)
                 F.cross_entropy(model(data.train_x[part]), data.train_y[part]).backward()
-                grads.append(_flat_grad(params))
-            ds.append(float(cosine_distance(grads[0], grads[1])))
+                flat.gather(row)
+            ds.append(float(cosine_distance(pair[0], pair[1])))
         out[int(size)] = ds
     model.zero_grad(set_to_none=True)
     for p, g in zip(params, saved_grads, strict=True):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gaf.experiments.train import RunResult
+from gaf.experiments.results import RunResult
 
 
 def environment() -> dict[str, Any]:
@@ -75,10 +75,6 @@ def _jsonable(x: Any) -> Any:
 # Tables
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
-
-
 def _pct_pm(xs: list[float]) -> str:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     if not xs:
@@ -103,15 +99,14 @@ def summary_rows(runs: Sequence[RunResult]) -> list[list[str]]:
     groups: dict[tuple, list[RunResult]] = defaultdict(list)
     for r in runs:
         c = r.config
-        groups[(r.label, c["noise"], c["noise_rate"], c.get("human_labels"))].append(r)
+        groups[(r.label, c["noise"], c["noise_rate"], c.get("human_labels"),
+                *_source_settings(c))].append(r)
     rows = []
-    for (label, noise, rate, human), rs in groups.items():
+    for (label, *_), rs in groups.items():
         s = [r.summary() for r in rs]
-        noise_s = f"{noise} {human}" if noise == "human" else (
-            "none" if noise == "none" else f"{noise} {100 * rate:g}%")
         rows.append([
             label,
-            noise_s,
+            noise_text(rs[0].config),
             ",".join(str(x["seed"]) for x in s),
             _pct_pm([x["final_test_acc"] for x in s]),
             _pct_pm([x["best_test_acc"] for x in s]),
@@ -122,6 +117,27 @@ def summary_rows(runs: Sequence[RunResult]) -> list[list[str]]:
             f"{np.mean([x['train_seconds'] for x in s]):.0f}",
         ])
     return rows
+
+
+def _source_settings(c: dict[str, Any]) -> tuple:
+    """The settings of noise per source (all None for other noise; absent in old results)."""
+    if c.get("noise_sources") is None:
+        return (None, None, None, None, None)
+    return (c["noise_sources"], c["bad_sources"], c.get("source_noise_rate"),
+            c.get("other_source_noise_rate"), c.get("source_batches", True))
+
+
+def _source_description(c: dict[str, Any]) -> str:
+    """E.g. ' in 4/10 sources' for noise per source (micro-batches of one source each),
+    ' in 4/10 sources, mixed micro-batches' for its control; '' for other noise."""
+    if c.get("noise_sources") is None:
+        return ""
+    s = c["noise_sources"]
+    bad = round(c["bad_sources"] * s)
+    other = c.get("other_source_noise_rate") or 0.0
+    rest = f", others {100 * other:g}%" if other else ""
+    mixing = "" if c.get("source_batches", True) else ", mixed micro-batches"
+    return f" in {bad}/{s} sources{rest}{mixing}"
 
 
 def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] = COLUMNS,
@@ -143,7 +159,7 @@ def gaf_vs_average(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     def key(r: RunResult) -> tuple:
         c = r.config
         return (c["dataset"], c["noise"], c["noise_rate"], c.get("human_labels"), c["seed"],
-                c["micro_batch_size"], c["num_micro_batches"])
+                c["micro_batch_size"], c["num_micro_batches"], *_source_settings(c))
 
     baselines = {key(r): r for r in runs if r.config["method"] == "average"}
     out = []
@@ -162,6 +178,105 @@ def gaf_vs_average(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
             "memorised_ratio": mem_ratio,
         })
     return out
+
+
+def noise_text(c: dict[str, Any]) -> str:
+    """The noise of a run's configuration in words, e.g. 'symmetric 40% in 4/10 sources'."""
+    if c["noise"] == "human":
+        return f"human {c.get('human_labels')}"
+    if c["noise"] == "none":
+        return "none"
+    return f"{c['noise']} {100 * c['noise_rate']:g}%" + _source_description(c)
+
+
+SELECTION_COLUMNS = (
+    "run", "noise", "kept: noisy %", "dropped: noisy %", "chance ± (kept)",
+    "taken steps: noisy %", "skipped steps: noisy %", "rank corr. distance ~ noise",
+)
+
+
+def selection_rows(runs: Sequence[RunResult]) -> list[list[str]]:
+    """Selection precision per (label, noise), means over epochs and seeds; runs that keep
+    everything are left out (their fields are NaN)."""
+    groups: dict[tuple, list[RunResult]] = defaultdict(list)
+    for r in runs:
+        if math.isfinite(r.mean_over_epochs("kept_noise_fraction")):
+            groups[(r.label, noise_text(r.config))].append(r)
+    rows = []
+    for (label, noise), rs in groups.items():
+        def mean(key: str, rs=rs) -> float:
+            vals = [r.mean_over_epochs(key) for r in rs]
+            vals = [v for v in vals if math.isfinite(v)]
+            return float(np.mean(vals)) if vals else float("nan")
+
+        rows.append([
+            label, noise, _pct_pm([mean("kept_noise_fraction")]),
+            _pct_pm([mean("dropped_noise_fraction")]),
+            _pct_pm([mean("kept_noise_chance_std")]), _pct_pm([mean("taken_noise_fraction")]),
+            _pct_pm([mean("skipped_noise_fraction")]), _num(mean("distance_noise_spearman"),
+                                                            "+.2f"),
+        ])
+    return rows
+
+
+DIFFERENCE_COLUMNS = (
+    "GAF run", "versus", "noise", "seeds", "final test acc, points", "best test acc, points",
+    "memorised, points",
+)
+
+
+def difference_rows(runs: Sequence[RunResult]) -> list[list[str]]:
+    from gaf.experiments.paired import format_difference, paired_differences
+
+    rows = []
+    for d in paired_differences(runs):
+        rows.append([
+            d["gaf"], d["versus"], d["setting"], ",".join(map(str, d["seeds"])),
+            *(format_difference(d[f"{k}_diff_points"], d[f"{k}_ci95_points"])
+              for k in ("final_test_acc", "best_test_acc", "final_memorised")),
+        ])
+    return rows
+
+
+def method_sections(runs: Sequence[RunResult]) -> list[str]:
+    """Markdown: paired differences, selection precision, method notes, warnings."""
+    lines: list[str] = []
+    diffs = difference_rows(runs)
+    if diffs:
+        lines += ["## GAF − matched control and GAF − averaging, paired by seed", "",
+                  format_table(diffs, DIFFERENCE_COLUMNS), "",
+                  "Mean over seeds of the per-seed difference (same data, weights and "
+                  "micro-batches), ± the half width of its 95% t-interval (none with one "
+                  "seed). A matched control takes GAF's steps (or micro-batches) at GAF's "
+                  "rate, chosen at random: GAF − control is what the choice by agreement "
+                  "is worth.", ""]
+    sel = selection_rows(runs)
+    if sel:
+        lines += ["## What each method kept", "", format_table(sel, SELECTION_COLUMNS), "",
+                  "Noise fraction of the samples that entered an update (*kept*: micro-"
+                  "batches accepted in taken steps, or samples for small-loss) and of the "
+                  "rest (*dropped*), means over epochs; *chance ±*: the standard deviation "
+                  "a random choice of the same size shows; *taken/skipped steps*: noise of "
+                  "whole steps; *rank corr.*: Spearman correlation of a micro-batch's "
+                  "distance with its noise fraction.", ""]
+    notes = []
+    for r in runs:
+        c = r.config
+        if c["method"] == "small-loss":
+            rate = max((h.get("forget_rate", 0.0) for h in r.history), default=0.0)
+            source = "given" if c.get("forget_rate") is not None else \
+                "the training set's known noise fraction"
+            notes.append(f"{r.label} (seed {c['seed']}): forget rate {rate:.3g} ({source}), "
+                         f"ramped over {c.get('forget_epochs')} epochs")
+        if c["method"] == "early-stop":
+            notes.append(f"{r.label} (seed {c['seed']}): kept epoch {r.stopped_epoch} "
+                         f"(best accuracy on a {100 * c['holdout_fraction']:g}% held-out "
+                         "split with noisy labels)")
+        for w in r.warnings:
+            notes.append(f"**warning**, {r.label} (seed {c['seed']}): {w['message']}")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
+    return lines
 
 
 def describe_settings(runs: Sequence[RunResult]) -> str:
@@ -192,9 +307,10 @@ def markdown_report(runs: Sequence[RunResult], plots: Sequence[str] = (),
         "distance between a micro-gradient and the running sum of the earlier ones.",
         "",
     ]
+    lines += method_sections(runs)
     cmp = gaf_vs_average(runs)
     if cmp:
-        lines += ["## GAF against averaging on the same micro-batches", ""]
+        lines += ["## GAF against averaging on the same micro-batches, seed by seed", ""]
         lines += ["| GAF run | noise | seed | test acc gain (points) | memorised: GAF / average |",
                   "|---|---|---|---|---|"]
         for d in cmp:

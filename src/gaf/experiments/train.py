@@ -1,23 +1,20 @@
-"""The training loop: plain averaging or GAF over the same micro-batches.
+"""The training loop: every method steps through :class:`gaf.GAFTrainer`.
 
 One optimizer step takes ``M = num_micro_batches`` micro-batches of ``micro_batch_size``
-samples.
+samples. The loop draws the epoch's micro-batches (:func:`epoch_batches`), sets the
+learning rate, and hands each step's batch to the method (:mod:`gaf.experiments.methods`),
+which steps the trainer users call: GAF, its blind controls and the averaging baselines
+differ in nothing but what decides the update. Per epoch it evaluates, records the
+selection precision (:mod:`gaf.experiments.selection`) and warns on collapse
+(:mod:`gaf.experiments.collapse`). The loop's own state lives in :class:`LoopState`.
 
-``average``  plain gradient accumulation: each micro-batch's loss is divided by M and
-             back-propagated into the same ``.grad``; one optimizer step. This is what
-             data-parallel SGD computes.
-``gaf``      :class:`gaf.GradientCollector` takes each micro-gradient out of ``.grad``;
-             ``finish()`` writes the filtered mean back, or reports a skipped step, in
-             which case the optimizer does not step (momentum is not advanced either).
+Every run records the cosine distance of each micro-gradient to the running sum of the
+earlier ones (the quantity GAF thresholds), averaging included.
 
-Both methods record the cosine distance of each micro-gradient to the running sum of the
-earlier ones (the quantity GAF thresholds); for ``average`` it is measured on the side
-from snapshots of the accumulated gradient and does not change the update.
-
-Hot path: the only host synchronisation per step is GAF's accept/skip decision (the
-optimizer needs it on the host). Losses, and averaging's side distances, accumulate on the
-device and are read once per epoch. Evaluation runs under ``no_grad`` in large batches over
-whole tensors, with one transfer of its statistics.
+Hot path: the only host synchronisation per step is the trainer's decision (the optimizer
+needs it on the host). Losses, noise counts and small-loss's kept-sample masks accumulate on
+the device and are read once per epoch. Evaluation runs under ``no_grad`` in large batches
+over whole tensors, with one transfer of its statistics.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -34,148 +31,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
+from gaf.experiments.batches import batch_sources, epoch_batches
+from gaf.experiments.collapse import collapse_warnings
 from gaf.experiments.config import TrainConfig, stream_seed
+from gaf.experiments.methods import MethodStep, build_step
 from gaf.experiments.models import build_model
 from gaf.experiments.prepare import PreparedData, prepare_data
-
-
-@dataclass
-class RunResult:
-    """Everything a run produced; ``to_dict`` is what results.json stores."""
-
-    config: dict[str, Any]
-    label: str
-    history: list[dict[str, float]] = field(default_factory=list)
-    distance_trace: list[float] = field(default_factory=list)  # per step, mean over rows
-    num_params: int = 0
-    steps: int = 0
-    skipped_steps: int = 0
-    noise_fraction: float = 0.0
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    model: nn.Module | None = field(default=None, repr=False, compare=False)  # not saved
-
-    @property
-    def final(self) -> dict[str, float]:
-        return self.history[-1] if self.history else {}
-
-    @property
-    def final_test_acc(self) -> float:
-        return float(self.final.get("test_acc", float("nan")))
-
-    @property
-    def best_test_acc(self) -> float:
-        return max((h["test_acc"] for h in self.history), default=float("nan"))
-
-    @property
-    def final_memorised(self) -> float:
-        return float(self.final.get("memorised", float("nan")))
-
-    @property
-    def skip_rate(self) -> float:
-        return self.skipped_steps / self.steps if self.steps else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "label": self.label,
-            "method": c["method"],
-            "tau": c["tau"] if c["method"] == "gaf" else None,
-            "rule": c["rule"] if c["method"] == "gaf" else None,
-            "noise": c["noise"],
-            "noise_rate": c["noise_rate"],
-            "seed": c["seed"],
-            "final_test_acc": self.final_test_acc,
-            "best_test_acc": self.best_test_acc,
-            "final_memorised": self.final_memorised,
-            "final_train_acc_clean": float(self.final.get("train_acc_clean", float("nan"))),
-            "skip_rate": self.skip_rate,
-            "distance_median": _median(self.distance_trace),
-            "train_seconds": self.train_seconds,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "config": self.config,
-            "summary": self.summary(),
-            "history": self.history,
-            "distance_trace": [round(float(d), 5) for d in self.distance_trace],
-            "num_params": self.num_params,
-            "steps": self.steps,
-            "skipped_steps": self.skipped_steps,
-            "noise_fraction": self.noise_fraction,
-            "train_seconds": self.train_seconds,
-            "eval_seconds": self.eval_seconds,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunResult:
-        nan = float("nan")  # results.json stores NaN as null
-        return cls(
-            config=d["config"],
-            label=d["label"],
-            history=[{k: nan if v is None else v for k, v in h.items()} for h in d["history"]],
-            distance_trace=[nan if v is None else v for v in d.get("distance_trace", [])],
-            num_params=d.get("num_params", 0),
-            steps=d.get("steps", 0),
-            skipped_steps=d.get("skipped_steps", 0),
-            noise_fraction=d.get("noise_fraction", 0.0),
-            train_seconds=d.get("train_seconds", 0.0),
-            eval_seconds=d.get("eval_seconds", 0.0),
-        )
-
-
-def _median(xs: list[float]) -> float:
-    finite = [x for x in xs if math.isfinite(x)]
-    return float(np.median(finite)) if finite else float("nan")
-
+from gaf.experiments.results import FILTERING_METHODS, RunResult
+from gaf.experiments.selection import EpochLog
 
 # --------------------------------------------------------------------------------------
-# Micro-batch order
-
-
-def epoch_batches(
-    labels: Tensor,
-    num_classes: int,
-    micro_batch_size: int,
-    num_micro_batches: int,
-    class_balanced: bool,
-    generator: torch.Generator,
-) -> Tensor:
-    """Indices for one epoch, shape ``[steps, M, micro_batch_size]`` (CPU, int64).
-
-    Random: a permutation cut into micro-batches (the incomplete last batch is dropped).
-    Class-balanced: every micro-batch holds ``micro_batch_size / K`` samples of each
-    (observed) class, drawn without replacement; the epoch ends when the smallest class
-    runs out.
-    """
-    labels = labels.cpu()
-    n = labels.numel()
-    m, b = num_micro_batches, micro_batch_size
-    if not class_balanced:
-        steps = n // (m * b)
-        perm = torch.randperm(n, generator=generator)
-        return perm[: steps * m * b].view(steps, m, b)
-    per_class = b // num_classes
-    if per_class * num_classes != b:
-        raise ValueError(f"micro_batch_size {b} is not a multiple of {num_classes} classes")
-    members = [torch.nonzero(labels == c).reshape(-1) for c in range(num_classes)]
-    n_micro = min(len(x) for x in members) // per_class
-    steps = n_micro // m
-    if steps == 0:
-        raise ValueError(
-            f"class-balanced micro-batches of {per_class} per class: some class has fewer "
-            f"than {per_class * m} samples, not enough for one step"
-        )
-    cols = []
-    for x in members:
-        shuffled = x[torch.randperm(len(x), generator=generator)]
-        cols.append(shuffled[: steps * m * per_class].view(steps * m, per_class))
-    micro = torch.cat(cols, dim=1)  # [steps*M, K*per_class]
-    # Shuffle within each micro-batch so the samples of a class are not contiguous.
-    inner = torch.argsort(torch.rand(micro.shape, generator=generator), dim=1)
-    return micro.gather(1, inner).view(steps, m, b)
+# Augmentation
 
 
 def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
@@ -265,18 +131,42 @@ def evaluate(model: nn.Module, data: PreparedData, batch_size: int) -> dict[str,
 # Training
 
 
-def _flat_grad(params: list[Tensor], out: Tensor) -> Tensor:
-    torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
-               for p in params], out=out)
-    return out
+def split_holdout(data: PreparedData, fraction: float, seed: int
+                  ) -> tuple[PreparedData, Tensor, Tensor]:
+    """Hold out ``fraction`` of the training samples, labels as observed (as noisy as the
+    training set's): what a user without clean labels can validate on. Returns the
+    remaining training data and the held-out images and labels."""
+    n = data.train_y.numel()
+    count = int(round(fraction * n))
+    if count < 1 or count >= n:
+        raise ValueError(f"a held-out fraction of {fraction} leaves no split of {n} samples")
+    perm = torch.randperm(n, generator=_generator(stream_seed(seed, "holdout")))
+    held, kept = perm[:count].sort().values, perm[count:].sort().values
+    held, kept = held.to(data.train_y.device), kept.to(data.train_y.device)
+    # Every per-sample training tensor (images, labels, noise mask, ...) keeps its rows.
+    changes = {f.name: getattr(data, f.name)[kept] for f in fields(data)
+               if not f.name.startswith("test_") and isinstance(getattr(data, f.name), Tensor)
+               and getattr(data, f.name).shape[:1] == (n,)}
+    rest = replace(data, **changes)
+    rest.noise_fraction = float(rest.is_noisy.float().mean())
+    return rest, data.train_x[held], data.train_y[held]
 
 
-def _make_collector(params: list[Tensor], cfg: TrainConfig):
-    from gaf import GradientCollector
-    from gaf.thresholds import parse_threshold
+@dataclass
+class LoopState:
+    """The loop's state between steps, in one place: with the model's, the optimizer's and
+    the trainer's ``state_dict``, what a run needs to resume where it stopped."""
 
-    tau = parse_threshold(cfg.threshold) if cfg.threshold else cfg.tau
-    return GradientCollector(params, tau=tau, rule=cfg.rule, measure=cfg.measure)
+    order_rng: torch.Generator
+    augment_rng: torch.Generator
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps attempted, skipped ones included (the lr schedule counts them)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    best_heldout: float = -math.inf  # early stopping: best held-out accuracy so far
+    best_epoch: int | None = None
+    best_weights: dict[str, Tensor] | None = None
+    stopped: bool = False
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -301,6 +191,10 @@ def train(
         torch.set_num_threads(cfg.threads)
     if data is None:
         data = prepare_data(cfg)
+    heldout = None
+    if cfg.holdout_fraction > 0:
+        data, hx, hy = split_holdout(data, cfg.holdout_fraction, cfg.seed)
+        heldout = (hx, hy)
     dev = torch.device(cfg.device)
     # Model init, data order and augmentation each have their own seeded stream, none of
     # which depends on the method: compared runs start equal and see the same batches.
@@ -309,19 +203,14 @@ def train(
                         cfg.width).to(dev)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    num_params = sum(p.numel() for p in params)
     opt = make_optimizer(cfg, model)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    order_gen = _generator(stream_seed(cfg.seed, "order"))
-    aug_gen = _generator(stream_seed(cfg.seed, "augment"))
+    method = build_step(cfg, model, opt, data.noise_fraction)
+    state = LoopState(order_rng=_generator(stream_seed(cfg.seed, "order")),
+                      augment_rng=_generator(stream_seed(cfg.seed, "augment")))
     m = cfg.num_micro_batches
-    is_gaf = cfg.method == "gaf"
-    collector = _make_collector(params, cfg) if is_gaf else None
-    record = cfg.record_distances and not is_gaf and m >= 2
-    snap = torch.empty(m, num_params, device=dev) if record else None
-
+    sources = batch_sources(cfg, data)  # None unless micro-batches come one source each
     first = epoch_batches(data.train_y, data.num_classes, cfg.micro_batch_size, m,
-                          cfg.class_balanced, _generator(0))
+                          cfg.class_balanced, _generator(0), sources)
     steps_per_epoch = first.shape[0]
     if cfg.max_steps is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
@@ -330,129 +219,127 @@ def train(
             f"{data.train_y.numel()} training samples do not fill one step of "
             f"{m} x {cfg.micro_batch_size}"
         )
-    total_steps = steps_per_epoch * cfg.epochs
-    result = RunResult(config=cfg.to_dict(), label=cfg.label, num_params=num_params,
+    result = RunResult(config=cfg.to_dict(), label=cfg.label,
+                       num_params=sum(p.numel() for p in params),
                        noise_fraction=data.noise_fraction)
-
     if epoch_hook is not None:
         epoch_hook(0, model)
-    bar = _progress(total_steps, cfg) if progress_bar else None
-    step = 0
-    t_train = t_eval = 0.0
-    for epoch in range(1, cfg.epochs + 1):
+    bar = _progress(steps_per_epoch * cfg.epochs, cfg) if progress_bar else None
+    while state.epoch < cfg.epochs and not state.stopped:
+        row = run_epoch(cfg, data, model, opt, method, state, steps_per_epoch, bar)
+        result.distance_trace.extend(row.pop("_distances"))
+        result.skipped_steps += row.pop("_skipped")
         t0 = time.perf_counter()
-        batches = epoch_batches(data.train_y, data.num_classes, cfg.micro_batch_size, m,
-                                cfg.class_balanced, order_gen)[:steps_per_epoch].to(dev)
-        loss_sum = torch.zeros((), device=dev)
-        epoch_dist: list[float] = []
-        device_dist: list[Tensor] = []  # averaging: read once per epoch
-        epoch_skips = 0
-        for s in range(batches.shape[0]):
-            f = lr_factor(cfg, step, total_steps, steps_per_epoch)
-            for g, base in zip(opt.param_groups, base_lrs, strict=True):
-                g["lr"] = base * f
-            idx = batches[s].reshape(-1)
-            x = data.train_x[idx]
-            if cfg.augment:
-                x = augment_batch(x, aug_gen)
-            x = x.view(m, cfg.micro_batch_size, *x.shape[1:])
-            y = data.train_y[idx].view(m, cfg.micro_batch_size)
-            opt.zero_grad(set_to_none=True)
-            for k in range(m):
-                loss = F.cross_entropy(model(x[k]), y[k])
-                loss_sum += loss.detach()
-                if is_gaf:
-                    loss.backward()
-                    collector.collect()
-                else:
-                    (loss / m).backward()
-                    if record:
-                        _flat_grad(params, snap[k])
-            if is_gaf:
-                res = collector.finish()
-                dist = res.distances.tolist()
-                epoch_dist.append(_mean_non_anchor(dist, res.anchor))
-                if res.skipped:
-                    epoch_skips += 1
-                    step += 1
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-            elif record:
-                device_dist.append(_average_distance(snap))
-            if cfg.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            step += 1
-            if bar is not None:
-                bar.update(1)
-        n_steps = batches.shape[0]
-        train_loss = float(loss_sum) / (n_steps * m)
-        if device_dist:
-            epoch_dist = torch.stack(device_dist).tolist()
-        t1 = time.perf_counter()
-        metrics = evaluate(model, data, cfg.eval_batch_size)
-        t2 = time.perf_counter()
-        t_train += t1 - t0
-        t_eval += t2 - t1
-        result.steps += n_steps
-        result.skipped_steps += epoch_skips
-        result.distance_trace.extend(epoch_dist)
-        finite = [d for d in epoch_dist if math.isfinite(d)]
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": train_loss,
-            **metrics,
-            "skip_rate": epoch_skips / n_steps,
-            "distance_mean": float(np.mean(finite)) if finite else float("nan"),
-            "distance_p10": float(np.percentile(finite, 10)) if finite else float("nan"),
-            "distance_p50": float(np.percentile(finite, 50)) if finite else float("nan"),
-            "distance_p90": float(np.percentile(finite, 90)) if finite else float("nan"),
-            "epoch_seconds": t1 - t0,
-        }
+        row.update(evaluate(model, data, cfg.eval_batch_size))
+        if heldout is not None:
+            row["heldout_acc"] = heldout_accuracy(model, *heldout, cfg.eval_batch_size)
+            if cfg.method == "early-stop":
+                _early_stop(cfg, model, state, row["heldout_acc"])
+        state.eval_seconds += time.perf_counter() - t0
         result.history.append(row)
+        result.steps += steps_per_epoch
+        for w in collapse_warnings(cfg, result.history, data.num_classes):
+            result.warnings.append(w)
+            print(f"[{cfg.label}] warning: {w['message']}", flush=True)
         if epoch_hook is not None:
-            epoch_hook(epoch, model)
+            epoch_hook(state.epoch, model)
         if bar is not None:
-            bar.set_postfix(ep=epoch, test=f"{metrics['test_acc']:.3f}",
-                            mem=f"{metrics['memorised']:.3f}", skip=f"{row['skip_rate']:.2f}")
+            bar.set_postfix(ep=state.epoch, test=f"{row['test_acc']:.3f}",
+                            mem=f"{row['memorised']:.3f}", skip=f"{row['skip_rate']:.2f}")
         elif cfg.progress:
             print(_epoch_line(cfg.label, row), flush=True)
     if bar is not None:
         bar.close()
-    result.train_seconds = t_train
-    result.eval_seconds = t_eval
+    if state.best_weights is not None:
+        model.load_state_dict(state.best_weights)
+        result.stopped_epoch = state.best_epoch
+    result.train_seconds = state.train_seconds
+    result.eval_seconds = state.eval_seconds
     result.model = model
     return result
 
 
-def _mean_non_anchor(distances: list[float], anchor: int) -> float:
-    vals = [d for i, d in enumerate(distances) if i != anchor]
-    return float(np.mean(vals)) if vals else float("nan")
+def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
+              opt: torch.optim.Optimizer, method: MethodStep, state: LoopState,
+              steps_per_epoch: int, bar=None) -> dict[str, Any]:
+    """One epoch of steps through the method's trainer; returns the epoch's history row
+    (without the evaluation)."""
+    t0 = time.perf_counter()
+    dev = data.train_x.device
+    m, b = cfg.num_micro_batches, cfg.micro_batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+    base_lrs = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
+    for g, base in zip(opt.param_groups, base_lrs, strict=True):
+        g.setdefault("initial_lr", base)
+    batches = epoch_batches(data.train_y, data.num_classes, b, m, cfg.class_balanced,
+                            state.order_rng, batch_sources(cfg, data))[:steps_per_epoch].to(dev)
+    method.begin_epoch(state.epoch)
+    log = EpochLog(m, torch.zeros((), device=dev))
+    record = cfg.record_distances and m >= 2
+    for s in range(batches.shape[0]):
+        f = lr_factor(cfg, state.step, total_steps, steps_per_epoch)
+        for g, base in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = base * f
+        idx = batches[s].reshape(-1)
+        x = data.train_x[idx]
+        if cfg.augment:
+            x = augment_batch(x, state.augment_rng)
+        out = method.step(x, data.train_y[idx])
+        res = out.result
+        if res is None:
+            log.record(out.loss, out.skipped)
+        else:
+            log.record(out.loss, out.skipped, res.accepted.numpy(),
+                       res.distances.numpy() if record else None, res.anchor)
+        state.step += 1
+        if bar is not None:
+            bar.update(1)
+    state.epoch += 1
+    n_steps = batches.shape[0]
+    selects = cfg.method in FILTERING_METHODS
+    kept = method.small_loss.kept if method.small_loss is not None else None
+    precision = log.precision(data.is_noisy[batches] if bool(data.noise_fraction > 0) else None,
+                              selects, kept)
+    if kept is not None:
+        kept.clear()
+    t1 = time.perf_counter()
+    state.train_seconds += t1 - t0
+    dist = log.step_distance
+    finite = [d for d in dist if math.isfinite(d)]
+    row = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "lr": opt.param_groups[0]["lr"],
+        "train_loss": float(log.loss_sum) / n_steps,
+        "skip_rate": sum(log.skipped) / n_steps,
+        "distance_mean": float(np.mean(finite)) if finite else float("nan"),
+        "distance_p10": float(np.percentile(finite, 10)) if finite else float("nan"),
+        "distance_p50": float(np.percentile(finite, 50)) if finite else float("nan"),
+        "distance_p90": float(np.percentile(finite, 90)) if finite else float("nan"),
+        "epoch_seconds": t1 - t0,
+        **(log.update_fractions() if selects else {}),
+        **precision,
+        "_distances": dist,
+        "_skipped": sum(log.skipped),
+    }
+    if method.small_loss is not None:
+        row["forget_rate"] = method.small_loss.rate
+    return row
 
 
-def _average_distance(snapshots: Tensor) -> Tensor:
-    """Mean distance of an accumulation step's micro-gradients to the running sum of the
-    earlier ones, as a 0-d tensor on the gradients' device (no host synchronisation).
+@torch.no_grad()
+def heldout_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
+    return float((predict(model, x, batch_size) == y).float().mean())
 
-    ``snapshots[k]`` is the accumulated gradient after micro-batch k, so micro-gradient k is
-    ``snapshots[k] - snapshots[k-1]`` (up to the common factor 1/M, which no cosine sees).
-    With the Gram matrix G of the micro-gradients and s_k = g_0 + … + g_{k-1}:
-    ``s_k·g_k = Σ_{i<k} G[i, k]`` and ``|s_k|² = Σ_{i,j<k} G[i, j]``: the distances the
-    paper's rule measures when it accepts everything (tau = 2). A zero or non-finite
-    micro-gradient gives NaN here, which the epoch statistics leave out.
-    """
-    micro = torch.diff(snapshots, dim=0, prepend=torch.zeros_like(snapshots[:1]))
-    g = (micro @ micro.T).double()  # float64: the sums below cancel
-    col = g.cumsum(0)  # col[k-1, k] = Σ_{i<k} G[i, k]
-    block = col.cumsum(1)  # block[k-1, k-1] = Σ_{i,j<k} G[i, j]
-    k = torch.arange(1, g.shape[0], device=g.device)
-    dot = col[k - 1, k]
-    norm_sq = block[k - 1, k - 1] * g[k, k]
-    dist = (1.0 - dot / norm_sq.sqrt()).clamp(0.0, 2.0)
-    return dist.mean()
+
+def _early_stop(cfg: TrainConfig, model: nn.Module, state: LoopState, acc: float) -> None:
+    """Keep the weights of the best held-out epoch; stop after ``patience`` epochs
+    without improvement (None: train every epoch, still report the best one)."""
+    if acc > state.best_heldout:
+        state.best_heldout, state.best_epoch = acc, state.epoch
+        state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    elif cfg.patience is not None and state.epoch - (state.best_epoch or 0) >= cfg.patience:
+        state.stopped = True
 
 
 def _progress(total: int, cfg: TrainConfig):

@@ -1,0 +1,202 @@
+"""Robust aggregation rules that need only the Gram matrix of the micro-gradients.
+
+A faulty micro-gradient (a broken rank, a bad data shard, a stale or corrupted gradient)
+spoils a plain average however many honest rows surround it. Two classical robust
+aggregators decide from pairwise distances alone, and for rows g_1 … g_M with Gram matrix
+G = X Xᵀ those are
+
+    |g_i - g_j|² = G_ii + G_jj - 2 G_ij
+    |Σ_j w_j g_j - g_i|² = wᵀ G w - 2 (G w)_i + G_ii
+
+so, like the agreement rules of :mod:`gaf.core`, they run on the host over the small M × M
+matrix, return weights w, and the direction is the one weighted sum Σ w_i g_i. In the
+distributed protocol that keeps them at the traffic of one all-reduce, where the usual
+implementations gather every rank's full gradient.
+
+``multi_krum`` (Blanchard et al., NeurIPS 2017, "Machine learning with adversaries")::
+
+    k = M - f - 2                               neighbours scored per row
+    score_i = Σ of the k smallest |g_i - g_j|², j ≠ i
+    keep the m rows with the smallest scores    (default m = M - f; Krum is m = 1)
+    direction = mean of the kept rows
+
+It tolerates f faulty rows when M > 2f + 2 (checked: a clear error otherwise).
+
+``geometric_median`` (the smoothed Weiszfeld iteration of RFA, Pillutla et al. 2019,
+"Robust aggregation for federated learning")::
+
+    w = uniform over the rows
+    repeat at most max_iter times:
+        d_i = |Σ_j w_j g_j - g_i|               from G as above
+        w_i ∝ 1 / max(ν, d_i)
+        stop once no weight moved by more than tol
+    direction = Σ w_i g_i
+
+Deliberate choices:
+
+* Invalid rows (non-finite or zero norm, as in :mod:`gaf.core`) are excluded before
+  either rule runs: weight 0, never accepted, distance 2. Krum's neighbour count and the
+  median's smoothing use the valid rows only; f stays as given (an invalid row may be one
+  of the f faults, so this errs on the side of fewer neighbours).
+* ν is relative: the smoothing is ``nu`` times the root-mean-square norm of the valid rows,
+  so one setting serves any gradient scale. Distances from a float32 G are exact only to
+  about 3e-4 of the row norms (cancellation in G_ii + G_jj - 2 G_ij), which is why the
+  default ``nu = 1e-3`` is not smaller. Rounding that makes a squared distance slightly
+  negative is clamped to 0.
+* Ties in Krum's scores go to the lowest index (stable sort), so every rank keeps the same
+  rows from the same G.
+* What the :class:`~gaf.core.Decision` reports: ``accepted`` marks the kept rows
+  (Krum) or the rows of positive weight (every valid row, for the median); ``weights`` the
+  direction's weights; ``distances[k]`` the cosine distance between the direction and row
+  k (2 for invalid rows), the same quantity the agreement rules test; ``anchor`` Krum's
+  best-scoring row, or the median's heaviest row. The step is never skipped while one row
+  is valid: a robust rule always has a direction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gaf.core import Decision
+
+ROBUST_RULES: tuple[str, ...] = ("multi-krum", "geometric-median")
+
+
+@dataclass(frozen=True)
+class KrumOptions:
+    """``f``: faulty rows tolerated; ``m``: rows kept (None: M - f; Krum is m = 1)."""
+
+    f: int = 1
+    m: int | None = None
+
+
+@dataclass(frozen=True)
+class MedianOptions:
+    """Smoothed Weiszfeld: ``nu`` relative smoothing, ``max_iter`` cap, ``tol`` on weights."""
+
+    nu: float = 1e-3
+    max_iter: int = 100
+    tol: float = 1e-7
+
+
+def _count(value: object, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    return int(value)
+
+
+def _positive(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite positive number, got {value}")
+    return value
+
+
+def check_krum(rows: int, f: object = 1, m: object = None) -> tuple[int, int]:
+    """Validate Krum's options for ``rows`` micro-gradients; returns (f, m)."""
+    f = _count(f, "multi-krum's f (faulty rows tolerated)", 0)
+    if rows <= 2 * f + 2:
+        raise ValueError(
+            f"multi-krum with f = {f} needs more than 2f + 2 = {2 * f + 2} micro-gradients, "
+            f"got M = {rows}: lower f or use more micro-batches / ranks"
+        )
+    m = rows - f if m is None else _count(m, "multi-krum's m (rows kept)", 1)
+    if m > rows - f:
+        raise ValueError(f"multi-krum keeps at most M - f = {rows - f} rows, got m = {m}")
+    return f, m
+
+
+def check_median(nu: object = 1e-3, max_iter: object = 100, tol: object = 1e-7):
+    """Validate the geometric median's options; returns (nu, max_iter, tol)."""
+    return (_positive(nu, "geometric-median's nu (smoothing)"),
+            _count(max_iter, "geometric-median's max_iter", 1),
+            _positive(tol, "geometric-median's tol"))
+
+
+def _host_gram(gram: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """G in float64 on the host with invalid rows/columns zeroed; (G, valid, finite)."""
+    g = gram.detach().to("cpu", torch.float64).numpy() if isinstance(gram, Tensor) else gram
+    g = np.asarray(g, dtype=np.float64)
+    if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
+        raise ValueError(f"gram must be a non-empty square matrix, got shape {g.shape}")
+    diag = np.diag(g)
+    finite = np.isfinite(diag)
+    valid = finite & (diag > 0.0)
+    return np.where(valid[:, None] & valid[None, :], g, 0.0), valid, finite
+
+
+def squared_distances(g: np.ndarray) -> np.ndarray:
+    """|g_i - g_j|² = G_ii + G_jj - 2 G_ij, clamped at 0 against rounding."""
+    diag = np.diag(g)
+    return np.maximum(diag[:, None] + diag[None, :] - 2.0 * g, 0.0)
+
+
+def _distances_to_direction(g: np.ndarray, w: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Cosine distance between Σ w_i g_i and each row; 2 for invalid rows."""
+    dots = g @ w
+    norm_sq = float(w @ dots)
+    diag = np.diag(g)
+    denom = np.sqrt(np.maximum(norm_sq * diag, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.where(valid, np.clip(1.0 - cos, 0.0, 2.0), 2.0)
+
+
+def _empty(valid: np.ndarray, finite: np.ndarray) -> Decision:
+    m = len(valid)
+    return Decision(np.zeros(m, dtype=bool), np.zeros(m), np.full(m, 2.0), -1, valid, finite)
+
+
+def multi_krum(gram: Tensor | np.ndarray, f: int = 1, m: int | None = None) -> Decision:
+    """Multi-Krum over the Gram matrix of M rows (see the module docstring)."""
+    g, valid, finite = _host_gram(gram)
+    f, keep = check_krum(g.shape[0], f, m)
+    idx = np.flatnonzero(valid)
+    if idx.size == 0:
+        return _empty(valid, finite)
+    sub = squared_distances(g[np.ix_(idx, idx)])
+    n = idx.size
+    k = min(max(1, n - f - 2), n - 1)
+    scores = np.zeros(n)
+    if n > 1:
+        off = np.sort(sub + np.diag(np.full(n, np.inf)), axis=1)  # self at the end
+        scores = off[:, :k].sum(axis=1)
+    order = np.argsort(scores, kind="stable")[: min(keep, n)]
+    accepted = np.zeros(len(valid), dtype=bool)
+    accepted[idx[order]] = True
+    weights = accepted / accepted.sum()
+    distances = _distances_to_direction(g, weights, valid)
+    return Decision(accepted, weights, distances, int(idx[order[0]]), valid, finite)
+
+
+def geometric_median(
+    gram: Tensor | np.ndarray, nu: float = 1e-3, max_iter: int = 100, tol: float = 1e-7
+) -> Decision:
+    """Smoothed Weiszfeld geometric median over the Gram matrix (see the module docstring)."""
+    g, valid, finite = _host_gram(gram)
+    nu, max_iter, tol = check_median(nu, max_iter, tol)
+    if not valid.any():
+        return _empty(valid, finite)
+    diag = np.diag(g)
+    smoothing = nu * math.sqrt(float(diag[valid].mean()))
+    w = valid / valid.sum()
+    for _ in range(max_iter):
+        gw = g @ w
+        dist = np.sqrt(np.maximum(float(w @ gw) - 2.0 * gw + diag, 0.0))
+        alpha = np.where(valid, 1.0 / np.maximum(smoothing, dist), 0.0)
+        new = alpha / alpha.sum()
+        settled = float(np.abs(new - w).max()) <= tol
+        w = new
+        if settled:
+            break
+    distances = _distances_to_direction(g, w, valid)
+    return Decision(w > 0, w, distances, int(np.argmax(w)), valid, finite)
