@@ -69,6 +69,8 @@ def assert_same_params(a, b):
     ({"method": "gaf", "threshold": "quantile:target_acceptance=0.5,min_samples=4,window=16"},
      15),
     ({"method": "average"}, 27),
+    ({"method": "random-drop", "control_rate": 0.4, "num_micro_batches": 4,
+      "micro_batch_size": 8}, 27),
     ({"method": "small-loss", "forget_epochs": 2}, 27),
     ({"method": "gaf", "amp": "fp16", "epochs": 2}, 15),
 ])
