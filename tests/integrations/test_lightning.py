@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import gaf
 from gaf.integrations.lightning import GAFCallback
 
 from .tiny import (
@@ -185,3 +186,62 @@ def test_lightning_ddp_two_processes_matches_distributed_gaftrainer(tmp_path):
     stats = reports[0]["stats"]
     assert 0 < stats["skipped_steps"] < stats["steps"]
     assert stats["micro_batches"] == 2 * M * stats["steps"]  # every rank's micro-gradients
+
+
+class ManualModule(pl.LightningModule):
+    """The manual-optimisation recipe of gaf.integrations.lightning's docstring."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def on_fit_start(self):
+        self.collector = gaf.GradientCollector(self.optimizers().optimizer.param_groups,
+                                               tau=TAU)
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        for x, y in zip(*(t.chunk(M) for t in batch), strict=True):
+            self.manual_backward(F.cross_entropy(self.net(x), y))
+            self.collector.collect()
+        result = self.collector.finish()
+        if not result.skipped:
+            self.clip_gradients(opt, gradient_clip_val=0.5)
+            opt.step()
+        opt.zero_grad()
+
+
+def test_lightning_manual_optimisation_recipe_matches_gaftrainer(tmp_path):
+    x, y = make_data(64)
+    module = ManualModule(make_net())
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=MICRO * M, shuffle=False))
+
+    net = make_net()
+    ref = reference_run(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), x, y,
+                        micro_batch=MICRO, num_micro_batches=M, tau=TAU, max_grad_norm=0.5)
+    assert 0 < ref.stats.skipped_steps < ref.stats.steps
+    assert module.collector.stats == ref.stats
+    assert_same_tensors(module.net.parameters(), net.parameters(), "parameters")
+
+
+def test_lightning_refuses_a_single_micro_batch_and_manual_optimisation(tmp_path):
+    x, y = make_data(16)
+    loader = DataLoader(TensorDataset(x, y), batch_size=MICRO)
+
+    def trainer():
+        return pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                          callbacks=[GAFCallback()], enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False,
+                          default_root_dir=tmp_path)
+
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        trainer().fit(Module(make_net(), lambda p: torch.optim.SGD(p, lr=0.1)), loader)
+    with pytest.raises(ValueError, match="manual optimisation"):
+        trainer().fit(ManualModule(make_net()), loader)
