@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from gaf.experiments.batches import epoch_batches
 from gaf.experiments.config import TrainConfig, micro_batches_per_step
 from gaf.experiments.prepare import PreparedData, prepare_data
-from gaf.experiments.train import augment_batch, epoch_batches, evaluate, train
+from gaf.experiments.train import augment_batch, evaluate, train
 
 
 def tiny(fmnist_dir, **kw) -> TrainConfig:

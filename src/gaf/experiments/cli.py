@@ -114,6 +114,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="CIFAR-N label set: aggre/worse/random1-3 (cifar10), noisy (cifar100)")
     d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip (CIFAR)")
+    d.add_argument("--noise-sources", type=_positive, metavar="S",
+                   help="noise per source: split the training set into S random sources")
+    d.add_argument("--bad-sources", type=_fraction, metavar="F",
+                   help="fraction of the sources carrying the --noise kind (F*S whole)")
+    d.add_argument("--source-noise-rate", type=_fraction, metavar="R",
+                   help="rate inside a bad source (default: the rate that makes the overall "
+                        "rate --noise-rate)")
+    d.add_argument("--other-source-noise-rate", type=_fraction, metavar="R",
+                   help="rate inside the other sources (default 0: clean)")
+    d.add_argument("--source-batches", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --noise-sources, every micro-batch from one source (default); "
+                        "--no-source-batches mixes them")
     m = p.add_argument_group("model and batches")
     m.add_argument("--model", choices=MODELS)
     m.add_argument("--width", type=_positive,

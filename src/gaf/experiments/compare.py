@@ -51,7 +51,8 @@ def expand_grid(
 
 def _data_key(cfg: TrainConfig) -> tuple:
     return (cfg.dataset, cfg.data_dir, cfg.train_size, cfg.test_size, cfg.noise,
-            cfg.noise_rate, cfg.human_labels, cfg.seed, cfg.device)
+            cfg.noise_rate, cfg.human_labels, cfg.noise_sources, cfg.bad_sources,
+            cfg.source_noise_rate, cfg.other_source_noise_rate, cfg.seed, cfg.device)
 
 
 def _worker(cfg_dict: dict[str, Any]) -> dict[str, Any]:

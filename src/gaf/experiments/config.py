@@ -12,6 +12,11 @@ from gaf.experiments.data import DATASETS, canonical_name
 from gaf.experiments.methods import CONTROLS, METHODS, canonical_method
 from gaf.experiments.models import MODELS
 from gaf.experiments.noise import NOISE_KINDS, check_rate
+from gaf.experiments.source_noise import (
+    SOURCE_NOISE_KINDS,
+    check_source_split,
+    resolve_source_rates,
+)
 
 __all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
@@ -39,6 +44,17 @@ class TrainConfig:
     noise: str = "symmetric"
     noise_rate: float = 0.4
     human_labels: str | None = None  # CIFAR-N label set for noise="human"
+    # Noise per source (gaf.experiments.source_noise): the training set split into
+    # noise_sources random sources, the fraction bad_sources of them carrying the noise of
+    # kind `noise` at source_noise_rate (None: the rate that makes the overall rate
+    # noise_rate; given: noise_rate becomes the overall rate it implies), the others at
+    # other_source_noise_rate. source_batches: every micro-batch from one source (False:
+    # micro-batches mix sources, the control for the same noisy labels).
+    noise_sources: int | None = None
+    bad_sources: float | None = None
+    source_noise_rate: float | None = None
+    other_source_noise_rate: float = 0.0
+    source_batches: bool = True
     augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR
     # model
     model: str = "small_cnn"
@@ -94,6 +110,19 @@ class TrainConfig:
         return self.micro_batch_size * self.num_micro_batches
 
     @property
+    def per_source_batches(self) -> bool:
+        """Whether every micro-batch is drawn from a single source."""
+        return self.noise_sources is not None and self.source_batches
+
+    @property
+    def bad_source_noise_rate(self) -> float:
+        """The noise rate inside a bad source (validated settings; 0 without sources)."""
+        if self.noise_sources is None:
+            return 0.0
+        return resolve_source_rates(self.noise_rate, self.bad_sources,
+                                    self.source_noise_rate, self.other_source_noise_rate)[0]
+
+    @property
     def label(self) -> str:
         if self.name:
             return self.name
@@ -125,6 +154,7 @@ class TrainConfig:
                 raise ValueError("human noise (CIFAR-N) needs dataset cifar10 or cifar100")
             if self.human_labels is None:
                 self.human_labels = "aggre" if self.dataset == "cifar10" else "noisy"
+        self._validate_sources()
         model = self.model.strip().lower().replace("-", "_")
         if model == "cnn":
             model = "small_cnn"
@@ -164,6 +194,12 @@ class TrainConfig:
                     f"class-balanced micro-batches need micro_batch_size divisible by the "
                     f"{k} classes of {self.dataset}, got {self.micro_batch_size}"
                 )
+        if self.class_balanced and self.per_source_batches:
+            raise ValueError(
+                "class_balanced and noise_sources with source_batches both choose the "
+                "micro-batches; set source_batches=False (--no-source-batches) or drop "
+                "class_balanced"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
@@ -193,6 +229,30 @@ class TrainConfig:
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         return self
+
+    def _validate_sources(self) -> None:
+        if self.noise_sources is None:
+            for name in ("bad_sources", "source_noise_rate"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs noise_sources (the number of sources)")
+            if self.other_source_noise_rate != 0:
+                raise ValueError("other_source_noise_rate needs noise_sources "
+                                 "(the number of sources)")
+            return
+        if self.noise not in SOURCE_NOISE_KINDS:
+            raise ValueError(
+                f"noise_sources needs noise {' or '.join(SOURCE_NOISE_KINDS)}, "
+                f"got noise {self.noise!r}"
+            )
+        if self.bad_sources is None:
+            raise ValueError("noise_sources needs bad_sources, the fraction of sources that "
+                             "carry the noise (e.g. 0.4)")
+        check_source_split(self.noise_sources, self.bad_sources)
+        self.bad_sources = float(self.bad_sources)
+        # The overall rate is what tables and reports show, as for the other kinds.
+        self.noise_rate = resolve_source_rates(self.noise_rate, self.bad_sources,
+                                               self.source_noise_rate,
+                                               self.other_source_noise_rate)[1]
 
     def _validate_method_options(self) -> None:
         rates = [self.control_rate] if self.control_rate is not None else []

@@ -22,6 +22,7 @@ from gaf.experiments.noise import (
     human_noise,
     symmetric_noise,
 )
+from gaf.experiments.source_noise import SourceNoise, source_noise
 
 
 @dataclass
@@ -36,7 +37,10 @@ class PreparedData:
     in_channels: int
     image_size: int
     noise_fraction: float
-    source: str
+    source: str  # where the dataset's files were read from
+    # int64 [N]: the source of each training sample under noise per source (None
+    # otherwise); micro-batches of one source each are drawn from it.
+    train_source: Tensor | None = None
 
 
 @lru_cache(maxsize=4)
@@ -84,6 +88,19 @@ def make_noise(cfg: TrainConfig, data: ImageData, indices: Tensor) -> NoisyLabel
     raise ValueError(f"unknown noise {cfg.noise!r}")
 
 
+def make_source_noise(cfg: TrainConfig, data: ImageData, indices: Tensor) -> SourceNoise:
+    """Noise per source over the training samples ``indices`` (``cfg.noise_sources`` set)."""
+    y = data.train_labels[indices]
+    flip = None
+    if cfg.noise == "asymmetric":
+        flip = asymmetric_map_for(data.name, data.extras.get("coarse_labels"), data.train_labels)
+    return source_noise(
+        y, data.num_classes, cfg.noise, cfg.noise_sources, cfg.bad_sources,
+        cfg.bad_source_noise_rate, cfg.other_source_noise_rate,
+        seed=stream_seed(cfg.seed, "sources"), flip_map=flip,
+    )
+
+
 def prepare_data(cfg: TrainConfig) -> PreparedData:
     cfg.validate()
     data = _cached_dataset(cfg.dataset, cfg.data_dir, cfg.download)
@@ -97,7 +114,12 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     tidx = torch.arange(nt)
     if cfg.test_size is not None and cfg.test_size < nt:
         tidx = torch.randperm(nt, generator=g)[: cfg.test_size].sort().values
-    noise = make_noise(cfg, data, idx)
+    train_source = None
+    if cfg.noise_sources is not None:
+        per_source = make_source_noise(cfg, data, idx)
+        noise, train_source = per_source.noisy, per_source.source
+    else:
+        noise = make_noise(cfg, data, idx)
     dev = torch.device(cfg.device)
     c, h, _ = data.train_images.shape[1:]
     return PreparedData(
@@ -112,4 +134,5 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         image_size=int(h),
         noise_fraction=noise.noise_fraction,
         source=data.source,
+        train_source=None if train_source is None else train_source.to(dev),
     )

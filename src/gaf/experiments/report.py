@@ -99,12 +99,14 @@ def summary_rows(runs: Sequence[RunResult]) -> list[list[str]]:
     groups: dict[tuple, list[RunResult]] = defaultdict(list)
     for r in runs:
         c = r.config
-        groups[(r.label, c["noise"], c["noise_rate"], c.get("human_labels"))].append(r)
+        groups[(r.label, c["noise"], c["noise_rate"], c.get("human_labels"),
+                *_source_settings(c))].append(r)
     rows = []
-    for (label, noise, rate, human), rs in groups.items():
+    for (label, noise, rate, human, *_), rs in groups.items():
         s = [r.summary() for r in rs]
         noise_s = f"{noise} {human}" if noise == "human" else (
             "none" if noise == "none" else f"{noise} {100 * rate:g}%")
+        noise_s += _source_description(rs[0].config)
         rows.append([
             label,
             noise_s,
@@ -118,6 +120,27 @@ def summary_rows(runs: Sequence[RunResult]) -> list[list[str]]:
             f"{np.mean([x['train_seconds'] for x in s]):.0f}",
         ])
     return rows
+
+
+def _source_settings(c: dict[str, Any]) -> tuple:
+    """The settings of noise per source (all None for other noise; absent in old results)."""
+    if c.get("noise_sources") is None:
+        return (None, None, None, None, None)
+    return (c["noise_sources"], c["bad_sources"], c.get("source_noise_rate"),
+            c.get("other_source_noise_rate"), c.get("source_batches", True))
+
+
+def _source_description(c: dict[str, Any]) -> str:
+    """E.g. ' in 4/10 sources' for noise per source (micro-batches of one source each),
+    ' in 4/10 sources, mixed micro-batches' for its control; '' for other noise."""
+    if c.get("noise_sources") is None:
+        return ""
+    s = c["noise_sources"]
+    bad = round(c["bad_sources"] * s)
+    other = c.get("other_source_noise_rate") or 0.0
+    rest = f", others {100 * other:g}%" if other else ""
+    mixing = "" if c.get("source_batches", True) else ", mixed micro-batches"
+    return f" in {bad}/{s} sources{rest}{mixing}"
 
 
 def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] = COLUMNS,
@@ -139,7 +162,7 @@ def gaf_vs_average(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     def key(r: RunResult) -> tuple:
         c = r.config
         return (c["dataset"], c["noise"], c["noise_rate"], c.get("human_labels"), c["seed"],
-                c["micro_batch_size"], c["num_micro_batches"])
+                c["micro_batch_size"], c["num_micro_batches"], *_source_settings(c))
 
     baselines = {key(r): r for r in runs if r.config["method"] == "average"}
     out = []

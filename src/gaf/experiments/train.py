@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
+from gaf.experiments.batches import batch_sources, epoch_batches
 from gaf.experiments.collapse import collapse_warnings
 from gaf.experiments.config import TrainConfig, stream_seed
 from gaf.experiments.methods import MethodStep, build_step
@@ -40,50 +41,7 @@ from gaf.experiments.results import FILTERING_METHODS, RunResult
 from gaf.experiments.selection import EpochLog
 
 # --------------------------------------------------------------------------------------
-# Micro-batch order
-
-
-def epoch_batches(
-    labels: Tensor,
-    num_classes: int,
-    micro_batch_size: int,
-    num_micro_batches: int,
-    class_balanced: bool,
-    generator: torch.Generator,
-) -> Tensor:
-    """Indices for one epoch, shape ``[steps, M, micro_batch_size]`` (CPU, int64).
-
-    Random: a permutation cut into micro-batches (the incomplete last batch is dropped).
-    Class-balanced: every micro-batch holds ``micro_batch_size / K`` samples of each
-    (observed) class, drawn without replacement; the epoch ends when the smallest class
-    runs out.
-    """
-    labels = labels.cpu()
-    n = labels.numel()
-    m, b = num_micro_batches, micro_batch_size
-    if not class_balanced:
-        steps = n // (m * b)
-        perm = torch.randperm(n, generator=generator)
-        return perm[: steps * m * b].view(steps, m, b)
-    per_class = b // num_classes
-    if per_class * num_classes != b:
-        raise ValueError(f"micro_batch_size {b} is not a multiple of {num_classes} classes")
-    members = [torch.nonzero(labels == c).reshape(-1) for c in range(num_classes)]
-    n_micro = min(len(x) for x in members) // per_class
-    steps = n_micro // m
-    if steps == 0:
-        raise ValueError(
-            f"class-balanced micro-batches of {per_class} per class: some class has fewer "
-            f"than {per_class * m} samples, not enough for one step"
-        )
-    cols = []
-    for x in members:
-        shuffled = x[torch.randperm(len(x), generator=generator)]
-        cols.append(shuffled[: steps * m * per_class].view(steps * m, per_class))
-    micro = torch.cat(cols, dim=1)  # [steps*M, K*per_class]
-    # Shuffle within each micro-batch so the samples of a class are not contiguous.
-    inner = torch.argsort(torch.rand(micro.shape, generator=generator), dim=1)
-    return micro.gather(1, inner).view(steps, m, b)
+# Augmentation
 
 
 def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
@@ -250,8 +208,9 @@ def train(
     state = LoopState(order_rng=_generator(stream_seed(cfg.seed, "order")),
                       augment_rng=_generator(stream_seed(cfg.seed, "augment")))
     m = cfg.num_micro_batches
+    sources = batch_sources(cfg, data)  # None unless micro-batches come one source each
     first = epoch_batches(data.train_y, data.num_classes, cfg.micro_batch_size, m,
-                          cfg.class_balanced, _generator(0))
+                          cfg.class_balanced, _generator(0), sources)
     steps_per_epoch = first.shape[0]
     if cfg.max_steps is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
@@ -313,7 +272,7 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
     for g, base in zip(opt.param_groups, base_lrs, strict=True):
         g.setdefault("initial_lr", base)
     batches = epoch_batches(data.train_y, data.num_classes, b, m, cfg.class_balanced,
-                            state.order_rng)[:steps_per_epoch].to(dev)
+                            state.order_rng, batch_sources(cfg, data))[:steps_per_epoch].to(dev)
     method.begin_epoch(state.epoch)
     log = EpochLog(m, torch.zeros((), device=dev))
     record = cfg.record_distances and m >= 2
