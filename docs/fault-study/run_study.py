@@ -227,6 +227,29 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+SURVIVED_POINTS = 5
+
+
+def _ratio(by: dict, method: str) -> float:
+    per = [by[(n, f, k, method)]["step_ms"] / by[(n, f, k, "averaging")]["step_ms"]
+           for (n, f, k, m) in by if m == method]
+    return statistics.median(per)
+
+
+def summary(by: dict, names: list[str]) -> list[list[str]]:
+    """One row per method over the fault cells (the headline table)."""
+    rows = []
+    for m in names:
+        cells = [r for (n, f, k, mm), r in by.items() if mm == m and f > 0]
+        ok = sum(r["accuracy"] >= by[(r["n"], 0, None, "averaging")]["accuracy"]
+                 - SURVIVED_POINTS / 100 for r in cells)
+        rows.append([SHORT[m], f"{ok}/{len(cells)}", str(sum(r["diverged"] for r in cells)),
+                     f"{100 * statistics.fmean(r['accuracy'] for r in cells):.1f}",
+                     f"{100 * statistics.fmean(r['faulty_share'] for r in cells):.1f}",
+                     f"{_ratio(by, m):.2f}"])
+    return rows
+
+
 def report(results: dict) -> str:
     runs = [r for r in results["runs"] if not r.get("anchor_study")]
     names = [m for m in METHODS if any(r["method"] == m for r in runs)]
@@ -248,9 +271,16 @@ def report(results: dict) -> str:
         "f_K = min(f, (N - 3) // 2) (at N = 4 its guarantee allows only f_K = 0); the "
         "trimmed mean drops min(f, (N - 1) // 2) values per side.",
         "",
-        "## Final test accuracy (%), `(div)` = diverged",
+        "## Summary over the 24 fault cells (N = 4, 8; f = 1, 2; six kinds)",
+        "",
+        f"'survived': final test accuracy within {SURVIVED_POINTS} points of plain averaging "
+        "without a fault at the same N.",
         "",
     ]
+    out += _table(["method", "survived", "diverged", "mean accuracy %",
+                   "weight to faulty rows %", "step time / averaging"],
+                  summary(by, names))
+    out += ["", "## Final test accuracy (%), `(div)` = diverged", ""]
     rows = []
     for n in sorted({r["n"] for r in runs}):
         rows.append([f"N={n}", "none"] + [_cell(by[(n, 0, None, m)]) for m in names])
@@ -270,12 +300,7 @@ def report(results: dict) -> str:
     out += _table(["rows", "fault"] + [SHORT[m] for m in names], rows)
     out += ["", "## Cost per step against plain averaging (same configuration, median step "
             "time, ratio; median over the cells)", ""]
-    ratios = []
-    for m in names:
-        per = [by[(n, f, k, m)]["step_ms"] / by[(n, f, k, "averaging")]["step_ms"]
-               for (n, f, k, mm) in by if mm == m]
-        ratios.append(f"{statistics.median(per):.2f}")
-    out += _table([SHORT[m] for m in names], [ratios])
+    out += _table([SHORT[m] for m in names], [[f"{_ratio(by, m):.2f}" for m in names]])
     out += ["", "Traffic across N ranks (m = 1 row each, P parameters, elements sent per "
             "rank): averaging by all-reduce and every Gram rule (GAF, multi-Krum, geometric "
             "median) through the sharded protocol 2·P·(N-1)/N; the coordinate-wise rules "
