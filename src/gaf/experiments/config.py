@@ -73,6 +73,8 @@ class TrainConfig:
     # blind controls (random-skip: p, random-drop: q); None: matched to GAF by gaf compare
     control_rate: float | None = None
     control_rates: list[float] | None = None  # one rate per epoch (matched per epoch)
+    matched_to: str | None = None  # label of the GAF run whose rate the control takes
+    match_per_epoch: bool = False  # matched controls follow GAF's rate epoch by epoch
     # small-loss: forget rate (None: the training set's known noise fraction) reached
     # linearly over forget_epochs epochs (co-teaching's T_k)
     forget_rate: float | None = None
@@ -130,10 +132,12 @@ class TrainConfig:
             return self.method
         if self.method in CONTROLS:
             letter = "p" if self.method == "random-skip" else "q"
-            if self.control_rates:
-                return f"{self.method} (matched per epoch)"
-            rate = "matched" if self.control_rate is None else f"{self.control_rate:.3g}"
-            return f"{self.method} ({letter}={rate})"
+            if self.matched_to is not None or (self.control_rate is None
+                                               and self.control_rates is None):
+                return f"{self.method} (matched{' per epoch' if self.match_per_epoch else ''})"
+            if self.control_rates is not None:
+                return f"{self.method} ({letter} per epoch)"
+            return f"{self.method} ({letter}={self.control_rate:.3g})"
         extra = f", {self.rule}" if self.rule != "mean" else ""
         if self.measure != "cosine":
             extra += f", {self.measure}"

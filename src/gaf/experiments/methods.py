@@ -71,14 +71,15 @@ def generalized_cross_entropy(logits: Tensor, targets: Tensor, q: float = 0.7) -
 
     where f_y(x) is the softmax probability of the label. q -> 0 gives cross-entropy
     -log f_y(x) (the limit is taken exactly at q = 0); q = 1 gives the mean absolute error
-    1 - f_y(x). f_y^q is computed as exp(q · log_softmax) for stability.
+    1 - f_y(x). Computed as -expm1(q · log f_y) / q, which keeps its precision for small q
+    (1 - exp(·) would cancel).
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"GCE q must lie in [0, 1], got {q}")
     log_p = F.log_softmax(logits.float(), dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
     if q == 0.0:
         return -log_p.mean()
-    return ((1.0 - torch.exp(q * log_p)) / q).mean()
+    return (-torch.expm1(q * log_p) / q).mean()
 
 
 def forget_rate_at(epoch_index: int, forget_rate: float, ramp_epochs: int) -> float:

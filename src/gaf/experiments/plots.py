@@ -164,10 +164,88 @@ def plot_noise_sweep(runs: Sequence[RunResult], path: str | os.PathLike,
     return save_figure(fig, path)
 
 
+def plot_selection(runs: Sequence[RunResult], path: str | os.PathLike) -> Path | None:
+    """Noise fraction of what each method kept (solid) and dropped (dashed) over epochs,
+    with the training set's noise rate dotted; one colour per method, seeds averaged."""
+    runs = [r for r in runs if any(np.isfinite(_nan(h.get("kept_noise_fraction")))
+                                   for h in r.history)]
+    if not runs:
+        return None
+    plt = _plt()
+    colours = _colours([r.label for r in runs])
+    settings = sorted({_noise_text(r) for r in runs})
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.2), squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        group = [r for r in runs if _noise_text(r) == setting]
+        for label in dict.fromkeys(r.label for r in group):
+            rs = [r for r in group if r.label == label]
+            epochs = min(len(r.history) for r in rs)
+            ep = np.arange(1, epochs + 1)
+            for key, ls in (("kept_noise_fraction", "-"), ("dropped_noise_fraction", "--")):
+                ys = _nanmean([[_nan(h.get(key)) for h in r.history[:epochs]] for r in rs])
+                ax.plot(ep, 100 * ys, ls=ls, marker="o", ms=3, color=colours[label],
+                        label=f"{label}, {key.split('_')[0]}")
+        ax.axhline(100 * float(np.mean([r.noise_fraction for r in group])), color="k", ls=":",
+                   lw=1)
+        ax.set_title(f"noise of kept (solid) and dropped (dashed): {setting}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("% noisy labels")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_differences(runs: Sequence[RunResult], path: str | os.PathLike) -> Path | None:
+    """GAF − matched control and GAF − averaging in test accuracy over epochs, paired by
+    seed: the mean and its 95% t-interval (shaded, with two seeds or more)."""
+    from gaf.experiments.paired import comparisons, epoch_differences
+
+    comps = comparisons(runs)
+    if not comps:
+        return None
+    plt = _plt()
+    colours = _colours([f"{g} − {o}" for g, o, _, _ in comps])
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for g, o, _, pairs in comps:
+        d = epoch_differences(pairs)
+        name = f"{g} − {o}, {_noise_text(pairs[0][0])}"
+        mean, half = np.asarray(d["mean"]), np.asarray(d["ci95"])
+        ax.plot(d["epoch"], mean, marker="o", ms=3, color=colours[f"{g} − {o}"], label=name)
+        if np.isfinite(half).any():
+            ax.fill_between(d["epoch"], mean - half, mean + half, alpha=0.15,
+                            color=colours[f"{g} − {o}"])
+    ax.axhline(0.0, color="k", lw=1)
+    ax.set_title("test accuracy difference, paired by seed (band: 95% interval)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("points")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def _nanmean(rows: list[list[float]]) -> np.ndarray:
+    """Column means over the finite entries; NaN (quietly) where a column has none."""
+    x = np.asarray(rows, dtype=float)
+    finite = np.isfinite(x)
+    counts = finite.sum(axis=0)
+    sums = np.where(finite, x, 0.0).sum(axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _noise_text(r: RunResult) -> str:
+    from gaf.experiments.report import noise_text
+
+    return noise_text(r.config)
+
+
 def plot_all(runs: Sequence[RunResult], out_dir: str | os.PathLike,
              paper: dict[str, dict[float, float]] | None = None) -> list[Path]:
     out_dir = Path(out_dir)
     paths = [plot_curves(runs, out_dir / "curves.png")]
+    for extra in (plot_selection(runs, out_dir / "selection.png"),
+                  plot_differences(runs, out_dir / "differences.png")):
+        if extra is not None:
+            paths.append(extra)
     if any(r.distance_trace for r in runs):
         paths.append(plot_distances(runs, out_dir / "distances.png"))
     sweep = plot_noise_sweep(runs, out_dir / "noise_sweep.png", paper)

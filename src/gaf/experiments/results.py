@@ -12,6 +12,19 @@ from torch import nn
 # Methods whose steps are decided by GAF's filter or by a blind control standing in for it:
 # their summaries name the threshold and rule.
 FILTERING_METHODS = ("gaf", "random-skip", "random-drop")
+# Configuration fields that say how a run decides its steps or reports, not what it trains
+# on: runs equal in everything else saw the same data, initial weights and micro-batches.
+METHOD_FIELDS = frozenset({
+    "method", "tau", "rule", "threshold", "measure", "control_rate", "control_rates",
+    "match_per_epoch", "matched_to", "forget_rate", "forget_epochs", "gce_q", "patience",
+    "name", "progress", "threads", "record_distances", "eval_batch_size", "collapse_margin",
+    "acceptance_floor", "device",
+})
+
+
+def setting_key(config: dict[str, Any]) -> tuple:
+    """What pairs runs for comparison: every setting but the method's (seed included)."""
+    return tuple(sorted((k, repr(v)) for k, v in config.items() if k not in METHOD_FIELDS))
 
 
 @dataclass

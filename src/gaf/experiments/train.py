@@ -238,7 +238,7 @@ def train(
         state.eval_seconds += time.perf_counter() - t0
         result.history.append(row)
         result.steps += steps_per_epoch
-        for w in collapse_warnings(cfg, row, data.num_classes):
+        for w in collapse_warnings(cfg, result.history, data.num_classes):
             result.warnings.append(w)
             print(f"[{cfg.label}] warning: {w['message']}", flush=True)
         if epoch_hook is not None:

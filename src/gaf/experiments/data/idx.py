@@ -7,12 +7,12 @@ uint32 sizes, then the data in C order. A dataset is four of them,
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from gaf.experiments.data.files import download_file
 from gaf.experiments.data.types import (
@@ -21,6 +21,7 @@ from gaf.experiments.data.types import (
     ImageData,
     Remote,
     check_label_range,
+    image_data,
 )
 
 IDX_FILES = (
@@ -126,23 +127,18 @@ class IdxFormat(DataFormat):
                     f"{directory}: {split} images {x.shape} and labels {y.shape} do not match"
                 )
             check_label_range(y, info.num_classes, directory, split)
-        return ImageData(
-            name=info.name,
-            train_images=torch.from_numpy(tr_x.astype(np.uint8)).unsqueeze(1),
-            train_labels=torch.from_numpy(tr_y.astype(np.int64)),
-            test_images=torch.from_numpy(te_x.astype(np.uint8)).unsqueeze(1),
-            test_labels=torch.from_numpy(te_y.astype(np.int64)),
-            num_classes=info.num_classes,
-            mean=info.mean,
-            std=info.std,
-            class_names=info.class_names,
-            source=str(directory),
-        )
+        # IDX images are [N, H, W]: one channel.
+        return image_data(info, (tr_x[:, None], tr_y), (te_x[:, None], te_y), directory)
 
     def download(self, info: DatasetInfo, root: Path) -> Path:
         target = root / info.name
-        for remote in info.remotes:
-            download_file(remote, target)
+        try:
+            for remote in info.remotes:
+                download_file(remote, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                target.rmdir()  # only when empty: a failed first fetch leaves nothing behind
+            raise
         return target
 
     def describe(self, info: DatasetInfo) -> str:

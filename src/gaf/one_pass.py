@@ -1,0 +1,374 @@
+"""GAF from one forward and one backward of the whole batch.
+
+The sequential collector runs M forward/backward passes of small micro-batches; small
+passes use the hardware badly. Every rule needs only the Gram matrix G of the M
+micro-gradients and then Σ_i w_i g_i (design.md §3), and both can come from a single pass
+(design.md §7). Per step, for a batch of B samples split into M contiguous micro-batches
+(``torch.tensor_split`` along dim 0, as :class:`~gaf.training.GAFTrainer` splits):
+
+1. Forward the whole batch once. Hooks on every layer with trainable parameters keep its
+   input (or, for normalisation layers, the normalised input x̂) and register a hook on its
+   output. Training-mode BatchNorm is normalised per micro-batch ("ghost" batch norm), so
+   it equals the sequential path (see below).
+2. L = Σ_i loss_fn(out_i, y_i), the sum of the micro-batch losses. Backward once. The
+   parameters are detached from autograd for the pass, so autograd computes only the
+   activation gradients; the output hook of each layer receives δ = ∂L/∂output, whose
+   rows of micro-batch i are the output gradients of L_i alone (L_j ignores the samples
+   of micro-batch i). The layer's contribution G_layer[i, j] = <g_i, g_j> over its own
+   parameters is formed there (:mod:`gaf.one_pass_layers` has the algebra and the per-
+   layer choice between the "ghost" block products and materialised [M, P_l] blocks).
+3. G = Σ_layers G_layer; the rule decides from G with :func:`gaf.core.decide`.
+4. Σ_i w_i g_i per layer, from the same pieces: the kept [M, P_l] blocks weighted, or one
+   weight-gradient product with each sample's δ scaled by its micro-batch's weight (the
+   gradient of Σ_i w_i L_i). No second backward. Written into ``.grad`` (left ``None`` on
+   a skipped step, whose direction is not computed: ``result.grad`` is then zero).
+
+Requirements:
+
+* ``loss_fn(outputs, targets)`` must be a mean (or sum) over the samples it is given,
+  with no term that couples samples, and the model must treat samples independently
+  apart from BatchNorm: then the gradient of L_i is g_i exactly. Outputs, inputs and
+  every captured layer's activations must have the sample axis first.
+* Supported layers: Linear, Conv1d/2d/3d, Embedding (not sparse, not
+  scale_grad_by_freq), LayerNorm, GroupNorm, BatchNorm1d/2d/3d, with their biases. Any
+  other module owning a trainable parameter, and parameters tied between modules, raise a
+  ValueError naming it: use the sequential path for such models.
+* BatchNorm in training mode couples the samples of a batch; the sequential path sees
+  micro-batch statistics, so the one-pass mode normalises each micro-batch with its own
+  statistics and updates the running statistics once per micro-batch, in order: the same
+  computation as M sequential forwards, so decisions and direction match it.
+
+Memory beyond a plain step: the inputs and output gradients of the layers whose weighted
+gradient is recomputed (ghost or over budget) and of embeddings, held until the decision;
+the kept [M, P_l] blocks, at most ``keep_budget`` numbers for weights (default P, one
+gradient's worth) plus M numbers per bias and norm parameter; one [M, P_l] or [R, R]
+work buffer at a time. Never the stacked mode's [M + 1, P]. ``result.extra["held"]``
+counts what was held at the decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gaf.collector import FilterStats
+from gaf.core import FilterResult, check_rule, decide, result_from_decision
+from gaf.flat import FlatGradients
+from gaf.one_pass_layers import (
+    Budget,
+    Captured,
+    GhostBatchNorm,
+    MicroBatches,
+    conv_direction,
+    conv_pieces,
+    embedding_direction,
+    embedding_pieces,
+    linear_direction,
+    linear_pieces,
+    norm_pieces,
+    normalised,
+    weighted_rows,
+)
+from gaf.thresholds import Threshold, as_threshold
+
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm
+PIECES = {"linear": linear_pieces, "conv": conv_pieces, "embedding": embedding_pieces,
+          "norm": norm_pieces, "batchnorm": norm_pieces}
+
+
+def module_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return "norm"
+    if isinstance(module, _BATCH_NORM):
+        return "batchnorm"
+    return None
+
+
+def plan_model(model: nn.Module, params: Sequence[Tensor]) -> list[Captured]:
+    """One :class:`Captured` per module owning trainable parameters; raises ValueError
+    for what the one-pass mode cannot handle, naming the module and parameter."""
+    trainable = {id(p) for p in params}
+    owners: dict[int, str] = {}
+    captures = []
+    for name, module in model.named_modules():
+        own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in trainable}
+        if not own:
+            continue
+        label = f"{name or '<root>'} ({type(module).__name__})"
+        kind = module_kind(module)
+        if kind is None or set(own) - {"weight", "bias"}:
+            first = sorted(set(own) - {"weight", "bias"} or own)[0]
+            raise ValueError(
+                f"one-pass micro-gradients cannot handle parameter {first!r} of module "
+                f"{label}: supported are the weight and bias of Linear, Conv1d/2d/3d, "
+                "Embedding, LayerNorm, GroupNorm and BatchNorm. Freeze it or use the "
+                "sequential path (micro_gradients='sequential')")
+        if kind == "embedding" and (module.sparse or module.scale_grad_by_freq):
+            raise ValueError(f"one-pass micro-gradients need a dense Embedding without "
+                             f"scale_grad_by_freq; module {label} has sparse="
+                             f"{module.sparse}, scale_grad_by_freq={module.scale_grad_by_freq}")
+        for pname, p in own.items():
+            if id(p) in owners:
+                raise ValueError(f"parameter {name}.{pname} is shared with {owners[id(p)]}: "
+                                 "tied parameters are not supported in one-pass mode")
+            owners[id(p)] = f"{name}.{pname}"
+        captures.append(Captured(module, name, kind, own))
+    for i, p in enumerate(params):
+        if id(p) not in owners:
+            raise ValueError(f"trainable parameter {i} (shape {tuple(p.shape)}) is not a "
+                             "parameter of the model given to the one-pass mode")
+    return captures
+
+
+class _Start(torch.autograd.Function):
+    """Attaches a tensor that needs no gradient to the graph, at no cost: the tensor is
+    handed in inside a list, so it is not an input and may later be modified in place."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, box: list) -> Tensor:
+        return box[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, None
+
+
+class OnePassFilter:
+    """Filter M micro-gradients of ``model`` from one forward and one backward.
+
+    Args:
+        model: the module; every module owning one of ``params`` must be supported.
+        params: the parameters to filter (default: the model's trainable ones), or an
+            optimizer's ``param_groups``.
+        tau: threshold in [0, 2] or a :class:`~gaf.thresholds.Threshold`.
+        rule: any of :data:`gaf.core.RULES`.
+        keep_budget: how many micro-gradient numbers weight layers may keep for the
+            direction instead of recomputing it (default: P, one gradient's worth).
+
+    Quacks like a :class:`~gaf.collector.GradientCollector` where the trainer needs it
+    (``flat``, ``stats``, ``threshold``, ``state_dict``).
+    """
+
+    mode = "one-pass"
+    measure = "cosine"
+
+    def __init__(self, model: nn.Module, params: Iterable | None = None,
+                 tau: float | Threshold = 0.97, rule: str = "mean",
+                 keep_budget: int | None = None):
+        self.model = model
+        self.rule = check_rule(rule)
+        self.threshold = as_threshold(tau)
+        self.flat = FlatGradients(model.parameters() if params is None else params)
+        self.captures = plan_model(model, self.flat.params)
+        self.keep_budget = self.flat.numel if keep_budget is None else int(keep_budget)
+        self.stats = FilterStats()
+        self._index = {id(p): i for i, p in enumerate(self.flat.params)}
+        self._out: Tensor | None = None
+
+    @property
+    def tau(self) -> float:
+        return self.threshold.value()
+
+    def step(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
+             loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
+             scale: Callable[[Tensor], Tensor] | None = None,
+             autocast: Callable[[], object] = nullcontext) -> tuple[FilterResult, Tensor]:
+        """Forward, backward, decide, write ``.grad``. Returns (result, mean micro loss).
+
+        ``scale`` (e.g. ``GradScaler.scale``) is applied to L before the backward.
+        """
+        tau = self.threshold.value()
+        first = inputs if isinstance(inputs, Tensor) else inputs[0]
+        mb = MicroBatches(first.shape[0], num_micro_batches, first.device)
+        if targets.shape[0] != mb.total:
+            raise ValueError(f"inputs have {mb.total} samples but targets {targets.shape[0]}")
+        losses = self._backward(inputs, targets, loss_fn, mb, scale, autocast)
+        gram = None
+        for cap in self.captures:
+            if cap.gram is not None:
+                gram = cap.gram if gram is None else gram + cap.gram
+        if gram is None:
+            raise ValueError("no trainable layer received a gradient: the loss does not "
+                             "depend on the filtered parameters")
+        decision = decide(gram, tau, self.rule)
+        held = sum(t.numel() for cap in self.captures for t in cap.kept.values()) + sum(
+            t.numel() for cap in self.captures for v in cap.extra.values()
+            for t in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(t, Tensor))
+        if self._out is None:
+            self._out = self.flat.new_buffer()
+        if decision.skipped:
+            self._out.zero_()
+        else:
+            self._direction(decision, mb)
+        result = result_from_decision(decision, self._out, tau, self.rule)
+        result.extra.update(measure="cosine", mode="one-pass", losses=losses, held=held,
+                            gram=gram.detach().to("cpu", torch.float64),
+                            plan={f"{c.name}.{n}": how for c in self.captures
+                                  for n, how in c.plan.items()})
+        for cap in self.captures:
+            cap.release()
+            cap.gram, cap.kept, cap.extra, cap.plan = None, {}, {}, {}
+        self.stats.update(result)
+        self.threshold.observe(result)
+        if result.skipped:
+            self.flat.clear()
+        else:
+            self.flat.write(self._out, cache=True)
+        return result, losses.mean()
+
+    # -- the pass ---------------------------------------------------------------------------
+
+    def _backward(self, inputs, targets, loss_fn, mb, scale, autocast) -> Tensor:
+        budget = Budget(self.keep_budget)
+        anchor = torch.zeros((), requires_grad=True)
+        by_module = {id(c.module): c for c in self.captures}
+        pending: dict[int, int] = {}
+
+        def capture(cap: Captured | None, saved: Tensor, out: Tensor) -> Tensor:
+            if cap is None:
+                return out
+            if not out.requires_grad:
+                out = _Start.apply(anchor, [out])
+            index = len(cap.saved)
+            cap.saved.append(saved)
+            cap.deltas.append(None)
+            out.register_hook(lambda g, cap=cap, index=index: on_delta(cap, index, g))
+            return out
+
+        def on_delta(cap: Captured, index: int, grad: Tensor) -> None:
+            cap.deltas[index] = grad
+            pending[id(cap)] -= 1
+            if pending[id(cap)] == 0:  # the module's last call: its pieces are complete
+                PIECES[cap.kind](cap, mb, budget)
+
+        def forward_hook(module, args, out):
+            cap = by_module[id(module)]
+            x = args[0]
+            if x.shape[0] != mb.total or out.shape[0] != mb.total:
+                raise ValueError(
+                    f"module {cap.name} ({type(module).__name__}) sees {x.shape[0]} rows along "
+                    f"dim 0, not the batch's {mb.total} samples: one-pass micro-gradients "
+                    "need every activation sample-major")
+            saved = normalised(module, x) if cap.kind in ("norm", "batchnorm") else x.detach()
+            return capture(cap, saved, out)
+
+        handles, ghosts = [], []
+        for module in self.model.modules():
+            if isinstance(module, _BATCH_NORM) and (module.training or
+                                                    module.running_mean is None):
+                cap = by_module.get(id(module))
+                module.forward = GhostBatchNorm(
+                    module, mb, lambda bn, xhat, out, c=cap: capture(c, xhat, out))
+                ghosts.append(module)
+            elif id(module) in by_module:
+                handles.append(module.register_forward_hook(forward_hook))
+        for p in self.flat.params:
+            p.requires_grad_(False)  # autograd then skips every weight gradient
+        try:
+            with autocast():
+                out = self.model(*inputs) if isinstance(inputs, (tuple, list)) else \
+                    self.model(inputs)
+                micro = [loss_fn(o, y) for o, y in zip(out.split(mb.sizes),
+                                                       targets.split(mb.sizes), strict=True)]
+            total = torch.stack(micro).sum()
+            if not total.requires_grad:
+                raise ValueError("the loss does not depend on any filtered parameter")
+            for cap in self.captures:
+                pending[id(cap)] = len(cap.saved)
+            (scale(total) if scale is not None else total).backward()
+        finally:
+            for p in self.flat.params:
+                p.requires_grad_(True)
+            for h in handles:
+                h.remove()
+            for module in ghosts:
+                del module.forward
+        with torch.no_grad():
+            for cap in self.captures:  # outputs that did not reach the loss in some calls
+                if pending.get(id(cap), 0) and any(d is not None for d in cap.deltas):
+                    PIECES[cap.kind](cap, mb, budget)
+                cap.release()
+        return torch.stack([loss.detach().float() for loss in micro])
+
+    @torch.no_grad()
+    def _direction(self, decision, mb: MicroBatches) -> None:
+        device = self._out.device
+        weights = torch.from_numpy(decision.weights).to(device)
+        use = torch.from_numpy(decision.weights != 0)
+        w_samples = weights[mb.sample_ids]
+        # Rows of rejected micro-batches can hold inf/NaN (e.g. an AMP overflow): zero them
+        # before any product, since their zero weight would turn inf into NaN.
+        clean = bool(np.all(decision.finite if decision.finite is not None else True))
+        views = self.flat.views(self._out, cache=True)
+        for cap in self.captures:
+            if not clean:
+                _zero_rejected(cap, weights, w_samples)
+            directions = {"linear": linear_direction, "embedding": embedding_direction,
+                          "conv": conv_direction}
+            pieces = cap.extra.get("rows", cap.extra.get("calls"))
+            for name, p in cap.params.items():
+                view = views[self._index[id(p)]]
+                if name in cap.kept:
+                    weighted_rows(cap.kept[name], weights, use, view)
+                elif name == "weight" and pieces is not None:
+                    # Row-wise layers index micro-batch weights by row; convs by sample.
+                    directions[cap.kind](cap, w_samples if cap.kind == "conv" else weights, view)
+                else:
+                    view.zero_()  # the layer never reached the loss
+
+    # -- collector-like interface -----------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"stats": self.stats.state_dict(), "threshold": self.threshold.state_dict(),
+                "rule": self.rule, "mode": self.mode, "measure": self.measure}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rule", self.rule) != self.rule:
+            raise ValueError(f"state was saved with rule {state['rule']!r}, not {self.rule!r}")
+        self.stats.load_state_dict(state["stats"])
+        self.threshold.load_state_dict(state["threshold"])
+
+
+def _zero_rejected(cap: Captured, weights: Tensor, w_samples: Tensor) -> None:
+    """Replace the rows of zero-weight micro-batches by zeros in what the direction reads."""
+    def clean(t: Tensor, row_weights: Tensor) -> Tensor:
+        if not t.is_floating_point():
+            return t
+        keep = (row_weights != 0).reshape(-1, *([1] * (t.dim() - 1)))
+        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    if "rows" in cap.extra:
+        x, d, ids = cap.extra["rows"]
+        cap.extra["rows"] = (clean(x, weights[ids]), clean(d, weights[ids]), ids)
+    if "calls" in cap.extra:
+        cap.extra["calls"] = [(clean(x, w_samples), clean(d, w_samples))
+                              for x, d in cap.extra["calls"]]
+
+
+def one_pass_filter(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                    inputs: Tensor | Sequence[Tensor], targets: Tensor, num_micro_batches: int,
+                    tau: float = 0.97, rule: str = "mean", params: Iterable | None = None,
+                    keep_budget: int | None = None) -> FilterResult:
+    """GAF over ``num_micro_batches`` contiguous micro-batches from one forward/backward.
+
+    Writes the filtered direction into the ``.grad`` of ``params`` (default: the model's
+    trainable parameters), or sets them to ``None`` when the step is skipped, and returns
+    the :class:`~gaf.core.FilterResult` (``extra["losses"]``: the M micro-batch losses,
+    ``extra["gram"]``: G). Same decisions and direction as the sequential collector over the
+    same micro-batches; see the module docstring for what the model and loss must satisfy.
+    In a training loop, keep one :class:`OnePassFilter` (or ``GAFTrainer(...,
+    micro_gradients="one-pass")``) instead: it reuses its buffers.
+    """
+    engine = OnePassFilter(model, params, tau, rule, keep_budget)
+    result, _ = engine.step(inputs, targets, loss_fn, num_micro_batches)
+    return result

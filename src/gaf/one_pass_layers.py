@@ -1,0 +1,430 @@
+"""Per-layer algebra of the one-pass mode: micro-batch Gram pieces and weighted gradients.
+
+A batch of B samples is split into M contiguous micro-batches (as ``torch.tensor_split``
+does). For one layer, ``x`` is what its forward saw and ``delta`` the gradient of
+L = Σ_i L_i with respect to its output; since L_j does not depend on the samples of
+micro-batch i ≠ j, the rows of ``delta`` belonging to micro-batch i are exactly the output
+gradients of L_i. Each handler below turns (x, delta) into
+
+* the layer's contribution to the Gram matrix, G_layer[i, j] = <g_i, g_j> restricted to
+  this layer's parameters, and
+* later, once the rule has chosen weights w, the layer's part of Σ_i w_i g_i.
+
+Per layer kind (R: rows = samples × positions, in/out: feature sizes, P_l = in·out):
+
+Linear      g_i = Δ_iᵀ X_i (rows of micro-batch i). Two ways to its Gram piece:
+            "ghost":        G[i, j] = Σ_{a∈i, b∈j} (x_a·x_b)(δ_a·δ_b), i.e. the block sums
+                            of (X Xᵀ) ∘ (Δ Δᵀ): R²·(in + out) flops, never forms a g_i;
+                            the direction is then (w-scaled Δ)ᵀ X, one weight-gradient
+                            product (R·P_l).
+            "materialised": all g_i at once as [M, out, in] (one bmm, R·P_l), their Gram
+                            (M²·P_l), and either kept for the direction (M·P_l numbers
+                            held until the decision, direction M·P_l) or dropped and the
+                            direction recomputed (R·P_l).
+            The cheaper by flop count is taken, layer by layer; keeping needs room in the
+            keep budget (see :class:`Budget`).
+Conv1/2/3d  materialised, as Linear: the framework's weight-gradient kernel, once for all
+            micro-batches (index folded into the channel groups) or once per slice. The ghost form
+            would cost R² with R = samples × output positions: far too much for images.
+Embedding   g_i scatters micro-batch i's rows of Δ into the used vocabulary rows: compact
+            [M, U, D] over the U distinct indices of the batch (M²·U·D for the Gram), or
+            ghost ([idx_a = idx_b] ∘ Δ Δᵀ), whichever is cheaper. The direction is one
+            index_add of w-scaled rows (R·D), so nothing is kept.
+LayerNorm,  affine parameters: g_i(γ) = Σ_{s∈i} Σ_positions δ_s ∘ x̂_s, g_i(β) = Σ δ_s, with
+GroupNorm,  x̂ the normalised input (recomputed from x in the forward hook, or, for ghost
+BatchNorm   batch norm, the per-micro-batch normalisation itself). Always kept: M·C numbers.
+Biases      of any of these: Σ of micro-batch i's rows of δ; always kept ([M, out]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gaf.core import gram_dtype
+
+
+class MicroBatches:
+    """B samples split into M contiguous micro-batches of sizes differing by at most one."""
+
+    def __init__(self, total: int, m: int, device: torch.device):
+        if not isinstance(m, int) or m < 1:
+            raise ValueError(f"num_micro_batches must be a positive int, got {m!r}")
+        if m > total:
+            raise ValueError(f"cannot split a batch of {total} samples into {m} micro-batches")
+        q, r = divmod(total, m)
+        self.sizes = [q + 1] * r + [q] * (m - r)  # the sizes torch.tensor_split gives
+        self.m, self.total, self.equal, self.size = m, total, r == 0, q
+        self.sample_ids = torch.repeat_interleave(
+            torch.arange(m, device=device), torch.tensor(self.sizes, device=device))
+
+        self._row_ids: dict[int, Tensor] = {1: self.sample_ids}
+
+    def row_ids(self, per_sample: int) -> Tensor:
+        """Micro-batch of each row when every sample has ``per_sample`` rows, sample-major."""
+        if per_sample not in self._row_ids:
+            self._row_ids[per_sample] = self.sample_ids.repeat_interleave(per_sample)
+        return self._row_ids[per_sample]
+
+    def segment_sum(self, t: Tensor) -> Tensor:
+        """[B, ...] → [M, ...]: the sum over each micro-batch's samples."""
+        if self.equal:
+            return t.reshape(self.m, self.size, *t.shape[1:]).sum(1)
+        out = torch.zeros(self.m, *t.shape[1:], dtype=t.dtype, device=t.device)
+        return out.index_add_(0, self.sample_ids, t)
+
+    def block_sum(self, p: Tensor, rows: Tensor, regular: bool) -> Tensor:
+        """[R, R] → [M, M]: sums of the blocks whose rows/columns belong to micro-batches.
+        ``regular``: the rows are M equal runs, one per micro-batch, in order."""
+        r = p.shape[0]
+        if regular:
+            return p.reshape(self.m, r // self.m, self.m, r // self.m).sum((1, 3))
+        s = F.one_hot(rows, self.m).to(p.dtype)
+        return s.T @ p @ s
+
+
+class Budget:
+    """How many micro-gradient numbers the weight layers may keep until the decision.
+
+    Keeping a layer's [M, P_l] block saves recomputing its weighted gradient; the budget
+    bounds what the one-pass mode holds beyond a plain step (biases and norm parameters,
+    M numbers per parameter entry, are always kept and not counted).
+    """
+
+    def __init__(self, numbers: int):
+        self.left = numbers
+
+    def take(self, numbers: int) -> bool:
+        if numbers <= self.left:
+            self.left -= numbers
+            return True
+        return False
+
+
+def gram(rows: Tensor) -> Tensor:
+    """[M, ...] micro-gradient blocks → their [M, M] Gram matrix in the accumulation dtype."""
+    flat = rows.reshape(rows.shape[0], -1)
+    flat = flat.to(gram_dtype(flat.dtype))
+    return flat @ flat.T
+
+
+def weighted_rows(blocks: Tensor, weights: Tensor, use: Tensor, out: Tensor) -> Tensor:
+    """out = Σ_i weights[i] · blocks[i] over the micro-batches in ``use`` only, so an inf/NaN
+    in a rejected block never meets its zero weight (0 · inf = NaN)."""
+    rows = blocks.reshape(blocks.shape[0], -1)
+    if not bool(use.all()):
+        idx = torch.nonzero(use).flatten().to(blocks.device)
+        rows, weights = rows.index_select(0, idx), weights[use]
+    w = weights.to(blocks.device, blocks.dtype).reshape(1, -1)
+    if out.dtype == rows.dtype and out.is_contiguous():
+        return torch.mm(w, rows, out=out.view(1, -1))
+    return out.copy_((w @ rows).reshape(out.shape))
+
+
+@dataclass
+class Captured:
+    """One module's pieces for the current step: saved forward inputs and their deltas."""
+
+    module: nn.Module
+    name: str
+    kind: str
+    params: dict  # parameter name → tensor, the trainable ones this module owns
+    saved: list = field(default_factory=list)
+    deltas: list = field(default_factory=list)
+    gram: Tensor | None = None
+    kept: dict = field(default_factory=dict)  # parameter name → [M, *shape] micro-gradients
+    plan: dict = field(default_factory=dict)  # parameter name → how its pieces are computed
+    extra: dict = field(default_factory=dict)
+
+    def add(self, g: Tensor) -> None:
+        self.gram = g if self.gram is None else self.gram + g
+
+    def release(self) -> None:
+        self.saved, self.deltas = [], []
+
+
+def _dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# -- Linear and Embedding: row-wise layers -----------------------------------------------------
+
+
+def _rows(cap: Captured, mb: MicroBatches) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Every call's (input rows, delta rows, micro-batch id per row), concatenated, and
+    whether the rows are M equal runs in micro-batch order (one call, equal sizes)."""
+    xs, ds, ids = [], [], []
+    for x, d in zip(cap.saved, cap.deltas, strict=True):
+        if d is None:
+            continue
+        per_sample = d[0].numel() // d.shape[-1] if d.dim() > 1 else 1
+        if cap.kind == "embedding":
+            xs.append(x.reshape(-1))
+        else:
+            xs.append(x.reshape(-1, x.shape[-1]))
+        ds.append(d.reshape(-1, d.shape[-1]))
+        ids.append(mb.row_ids(per_sample))
+    if len(xs) == 1:
+        return xs[0], ds[0], ids[0], mb.equal
+    return torch.cat(xs), torch.cat(ds), torch.cat(ids), False
+
+
+def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
+    x, d, ids, regular = _rows(cap, mb)
+    dtype = _dtype(x, d)
+    x, d = x.to(dtype), d.to(dtype)
+    m, r = mb.m, x.shape[0]
+    if "bias" in cap.params:
+        if regular:
+            bias = d.reshape(m, r // m, d.shape[1]).sum(1)
+        else:
+            bias = torch.zeros(m, d.shape[1], dtype=dtype, device=d.device).index_add_(0, ids, d)
+        cap.kept["bias"], cap.plan["bias"] = bias, "kept"
+        cap.add(gram(bias))
+    if "weight" not in cap.params:
+        cap.release()
+        return
+    n_in, n_out = x.shape[1], d.shape[1]
+    p_l = n_in * n_out
+    ghost = r * r * (n_in + n_out) + r * p_l
+    materialised = r * p_l + m * m * p_l
+    if ghost < materialised + m * p_l:  # even the cheapest materialised form costs more
+        acc = gram_dtype(dtype)
+        prod = (x @ x.T).to(acc) * (d @ d.T).to(acc)
+        cap.add(mb.block_sum(prod, ids, regular))
+        cap.plan["weight"] = "ghost"
+        cap.extra["rows"] = (x, d, ids)
+        cap.release()
+        return
+    if regular:
+        blocks = torch.bmm(d.reshape(m, r // m, n_out).transpose(1, 2), x.reshape(m, r // m, n_in))
+    else:
+        blocks = torch.stack([d[ids == i].T @ x[ids == i] for i in range(m)])
+    cap.add(gram(blocks))
+    # Keep the blocks when the budget allows, or when they are smaller than the rows a
+    # recomputation would have to hold until the decision.
+    if m * p_l <= r * (n_in + n_out) or budget.take(m * p_l):
+        cap.kept["weight"], cap.plan["weight"] = blocks, "kept"
+        cap.release()
+    else:
+        cap.plan["weight"] = "recomputed"
+        cap.extra["rows"] = (x, d, ids)
+        cap.release()
+
+
+def linear_direction(cap: Captured, weights: Tensor, out: Tensor) -> None:
+    """out = Σ_rows w_{micro-batch(row)} δ_row x_rowᵀ: the gradient of Σ_i w_i L_i."""
+    x, d, ids = cap.extra.pop("rows")
+    scaled = d * weights[ids].to(d.dtype)[:, None]
+    if out.dtype == x.dtype:
+        torch.mm(scaled.T, x, out=out)
+    else:
+        out.copy_(scaled.T @ x)
+
+
+def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
+    module: nn.Embedding = cap.module
+    idx, d, ids, regular = _rows(cap, mb)
+    if module.padding_idx is not None:  # the padding row receives no gradient
+        d = torch.where((idx == module.padding_idx)[:, None],
+                        torch.zeros((), dtype=d.dtype, device=d.device), d)
+    m, r, dim = mb.m, d.shape[0], d.shape[1]
+    vocab = module.num_embeddings
+    acc = gram_dtype(d.dtype)
+    # Three ways, by cost: dense [M, V, D] blocks (M²·V·D; no sort) when the vocabulary is
+    # no larger than the rows, else compact blocks over the U distinct indices (a sort,
+    # then M²·U·D), or the ghost product [idx_a = idx_b] ∘ Δ Δᵀ (R²·D).
+    if vocab <= r and m * m * vocab <= r * r:
+        blocks = torch.zeros(m * vocab, dim, dtype=d.dtype, device=d.device)
+        blocks.index_add_(0, ids * vocab + idx, d)
+        cap.add(gram(blocks.reshape(m, vocab * dim)))
+        cap.plan["weight"] = "dense"
+    elif r * r < m * m * min(vocab, r):
+        same = (idx[:, None] == idx[None, :]).to(acc)
+        cap.add(mb.block_sum(same * (d @ d.T).to(acc), ids, regular))
+        cap.plan["weight"] = "ghost"
+    else:
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        u = uniq.numel()
+        compact = torch.zeros(m * u, dim, dtype=d.dtype, device=d.device)
+        compact.index_add_(0, ids * u + inverse, d)
+        cap.add(gram(compact.reshape(m, u * dim)))
+        cap.plan["weight"] = "compact"
+    cap.extra["rows"] = (idx, d, ids)
+    cap.release()
+
+
+def embedding_direction(cap: Captured, weights: Tensor, out: Tensor) -> None:
+    idx, d, ids = cap.extra.pop("rows")
+    out.zero_().index_add_(0, idx, (d * weights[ids].to(d.dtype)[:, None]).to(out.dtype))
+
+
+# -- Convolutions ------------------------------------------------------------------------------
+
+
+def conv_input(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, list[int]]:
+    """The input as the convolution kernel sees it, and its remaining zero padding."""
+    dims = len(module.kernel_size)
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), \
+            [0] * dims
+    if module.padding == "valid":
+        return x, [0] * dims
+    if module.padding == "same":
+        pads = []
+        for k, dil in zip(reversed(module.kernel_size), reversed(module.dilation), strict=True):
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads), [0] * dims
+    return x, list(module.padding)
+
+
+def _conv_weight_grad(module, x: Tensor, d: Tensor, padding: list[int]) -> Tensor:
+    dims = len(module.kernel_size)
+    return torch.ops.aten.convolution_backward(
+        d, x, module.weight, None, list(module.stride), padding, list(module.dilation), False,
+        [0] * dims, module.groups, [False, True, False])[1]
+
+
+def _conv_blocks(module, x: Tensor, d: Tensor, padding: list[int], mb: MicroBatches) -> Tensor:
+    """[M, *weight.shape]: each micro-batch's weight gradient.
+
+    Small equal micro-batches: one grouped weight-gradient kernel call, the micro-batch
+    index folded into the channels ([n, M·C, ...] with M·groups groups), instead of M
+    calls whose fixed cost dominates at a few samples each. Otherwise one call per slice.
+    """
+    m, n = mb.m, mb.size
+    if mb.equal and m > 1 and n < 16:
+        def fold(t: Tensor) -> Tensor:
+            return t.reshape(m, n, *t.shape[1:]).transpose(0, 1).reshape(n, -1, *t.shape[2:])
+        weight = module.weight.detach().to(d.dtype)
+        grouped = weight.repeat(m, *([1] * (weight.dim() - 1)))
+        dims = len(module.kernel_size)
+        blocks = torch.ops.aten.convolution_backward(
+            fold(d), fold(x), grouped, None, list(module.stride), padding,
+            list(module.dilation), False, [0] * dims, m * module.groups,
+            [False, True, False])[1]
+        return blocks.reshape(m, *weight.shape)
+    return torch.stack([_conv_weight_grad(module, xi, di, padding)
+                        for xi, di in zip(x.split(mb.sizes), d.split(mb.sizes), strict=True)])
+
+
+def conv_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
+    module = cap.module
+    weights, biases = [], []
+    for x, d in zip(cap.saved, cap.deltas, strict=True):
+        if d is None:
+            continue
+        dtype = _dtype(x, d)
+        x, d = x.to(dtype), d.to(dtype)
+        if "bias" in cap.params:
+            biases.append(mb.segment_sum(d.reshape(d.shape[0], d.shape[1], -1).sum(2)))
+        if "weight" in cap.params:
+            xp, padding = conv_input(module, x)
+            weights.append(_conv_blocks(module, xp, d, padding, mb))
+    if biases:
+        cap.kept["bias"], cap.plan["bias"] = sum(biases), "kept"
+        cap.add(gram(cap.kept["bias"]))
+    if weights:
+        blocks = sum(weights)
+        cap.add(gram(blocks))
+        rows = sum(x.numel() + d.numel() for x, d in zip(cap.saved, cap.deltas, strict=True)
+                   if d is not None)
+        if blocks.numel() <= rows or budget.take(blocks.numel()):
+            cap.kept["weight"], cap.plan["weight"] = blocks, "kept"
+        else:
+            cap.plan["weight"] = "recomputed"
+            cap.extra["calls"] = [(x, d) for x, d in zip(cap.saved, cap.deltas, strict=True)
+                                  if d is not None]
+    cap.release()
+
+
+def conv_direction(cap: Captured, w_samples: Tensor, out: Tensor) -> None:
+    module, total = cap.module, None
+    for x, d in cap.extra.pop("calls"):
+        dtype = _dtype(x, d)
+        scale = w_samples.to(d.device, dtype).reshape(-1, *([1] * (d.dim() - 1)))
+        xp, padding = conv_input(module, x.to(dtype))
+        g = _conv_weight_grad(module, xp, d.to(dtype) * scale, padding)
+        total = g if total is None else total + g
+    out.copy_(total)
+
+
+# -- Normalisation layers ----------------------------------------------------------------------
+
+
+def normalised(module: nn.Module, x: Tensor) -> Tensor:
+    """x̂: the module's output before its affine parameters (eval-mode batch norm uses the
+    running statistics; training-mode batch norm is normalised per micro-batch elsewhere)."""
+    with torch.no_grad():
+        if isinstance(module, nn.LayerNorm):
+            return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        if isinstance(module, nn.GroupNorm):
+            return F.group_norm(x, module.num_groups, None, None, module.eps)
+        return F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0,
+                            module.eps)
+
+
+def norm_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
+    module = cap.module
+    sums: dict[str, Tensor] = {}
+    for xhat, d in zip(cap.saved, cap.deltas, strict=True):
+        if d is None:
+            continue
+        dtype = _dtype(xhat, d)
+        for name in cap.params:
+            piece = d.to(dtype) if name == "bias" else d.to(dtype) * xhat.to(dtype)
+            # LayerNorm's parameters span the trailing dims; the others' the channel dim.
+            if isinstance(module, nn.LayerNorm):
+                piece = piece.reshape(d.shape[0], -1, cap.params[name].numel()).sum(1)
+            else:
+                piece = piece.reshape(d.shape[0], d.shape[1], -1).sum(2)
+            piece = mb.segment_sum(piece)
+            sums[name] = piece if name not in sums else sums[name] + piece
+    for name, blocks in sums.items():
+        cap.kept[name], cap.plan[name] = blocks, "kept"
+        cap.add(gram(blocks))
+    cap.release()
+
+
+class GhostBatchNorm:
+    """Training-mode batch norm normalised per micro-batch, as the sequential path does.
+
+    Replaces the module's forward for one step: each micro-batch is normalised with its
+    own statistics and updates the running statistics in turn (M updates a step, as M
+    sequential forwards make), so the micro-gradients stay independent and equal to the
+    sequential ones. The normalised input x̂ is what the affine parameters' pieces need.
+    """
+
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, mb: MicroBatches, capture):
+        self.module, self.mb, self.capture = module, mb, capture
+
+    def __call__(self, x: Tensor) -> Tensor:
+        bn = self.module
+        bn._check_input_dim(x)
+        parts = []
+        for xi in x.split(self.mb.sizes):
+            factor = 0.0 if bn.momentum is None else bn.momentum
+            if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                if bn.momentum is None:
+                    factor = 1.0 / float(bn.num_batches_tracked)
+            use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+            stats = not bn.training or bn.track_running_stats
+            parts.append(F.batch_norm(xi, bn.running_mean if stats else None,
+                                      bn.running_var if stats else None, None, None,
+                                      use_batch, factor, bn.eps))
+        xhat = torch.cat(parts)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        out = xhat
+        if bn.weight is not None:
+            out = out * bn.weight.reshape(shape)
+        if bn.bias is not None:
+            out = out + bn.bias.reshape(shape)
+        return self.capture(bn, xhat.detach(), out)
