@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import gaf
+from gaf.controls import RandomDrop
 from gaf.coordinatewise import aggregate_coordinatewise
 from gaf.core import gram_matrix, weighted_sum
 from gaf.experiments.data import load_dataset
@@ -72,7 +73,7 @@ def trim_for(n: int, f: int) -> int:
     return min(f, (n - 1) // 2)
 
 
-def aggregate(method: str, rows: torch.Tensor, n: int, f: int, rng: np.random.Generator,
+def aggregate(method: str, rows: torch.Tensor, n: int, f: int, control: RandomDrop,
               drop_rate: float):
     if method == "averaging":  # what an all-reduce computes: no validity check
         return rows.mean(dim=0), np.full(n, 1.0 / n)
@@ -80,12 +81,10 @@ def aggregate(method: str, rows: torch.Tensor, n: int, f: int, rng: np.random.Ge
         rule = method.removeprefix("gaf-")
         res = gaf.filter_gradients(rows, TAU, rule)
         return (None if res.skipped else res.grad), res.weights.numpy()
-    if method == "random-drop":  # blind: each row dropped with GAF-mean's rejection rate
-        keep = rng.random(n) >= drop_rate
-        if keep.sum() < 2:
-            return None, np.zeros(n)
-        w = keep / keep.sum()
-        return weighted_sum(rows, w, torch.empty_like(rows[0])), w
+    if method == "random-drop":  # GAF's step with blind verdicts at GAF's rejection rate
+        control.q = drop_rate
+        res = gaf.filter_gradients(rows, TAU, "mean", verdicts=control.draw(n))
+        return (None if res.skipped else res.grad), res.weights.numpy()
     if method in ("multi-krum", "geometric-median"):
         gram = gram_matrix(rows)
         if method == "multi-krum":
@@ -124,7 +123,7 @@ def run(data, method: str, n: int, faulty: list[int], kind: str | None, seed: in
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
     gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    control = RandomDrop(drop_rate, seed=seed)
     injector = FaultInjector.make(kind, faulty, seed=seed) if kind else None
     f = len(faulty)
     losses, times, skipped, faulty_share, faulty_kept, rejected = [], [], 0, [], 0, 0.0
@@ -144,12 +143,12 @@ def run(data, method: str, n: int, faulty: list[int], kind: str | None, seed: in
         rows = torch.stack(rows)
         if injector is not None:
             injector.corrupt_rows(rows)
-        direction, weights = aggregate(method, rows, n, f, rng, drop_rate)
+        direction, weights = aggregate(method, rows, n, f, control, drop_rate)
         if direction is None:
             skipped += 1
             rejected += 1.0
-        else:
-            rejected += float((np.asarray(weights) == 0).mean())
+        else:  # rows after the first, the ones the paper's rule tests
+            rejected += float((np.asarray(weights)[1:] == 0).mean())
             offset = 0
             for p in params:
                 p.grad.copy_(direction[offset : offset + p.numel()].view_as(p))
@@ -176,7 +175,7 @@ def run(data, method: str, n: int, faulty: list[int], kind: str | None, seed: in
         "faulty_kept_rate": faulty_kept / STEPS if faulty else 0.0,
         "step_ms": 1000 * statistics.median(times),
         "drop_rate": drop_rate,
-        "rejected_rate": rejected / STEPS,
+        "rejected_rate": rejected / STEPS,  # of rows 2..N (skipped steps: all)
     }
 
 
@@ -266,10 +265,11 @@ def report(results: dict) -> str:
         f"every step N rows, each the gradient of its own {s['row_samples']} images (as N ranks "
         "with one micro-batch each); the last f rows are corrupted every step by "
         "`gaf.faults` (seed 0). One seed per cell.",
-        f"GAF uses tau = {s['tau']}; random drop drops each row with the rate GAF's paper "
-        "rule rejected rows in the same cell; multi-Krum keeps N - f rows and tolerates "
-        "f_K = min(f, (N - 3) // 2) (at N = 4 its guarantee allows only f_K = 0); the "
-        "trimmed mean drops min(f, (N - 1) // 2) values per side.",
+        f"GAF uses tau = {s['tau']}; random drop is GAF's step with blind verdicts "
+        "(`gaf.controls.RandomDrop`): the anchor kept, each other row dropped at the rate "
+        "GAF's paper rule rejected rows 2..N in the same cell; multi-Krum keeps N - f "
+        "rows and tolerates f_K = min(f, (N - 3) // 2) (at N = 4 its guarantee allows "
+        "only f_K = 0); the trimmed mean drops min(f, (N - 1) // 2) values per side.",
         "",
         "## Summary over the 24 fault cells (N = 4, 8; f = 1, 2; six kinds)",
         "",
