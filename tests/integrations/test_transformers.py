@@ -12,6 +12,7 @@ from gaf.integrations.transformers import GAFHFTrainer
 
 from .tiny import (
     assert_same_tensors,
+    check_two_rank_run,
     make_data,
     make_net,
     optimizer_state_tensors,
@@ -96,13 +97,5 @@ def test_transformers_trainer_matches_gaftrainer_and_holds_scheduler(bf16, tmp_p
 
 
 def test_transformers_trainer_two_processes_gloo_matches_distributed_gaftrainer(tmp_path):
-    from .test_lightning import run_two_ranks
 
-    reports = run_two_ranks("transformers", tmp_path)
-    for report in reports:
-        assert all(report["same_as_reference"]), report
-        assert report["stats"] == report["reference_stats"]
-        assert report["ranks_agree"]
-    stats = reports[0]["stats"]
-    assert 0 < stats["skipped_steps"] < stats["steps"]
-    assert stats["micro_batches"] == 2 * M * stats["steps"]
+    check_two_rank_run("transformers", tmp_path, micro_batches_per_rank=M)
