@@ -238,6 +238,7 @@ def decide_measure(
     measure: str = "cosine",
     segments: Sequence[int] | None = None,
     verdicts: np.ndarray | None = None,
+    rule_options: dict | None = None,
 ) -> Decision:
     """The decision of ``rule`` over a stack [M, P] with distances of ``measure``."""
-    return decide_with(make_oracle(grads, measure, segments), tau, rule, verdicts)
+    return decide_with(make_oracle(grads, measure, segments), tau, rule, verdicts, rule_options)
