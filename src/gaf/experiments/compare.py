@@ -31,7 +31,12 @@ from gaf.experiments.config import TrainConfig
 from gaf.experiments.methods import CONTROLS, canonical_method
 from gaf.experiments.prepare import PreparedData, prepare_data
 from gaf.experiments.results import RunResult, setting_key
-from gaf.experiments.resume import load_finished, run_directory_name, write_finished
+from gaf.experiments.resume import (
+    RESULT_FILE,
+    load_finished,
+    run_directory_name,
+    write_finished,
+)
 from gaf.experiments.train import default_threads, train
 
 MethodSpec = str | tuple[str, dict[str, Any]]
@@ -223,14 +228,25 @@ def _run_all(configs: Sequence[TrainConfig], jobs: int,
                 print(f"[{cfg.label}] finished earlier: {d}", flush=True)
                 results[i] = found
     todo = [i for i in range(len(configs)) if i not in results]
+    started = time.time()
     try:
         if jobs == 1 or len(todo) <= 1:
             _run_serial(configs, dirs, todo, resume, results)
         else:
             _run_parallel(configs, dirs, todo, resume, jobs, results)
     except KeyboardInterrupt:
+        # A worker may have recorded its run an instant before the parent heard of it.
+        for i in todo:
+            if i not in results and dirs[i] is not None and _recorded_since(dirs[i], started):
+                results[i] = load_finished(dirs[i], configs[i].to_dict())
         raise GridInterrupted([results[i] for i in sorted(results)]) from None
     return [results[i] for i in range(len(configs))]
+
+
+def _recorded_since(run_dir: Path, started: float) -> bool:
+    path = run_dir / RESULT_FILE
+    # 2 s of slack for file systems whose timestamps are coarse.
+    return path.exists() and path.stat().st_mtime >= started - 2.0
 
 
 def _run_serial(configs, dirs, todo, resume, results) -> None:
