@@ -22,9 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
-from gaf.core import rules
 from gaf.core.decision import Decision, DistanceOracle, GramOracle, check_verdicts, nothing_valid
 from gaf.core.distance import check_tau
+from gaf.core.rules import (
+    anchor_rule,
+    consensus_rule,
+    halving_rule,
+    mean_rule,
+    neighbours_rule,
+)
 
 
 @dataclass(frozen=True)
@@ -67,14 +73,14 @@ class Rule:
 
 
 _BUILTIN = (
-    Rule("mean", rules.mean_rule, "the paper's rule: each row against the running sum",
+    Rule("mean", mean_rule, "the paper's rule: each row against the running sum",
          streaming=True),
-    Rule("halving", rules.halving_rule, "as mean, the running sum halved on each acceptance",
+    Rule("halving", halving_rule, "as mean, the running sum halved on each acceptance",
          streaming=True, halving=True),
-    Rule("anchor", rules.anchor_rule, "each row against the anchor row alone"),
-    Rule("neighbours", rules.neighbours_rule,
+    Rule("anchor", anchor_rule, "each row against the anchor row alone"),
+    Rule("neighbours", neighbours_rule,
          "the row with most neighbours within tau, and its neighbours"),
-    Rule("consensus", rules.consensus_rule,
+    Rule("consensus", consensus_rule,
          "each row against the sum of all the others; no anchor", anchored=False),
 )
 
