@@ -136,11 +136,15 @@ class EpochLog:
         if accepted is not None:
             self.accepted.append(np.asarray(accepted, dtype=bool))
         if distances is not None:
-            d = np.asarray(distances, dtype=np.float64)
-            self.distances.append(d)
-            rest = [v for i, v in enumerate(d.tolist()) if i != anchor]
-            self.step_distance.append(float(np.mean(rest)) if rest else NAN)
-            self.anchors.append(anchor)
+            self.add_distances(distances, anchor)
+
+    def add_distances(self, distances: np.ndarray, anchor: int = 0) -> None:
+        """One step's distances (rows in order; the anchor's is 0 and left out of means)."""
+        d = np.asarray(distances, dtype=np.float64)
+        self.distances.append(d)
+        rest = [v for i, v in enumerate(d.tolist()) if i != anchor]
+        self.step_distance.append(float(np.mean(rest)) if rest else NAN)
+        self.anchors.append(anchor)
 
     def precision(self, is_noisy_batches: Tensor | None, selects_steps: bool,
                   kept_samples: list[Tensor] | None = None) -> dict[str, float]:

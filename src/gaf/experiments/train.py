@@ -286,14 +286,15 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
             x = augment_batch(x, state.augment_rng)
         out = method.step(x, data.train_y[idx])
         res = out.result
-        if res is None:
-            log.record(out.loss, out.skipped)
-        else:
-            log.record(out.loss, out.skipped, res.accepted.numpy(),
-                       res.distances.numpy() if record else None, res.anchor)
+        side = method.snapshots is not None  # averaging: distances measured on the side
+        log.record(out.loss, out.skipped, res.accepted.numpy(),
+                   res.distances.numpy() if record and not side else None, res.anchor)
         state.step += 1
         if bar is not None:
             bar.update(1)
+    if method.snapshots is not None:
+        for d in method.snapshots.epoch_distances():
+            log.add_distances(d)
     state.epoch += 1
     n_steps = batches.shape[0]
     selects = cfg.method in FILTERING_METHODS
