@@ -33,7 +33,8 @@ from torch.nn import functional as F  # noqa: N812
 
 from gaf import GAFTrainer, RandomDrop, RandomSkip, StepResult
 from gaf.controls import Control
-from gaf.core import decide, gram_matrix
+from gaf.core import gram_matrix
+from gaf.experiments.speed import trainer_options
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "average": "plain averaging of the micro-gradients",
@@ -125,10 +126,10 @@ class AccumulationSnapshots:
 
     After micro-batch k's backward the averaging path's ``.grad`` holds Σ_{i<=k} g_i / M,
     so consecutive differences of the snapshots are the micro-gradients (up to 1/M, which
-    no cosine sees). Their Gram matrix (:func:`gaf.core.gram_matrix`) stays on the device;
-    once per epoch the stacked matrices come to the host in one transfer and
-    :func:`gaf.core.decide` at tau = 2 reports each row's distance to the running sum of
-    the earlier ones. The update is untouched.
+    no cosine sees). :meth:`close_step` returns their Gram matrix
+    (:func:`gaf.core.gram_matrix`), left on the device; the epoch's log turns the stacked
+    matrices into distances once per epoch (:meth:`EpochLog.resolve_grams`). The update is
+    untouched.
     """
 
     def __init__(self, params: list[Tensor], num_micro_batches: int):
@@ -136,22 +137,13 @@ class AccumulationSnapshots:
 
         self.flat = FlatGradients(params)
         self.rows = self.flat.new_buffer(num_micro_batches)
-        self.grams: list[Tensor] = []
 
     def take(self, k: int) -> None:
         self.flat.gather(self.rows[k])
 
-    def close_step(self) -> None:
+    def close_step(self) -> Tensor:
         micro = torch.diff(self.rows, dim=0, prepend=torch.zeros_like(self.rows[:1]))
-        self.grams.append(gram_matrix(micro))
-
-    def epoch_distances(self) -> list:
-        """Per step of the epoch so far: the distances, as the rule reports them."""
-        if not self.grams:
-            return []
-        host = torch.stack(self.grams).cpu()
-        self.grams.clear()
-        return [decide(g, 2.0, "mean").distances for g in host]
+        return gram_matrix(micro)
 
 
 @dataclass
@@ -177,12 +169,12 @@ class MethodStep:
             rate = self.control_rates[min(epoch_index, len(self.control_rates) - 1)]
             setattr(self.control, self.control.rate_name, rate)
 
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
+    def step(self, x: Tensor, y: Tensor) -> tuple[StepResult, Tensor | None]:
+        """One trainer step; with side distances, also the step's Gram matrix (device)."""
         if self.snapshots is None:
-            return self.trainer.step(x, y)
+            return self.trainer.step(x, y), None
         out = self.trainer.step(x, y, on_micro_gradient=self.snapshots.take)
-        self.snapshots.close_step()
-        return out
+        return out, self.snapshots.close_step()
 
 
 def gaf_threshold(cfg):
@@ -206,7 +198,8 @@ def build_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
     noise fraction: small-loss's forget rate when ``cfg.forget_rate`` is None."""
     method = cfg.method
     m = cfg.num_micro_batches
-    common = dict(num_micro_batches=m, max_grad_norm=cfg.max_grad_norm)
+    common = dict(num_micro_batches=m, max_grad_norm=cfg.max_grad_norm,
+                  **trainer_options(cfg.amp, cfg.device))  # autocast dtype, GradScaler
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "gaf":
         trainer = GAFTrainer(model, optimizer, F.cross_entropy,
