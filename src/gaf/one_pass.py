@@ -63,6 +63,7 @@ from gaf.one_pass_layers import (
     Captured,
     GhostBatchNorm,
     MicroBatches,
+    Weights,
     conv_direction,
     conv_pieces,
     embedding_direction,
@@ -71,13 +72,15 @@ from gaf.one_pass_layers import (
     linear_pieces,
     norm_pieces,
     normalised,
-    weighted_rows,
 )
 from gaf.thresholds import Threshold, as_threshold
 
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 PIECES = {"linear": linear_pieces, "conv": conv_pieces, "embedding": embedding_pieces,
           "norm": norm_pieces, "batchnorm": norm_pieces}
+# Plans whose direction is computed from held rows (not from kept blocks), by layer kind.
+DIRECTIONS = {"linear": linear_direction, "embedding": embedding_direction,
+              "conv": conv_direction}
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -174,6 +177,7 @@ class OnePassFilter:
         self.stats = FilterStats()
         self._index = {id(p): i for i, p in enumerate(self.flat.params)}
         self._out: Tensor | None = None
+        self._micro_batches: tuple | None = None  # (B, M, device) → MicroBatches, reused
 
     @property
     def tau(self) -> float:
@@ -189,7 +193,10 @@ class OnePassFilter:
         """
         tau = self.threshold.value()
         first = inputs if isinstance(inputs, Tensor) else inputs[0]
-        mb = MicroBatches(first.shape[0], num_micro_batches, first.device)
+        key = (first.shape[0], num_micro_batches, first.device)
+        if self._micro_batches is None or self._micro_batches[0] != key:
+            self._micro_batches = (key, MicroBatches(*key))
+        mb = self._micro_batches[1]
         if targets.shape[0] != mb.total:
             raise ValueError(f"inputs have {mb.total} samples but targets {targets.shape[0]}")
         losses = self._backward(inputs, targets, loss_fn, mb, scale, autocast)
@@ -259,7 +266,7 @@ class OnePassFilter:
                     f"module {cap.name} ({type(module).__name__}) sees {x.shape[0]} rows along "
                     f"dim 0, not the batch's {mb.total} samples: one-pass micro-gradients "
                     "need every activation sample-major")
-            saved = normalised(module, x) if cap.kind in ("norm", "batchnorm") else x.detach()
+            saved = normalised(module, x) if cap.kind in ("norm", "batchnorm") else x
             return capture(cap, saved, out)
 
         handles, ghosts = [], []
@@ -280,7 +287,8 @@ class OnePassFilter:
                     self.model(inputs)
                 micro = [loss_fn(o, y) for o, y in zip(out.split(mb.sizes),
                                                        targets.split(mb.sizes), strict=True)]
-            total = torch.stack(micro).sum()
+            micro = torch.stack(micro)
+            total = micro.sum()
             if not total.requires_grad:
                 raise ValueError("the loss does not depend on any filtered parameter")
             for cap in self.captures:
@@ -298,31 +306,20 @@ class OnePassFilter:
                 if pending.get(id(cap), 0) and any(d is not None for d in cap.deltas):
                     PIECES[cap.kind](cap, mb, budget)
                 cap.release()
-        return torch.stack([loss.detach().float() for loss in micro])
+        return micro.detach().float()
 
     @torch.no_grad()
     def _direction(self, decision, mb: MicroBatches) -> None:
-        device = self._out.device
-        weights = torch.from_numpy(decision.weights).to(device)
-        use = torch.from_numpy(decision.weights != 0)
-        w_samples = weights[mb.sample_ids]
-        # Rows of rejected micro-batches can hold inf/NaN (e.g. an AMP overflow): zero them
-        # before any product, since their zero weight would turn inf into NaN.
-        clean = bool(np.all(decision.finite if decision.finite is not None else True))
+        finite = bool(np.all(decision.finite if decision.finite is not None else True))
+        weights = Weights(decision.weights, finite, self._out.device)
         views = self.flat.views(self._out, cache=True)
         for cap in self.captures:
-            if not clean:
-                _zero_rejected(cap, weights, w_samples)
-            directions = {"linear": linear_direction, "embedding": embedding_direction,
-                          "conv": conv_direction}
-            pieces = cap.extra.get("rows", cap.extra.get("calls"))
             for name, p in cap.params.items():
                 view = views[self._index[id(p)]]
                 if name in cap.kept:
-                    weighted_rows(cap.kept[name], weights, use, view)
-                elif name == "weight" and pieces is not None:
-                    # Row-wise layers index micro-batch weights by row; convs by sample.
-                    directions[cap.kind](cap, w_samples if cap.kind == "conv" else weights, view)
+                    weights.kept(cap.kept[name], view)
+                elif name == "weight" and ("rows" in cap.extra or "calls" in cap.extra):
+                    DIRECTIONS[cap.kind](cap, weights, view)
                 else:
                     view.zero_()  # the layer never reached the loss
 
@@ -337,22 +334,6 @@ class OnePassFilter:
             raise ValueError(f"state was saved with rule {state['rule']!r}, not {self.rule!r}")
         self.stats.load_state_dict(state["stats"])
         self.threshold.load_state_dict(state["threshold"])
-
-
-def _zero_rejected(cap: Captured, weights: Tensor, w_samples: Tensor) -> None:
-    """Replace the rows of zero-weight micro-batches by zeros in what the direction reads."""
-    def clean(t: Tensor, row_weights: Tensor) -> Tensor:
-        if not t.is_floating_point():
-            return t
-        keep = (row_weights != 0).reshape(-1, *([1] * (t.dim() - 1)))
-        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-    if "rows" in cap.extra:
-        x, d, ids = cap.extra["rows"]
-        cap.extra["rows"] = (clean(x, weights[ids]), clean(d, weights[ids]), ids)
-    if "calls" in cap.extra:
-        cap.extra["calls"] = [(clean(x, w_samples), clean(d, w_samples))
-                              for x, d in cap.extra["calls"]]
 
 
 def one_pass_filter(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],

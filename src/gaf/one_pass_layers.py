@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -107,21 +108,69 @@ class Budget:
 def gram(rows: Tensor) -> Tensor:
     """[M, ...] micro-gradient blocks → their [M, M] Gram matrix in the accumulation dtype."""
     flat = rows.reshape(rows.shape[0], -1)
-    flat = flat.to(gram_dtype(flat.dtype))
+    acc = gram_dtype(flat.dtype)
+    flat = flat if flat.dtype == acc else flat.to(acc)
     return flat @ flat.T
 
 
-def weighted_rows(blocks: Tensor, weights: Tensor, use: Tensor, out: Tensor) -> Tensor:
-    """out = Σ_i weights[i] · blocks[i] over the micro-batches in ``use`` only, so an inf/NaN
-    in a rejected block never meets its zero weight (0 · inf = NaN)."""
-    rows = blocks.reshape(blocks.shape[0], -1)
-    if not bool(use.all()):
-        idx = torch.nonzero(use).flatten().to(blocks.device)
-        rows, weights = rows.index_select(0, idx), weights[use]
-    w = weights.to(blocks.device, blocks.dtype).reshape(1, -1)
-    if out.dtype == rows.dtype and out.is_contiguous():
-        return torch.mm(w, rows, out=out.view(1, -1))
-    return out.copy_((w @ rows).reshape(out.shape))
+class Weights:
+    """The decision's weights w [M] in the forms the direction needs, made once a step.
+
+    ``base`` is the most frequent weight c (the mean rule's 1/|S| when most micro-batches
+    agree, else 0): a layer that kept the plain sum g = Σ_i g_i of its micro-gradients
+    gets Σ_i w_i g_i = c·g + Σ_i (w_i - c) g_i, and recomputes only the micro-batches with
+    w_i ≠ c, at most half of them (none when all agree). With a non-finite micro-batch
+    c is 0: the sum would carry its inf.
+    """
+
+    def __init__(self, weights: np.ndarray, finite: bool, device: torch.device):
+        self.host = weights
+        self.used = weights != 0
+        self.all_used = bool(self.used.all())
+        values, counts = np.unique(weights, return_counts=True)
+        self.base = float(values[np.argmax(counts)]) if finite else 0.0
+        self.device = device
+        self._tensors: dict = {}
+
+    def tensor(self, dtype: torch.dtype, base: float = 0.0) -> Tensor:
+        """w - base [M] as a device tensor of ``dtype``."""
+        key = (dtype, base)
+        if key not in self._tensors:
+            self._tensors[key] = torch.from_numpy(self.host - base).to(self.device, dtype)
+        return self._tensors[key]
+
+    def kept(self, blocks: Tensor, out: Tensor) -> Tensor:
+        """out = Σ_i w_i · blocks[i] over the micro-batches with w_i ≠ 0 only, so an inf/NaN
+        in a rejected block never meets its zero weight (0 · inf = NaN)."""
+        rows = blocks.reshape(blocks.shape[0], -1)
+        w = self.tensor(blocks.dtype)
+        if not self.all_used:
+            idx = torch.from_numpy(np.flatnonzero(self.used)).to(blocks.device)
+            rows, w = rows.index_select(0, idx), w.index_select(0, idx)
+        if out.dtype == rows.dtype and out.is_contiguous():
+            return torch.mm(w.reshape(1, -1), rows, out=out.view(1, -1))
+        return out.copy_((w @ rows).reshape(out.shape))
+
+    def products(self, x: Tensor, d: Tensor, ids: Tensor, total: Tensor | None, product,
+                 out: Tensor) -> Tensor:
+        """out = Σ_i w_i g_i where g_i = product(x rows of i, d rows of i) is linear in d.
+
+        ``ids``: micro-batch of each row of x and d; ``total``: Σ_i g_i if kept, else None.
+        Only rows whose coefficient is non-zero are read.
+        """
+        base = self.base if total is not None else 0.0
+        coef_host = self.host - base
+        if base != 0.0:
+            torch.mul(total, base, out=out) if out.dtype == total.dtype else \
+                out.copy_(total * base)
+        if not coef_host.any():
+            return out if base != 0.0 else out.zero_()
+        coef = self.tensor(d.dtype, base)[ids]
+        if not coef_host.all():
+            rows = torch.nonzero(coef).flatten()
+            x, d, coef = x.index_select(0, rows), d.index_select(0, rows), coef[rows]
+        g = product(x, d * coef.reshape(-1, *([1] * (d.dim() - 1))))
+        return out.add_(g.reshape(out.shape)) if base != 0.0 else out.copy_(g.reshape(out.shape))
 
 
 @dataclass
@@ -140,17 +189,18 @@ class Captured:
     extra: dict = field(default_factory=dict)
 
     def add(self, g: Tensor) -> None:
-        self.gram = g if self.gram is None else self.gram + g
+        self.gram = g if self.gram is None else self.gram.add_(g)
 
     def release(self) -> None:
         self.saved, self.deltas = [], []
 
 
-def _dtype(*tensors: Tensor) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def _common(x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """x and d in one dtype (under autocast they may differ): the wider of the two."""
+    if x.dtype == d.dtype or not x.is_floating_point():
+        return x, d
+    dtype = torch.promote_types(x.dtype, d.dtype)
+    return x.to(dtype), d.to(dtype)
 
 
 # -- Linear and Embedding: row-wise layers -----------------------------------------------------
@@ -177,9 +227,8 @@ def _rows(cap: Captured, mb: MicroBatches) -> tuple[Tensor, Tensor, Tensor, bool
 
 def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     x, d, ids, regular = _rows(cap, mb)
-    dtype = _dtype(x, d)
-    x, d = x.to(dtype), d.to(dtype)
-    m, r = mb.m, x.shape[0]
+    x, d = _common(x, d)
+    dtype, m, r = d.dtype, mb.m, x.shape[0]
     if "bias" in cap.params:
         if regular:
             bias = d.reshape(m, r // m, d.shape[1]).sum(1)
@@ -211,21 +260,23 @@ def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     # recomputation would have to hold until the decision.
     if m * p_l <= r * (n_in + n_out) or budget.take(m * p_l):
         cap.kept["weight"], cap.plan["weight"] = blocks, "kept"
-        cap.release()
     else:
+        # Hold the plain sum and the rows: the direction recomputes only the micro-batches
+        # whose weight differs from the most common one (see Weights).
         cap.plan["weight"] = "recomputed"
         cap.extra["rows"] = (x, d, ids)
-        cap.release()
+        cap.extra["total"] = blocks.sum(0)
+    cap.release()
 
 
-def linear_direction(cap: Captured, weights: Tensor, out: Tensor) -> None:
+def _outer(x: Tensor, d: Tensor) -> Tensor:
+    return d.T @ x
+
+
+def linear_direction(cap: Captured, weights: Weights, out: Tensor) -> None:
     """out = Σ_rows w_{micro-batch(row)} δ_row x_rowᵀ: the gradient of Σ_i w_i L_i."""
     x, d, ids = cap.extra.pop("rows")
-    scaled = d * weights[ids].to(d.dtype)[:, None]
-    if out.dtype == x.dtype:
-        torch.mm(scaled.T, x, out=out)
-    else:
-        out.copy_(scaled.T @ x)
+    weights.products(x, d, ids, cap.extra.pop("total", None), _outer, out)
 
 
 def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
@@ -260,9 +311,15 @@ def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     cap.release()
 
 
-def embedding_direction(cap: Captured, weights: Tensor, out: Tensor) -> None:
+def embedding_direction(cap: Captured, weights: Weights, out: Tensor) -> None:
     idx, d, ids = cap.extra.pop("rows")
-    out.zero_().index_add_(0, idx, (d * weights[ids].to(d.dtype)[:, None]).to(out.dtype))
+    vocab = cap.module.num_embeddings
+
+    def scatter(rows: Tensor, deltas: Tensor) -> Tensor:
+        return torch.zeros(vocab, deltas.shape[1], dtype=deltas.dtype,
+                           device=deltas.device).index_add_(0, rows, deltas)
+
+    weights.products(idx, d, ids, None, scatter, out)
 
 
 # -- Convolutions ------------------------------------------------------------------------------
@@ -303,7 +360,8 @@ def _conv_blocks(module, x: Tensor, d: Tensor, padding: list[int], mb: MicroBatc
     if mb.equal and m > 1 and n < 16:
         def fold(t: Tensor) -> Tensor:
             return t.reshape(m, n, *t.shape[1:]).transpose(0, 1).reshape(n, -1, *t.shape[2:])
-        weight = module.weight.detach().to(d.dtype)
+        weight = module.weight.detach()
+        weight = weight if weight.dtype == d.dtype else weight.to(d.dtype)
         grouped = weight.repeat(m, *([1] * (weight.dim() - 1)))
         dims = len(module.kernel_size)
         blocks = torch.ops.aten.convolution_backward(
@@ -317,43 +375,41 @@ def _conv_blocks(module, x: Tensor, d: Tensor, padding: list[int], mb: MicroBatc
 
 def conv_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     module = cap.module
-    weights, biases = [], []
+    weights, biases, calls = [], [], []
     for x, d in zip(cap.saved, cap.deltas, strict=True):
         if d is None:
             continue
-        dtype = _dtype(x, d)
-        x, d = x.to(dtype), d.to(dtype)
+        x, d = _common(x, d)
         if "bias" in cap.params:
             biases.append(mb.segment_sum(d.reshape(d.shape[0], d.shape[1], -1).sum(2)))
         if "weight" in cap.params:
             xp, padding = conv_input(module, x)
             weights.append(_conv_blocks(module, xp, d, padding, mb))
+            calls.append((xp, d, padding))
     if biases:
         cap.kept["bias"], cap.plan["bias"] = sum(biases), "kept"
         cap.add(gram(cap.kept["bias"]))
     if weights:
         blocks = sum(weights)
         cap.add(gram(blocks))
-        rows = sum(x.numel() + d.numel() for x, d in zip(cap.saved, cap.deltas, strict=True)
-                   if d is not None)
+        rows = sum(x.numel() + d.numel() for x, d, _ in calls)
         if blocks.numel() <= rows or budget.take(blocks.numel()):
             cap.kept["weight"], cap.plan["weight"] = blocks, "kept"
         else:
             cap.plan["weight"] = "recomputed"
-            cap.extra["calls"] = [(x, d) for x, d in zip(cap.saved, cap.deltas, strict=True)
-                                  if d is not None]
+            cap.extra.update(calls=calls, ids=mb.sample_ids, total=blocks.sum(0))
     cap.release()
 
 
-def conv_direction(cap: Captured, w_samples: Tensor, out: Tensor) -> None:
-    module, total = cap.module, None
-    for x, d in cap.extra.pop("calls"):
-        dtype = _dtype(x, d)
-        scale = w_samples.to(d.device, dtype).reshape(-1, *([1] * (d.dim() - 1)))
-        xp, padding = conv_input(module, x.to(dtype))
-        g = _conv_weight_grad(module, xp, d.to(dtype) * scale, padding)
-        total = g if total is None else total + g
-    out.copy_(total)
+def conv_direction(cap: Captured, weights: Weights, out: Tensor) -> None:
+    module, calls, ids = cap.module, cap.extra.pop("calls"), cap.extra.pop("ids")
+    total = cap.extra.pop("total") if len(calls) == 1 else None
+    part = out if len(calls) == 1 else torch.empty_like(out)
+    for k, (x, d, padding) in enumerate(calls):
+        weights.products(x, d, ids, total,
+                         lambda xs, ds, p=padding: _conv_weight_grad(module, xs, ds, p), part)
+        if part is not out:
+            out.copy_(part) if k == 0 else out.add_(part)
 
 
 # -- Normalisation layers ----------------------------------------------------------------------
@@ -377,9 +433,9 @@ def norm_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     for xhat, d in zip(cap.saved, cap.deltas, strict=True):
         if d is None:
             continue
-        dtype = _dtype(xhat, d)
+        xhat, d = _common(xhat, d)
         for name in cap.params:
-            piece = d.to(dtype) if name == "bias" else d.to(dtype) * xhat.to(dtype)
+            piece = d if name == "bias" else d * xhat
             # LayerNorm's parameters span the trailing dims; the others' the channel dim.
             if isinstance(module, nn.LayerNorm):
                 piece = piece.reshape(d.shape[0], -1, cap.params[name].numel()).sum(1)
