@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gaf
+import gaf.one_pass_layers
 from gaf.core import RULES, pairwise_distances
 from gaf.experiments.models import build_model
 from gaf.one_pass import OnePassFilter
@@ -179,6 +180,20 @@ def test_linear_path_choice(layer, m, per_micro, budget, expected):
     res, grads = one_pass(model, x, y, m, 2.0, "mean", keep_budget=budget)
     assert res.extra["plan"]["0.weight"] == expected
     assert_same(ref, rows, ref_grads, res, grads)
+
+
+def test_recomputed_linear_in_chunks_of_output_features(monkeypatch):
+    monkeypatch.setattr(gaf.one_pass_layers, "CHUNK_NUMBERS", 3 * 4 * 16)  # 3 features a chunk
+    for rule in RULES:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).to(DT)
+        x, y = torch.randn(16, 16, dtype=DT), torch.randint(0, 3, (16,))
+        _, rows, _ = sequential(copy.deepcopy(model), x, y, 4, 2.0, rule)
+        tau = tau_for(rows, 4)
+        ref, rows, ref_grads = sequential(copy.deepcopy(model), x, y, 4, tau, rule)
+        res, grads = one_pass(model, x, y, 4, tau, rule, keep_budget=0)
+        assert res.extra["plan"]["0.weight"] == "recomputed"
+        assert_same(ref, rows, ref_grads, res, grads)
 
 
 @pytest.mark.parametrize(("vocab", "m", "tokens", "expected"), [

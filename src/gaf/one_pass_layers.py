@@ -47,6 +47,10 @@ from torch.nn import functional as F
 
 from gaf.core import gram_dtype
 
+# Numbers in one chunk of [M, c, in] blocks of a Linear layer that is not kept (about 4 MB
+# in float32: a few chunks fit the caches of current CPUs).
+CHUNK_NUMBERS = 1 << 20
+
 
 class MicroBatches:
     """B samples split into M contiguous micro-batches of sizes differing by at most one."""
@@ -97,6 +101,9 @@ class Budget:
 
     def __init__(self, numbers: int):
         self.left = numbers
+
+    def fits(self, numbers: int) -> bool:
+        return numbers <= self.left
 
     def take(self, numbers: int) -> bool:
         if numbers <= self.left:
@@ -241,32 +248,48 @@ def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
         return
     n_in, n_out = x.shape[1], d.shape[1]
     p_l = n_in * n_out
+    # Keep the blocks when they are smaller than the rows a recomputation would hold
+    # until the decision, or when the budget has room for them.
+    keep = m * p_l <= r * (n_in + n_out) or budget.fits(m * p_l)
     ghost = r * r * (n_in + n_out) + r * p_l
-    materialised = r * p_l + m * m * p_l
-    if ghost < materialised + m * p_l:  # even the cheapest materialised form costs more
+    # Blocks, their Gram, then the direction: from the kept blocks, or by recomputing at
+    # most half of the rows (see Weights).
+    materialised = r * p_l + m * m * p_l + (m * p_l if keep else r * p_l // 2)
+    if ghost < materialised:
         acc = gram_dtype(dtype)
         prod = (x @ x.T).to(acc) * (d @ d.T).to(acc)
         cap.add(mb.block_sum(prod, ids, regular))
         cap.plan["weight"] = "ghost"
         cap.extra["rows"] = (x, d, ids)
-        cap.release()
-        return
-    if regular:
-        blocks = torch.bmm(d.reshape(m, r // m, n_out).transpose(1, 2), x.reshape(m, r // m, n_in))
-    else:
-        blocks = torch.stack([d[ids == i].T @ x[ids == i] for i in range(m)])
-    cap.add(gram(blocks))
-    # Keep the blocks when the budget allows, or when they are smaller than the rows a
-    # recomputation would have to hold until the decision.
-    if m * p_l <= r * (n_in + n_out) or budget.take(m * p_l):
+    elif keep:
+        if not m * p_l <= r * (n_in + n_out):
+            budget.take(m * p_l)
+        blocks = _linear_blocks(x, d, ids, regular, m, slice(None))
+        cap.add(gram(blocks))
         cap.kept["weight"], cap.plan["weight"] = blocks, "kept"
     else:
-        # Hold the plain sum and the rows: the direction recomputes only the micro-batches
-        # whose weight differs from the most common one (see Weights).
+        # Output features a chunk at a time, so that each chunk's [M, c, in] blocks stay in
+        # cache for their Gram and their sum: the blocks as a whole are M times the layer.
+        step = max(1, CHUNK_NUMBERS // (m * n_in))
+        total = torch.empty(n_out, n_in, dtype=dtype, device=d.device)
+        for start in range(0, n_out, step):
+            blocks = _linear_blocks(x, d, ids, regular, m, slice(start, start + step))
+            cap.add(gram(blocks))
+            torch.sum(blocks, 0, out=total[start:start + step])
+        # The direction recomputes only the micro-batches off the most common weight.
         cap.plan["weight"] = "recomputed"
-        cap.extra["rows"] = (x, d, ids)
-        cap.extra["total"] = blocks.sum(0)
+        cap.extra.update(rows=(x, d, ids), total=total)
     cap.release()
+
+
+def _linear_blocks(x: Tensor, d: Tensor, ids: Tensor, regular: bool, m: int,
+                   features: slice) -> Tensor:
+    """[M, out', in]: each micro-batch's weight gradient for the output ``features``."""
+    d = d[:, features]
+    if regular:
+        r = x.shape[0]
+        return torch.bmm(d.reshape(m, r // m, -1).transpose(1, 2), x.reshape(m, r // m, -1))
+    return torch.stack([d[ids == i].T @ x[ids == i] for i in range(m)])
 
 
 def _outer(x: Tensor, d: Tensor) -> Tensor:
