@@ -197,7 +197,8 @@ def test_recomputed_linear_in_chunks_of_output_features(monkeypatch):
 
 
 @pytest.mark.parametrize(("vocab", "m", "tokens", "expected"), [
-    (5, 4, 8, "dense"),        # vocabulary smaller than the rows
+    (5, 4, 8, "kept"),         # dense [M, V, D] blocks smaller than the rows: kept
+    (40, 4, 4, "dense"),       # dense blocks, larger than the rows: rows held instead
     (1000, 8, 1, "ghost"),     # few rows, many micro-batches: R² < M²·R
     (1000, 4, 40, "compact"),  # many rows over a large vocabulary
 ])

@@ -318,6 +318,10 @@ def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
         blocks = torch.zeros(m * vocab, dim, dtype=d.dtype, device=d.device)
         blocks.index_add_(0, ids * vocab + idx, d)
         cap.add(gram(blocks.reshape(m, vocab * dim)))
+        if blocks.numel() <= d.numel() + idx.numel():  # smaller than the rows: keep them
+            cap.kept["weight"], cap.plan["weight"] = blocks.reshape(m, vocab, dim), "kept"
+            cap.release()
+            return
         cap.plan["weight"] = "dense"
     elif r * r < m * m * min(vocab, r):
         same = (idx[:, None] == idx[None, :]).to(acc)
