@@ -350,3 +350,63 @@ def test_trainer_refuses_one_pass_with_collector_options():
         gaf.GAFTrainer(model, opt, F.cross_entropy, 2, micro_gradients="one-pass", mode="stacked")
     with pytest.raises(ValueError, match="unknown micro_gradients"):
         gaf.GAFTrainer(model, opt, F.cross_entropy, 2, micro_gradients="vmap")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_micro_gradient_rows_equal_the_stacked_rows(name):
+    m = 5
+    model, x, y = setup(name, m, seed=2)
+    _, rows, _ = sequential(copy.deepcopy(model), x, y, m, 2.0, "mean")
+    engine = OnePassFilter(model)
+    got, losses = engine.micro_gradients(x, y, F.cross_entropy, m)
+    assert torch.allclose(got, rows, rtol=1e-10, atol=1e-12 * float(rows.abs().max()))
+    assert losses.shape == (m,)
+    assert all(p.grad is None for p in model.parameters())  # .grad untouched
+
+
+def test_collect_one_pass_feeds_any_collector():
+    m = 4
+    model, x, y = setup("conv2d_groupnorm", m, seed=4)
+    _, rows, _ = sequential(copy.deepcopy(model), x, y, m, 2.0, "anchor")
+    tau = tau_for(rows, m)
+    ref, _, ref_grads = sequential(copy.deepcopy(model), x, y, m, tau, "anchor")
+    collector = gaf.GradientCollector(model.parameters(), tau=tau, rule="anchor", mode="stacked")
+    gaf.collect_one_pass(collector, model, F.cross_entropy, x, y, m)
+    res = collector.finish()
+    assert torch.equal(res.accepted, ref.accepted)
+    for a, p in zip(ref_grads, model.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, rtol=1e-10, atol=1e-14)
+
+
+def _distributed_one_pass(rank, world_size):
+    """Each rank's m rows from one pass feed the sharded protocol; the decision and the
+    direction equal those of the same ranks feeding it one micro-batch at a time."""
+    from gaf.distributed import DistributedGradientCollector
+
+    m = 3
+    model, _, _ = setup("mlp", m, seed=0)  # same parameters on every rank
+    gen = torch.Generator().manual_seed(10 + rank)
+    x, y = torch.randn(4 * m, 7, generator=gen, dtype=DT), torch.randint(0, 3, (4 * m,),
+                                                                         generator=gen)
+    results = []
+    for one in (False, True):
+        replica = copy.deepcopy(model)
+        collector = DistributedGradientCollector(replica.parameters(), tau=1.0, rule="mean")
+        if one:
+            gaf.collect_one_pass(collector, replica, F.cross_entropy, x, y, m)
+        else:
+            for xs, ys in zip(x.tensor_split(m), y.tensor_split(m), strict=True):
+                F.cross_entropy(replica(xs), ys).backward()
+                collector.collect()
+        results.append((collector.finish(), [p.grad.clone() for p in replica.parameters()]))
+    (seq, seq_grads), (one, one_grads) = results
+    assert seq.num_micro_batches == one.num_micro_batches == world_size * m
+    assert torch.equal(seq.accepted, one.accepted)
+    for a, b in zip(seq_grads, one_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_distributed_rows_from_one_pass(tmp_path):
+    from test_distributed import spawn
+
+    spawn(_distributed_one_pass, 2, tmp_path)

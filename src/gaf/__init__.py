@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 from gaf.collector import FilterStats, GradientCollector  # noqa: E402
 from gaf.flat import FlatGradients  # noqa: E402
-from gaf.one_pass import OnePassFilter, one_pass_filter  # noqa: E402
+from gaf.one_pass import OnePassFilter, collect_one_pass, one_pass_filter  # noqa: E402
 from gaf.thresholds import (  # noqa: E402
     FixedThreshold,
     MovingAverageThreshold,
@@ -57,6 +57,7 @@ __all__ += [
     "GradientCollector",
     "OnePassFilter",
     "one_pass_filter",
+    "collect_one_pass",
     "StepResult",
     "Threshold",
 ]

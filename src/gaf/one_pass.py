@@ -176,6 +176,7 @@ class OnePassFilter:
         self.keep_budget = self.flat.numel if keep_budget is None else int(keep_budget)
         self.stats = FilterStats()
         self._index = {id(p): i for i, p in enumerate(self.flat.params)}
+        self._owner = {id(p): (c, n) for c in self.captures for n, p in c.params.items()}
         self._out: Tensor | None = None
         self._micro_batches: tuple | None = None  # (B, M, device) → MicroBatches, reused
 
@@ -235,8 +236,38 @@ class OnePassFilter:
 
     # -- the pass ---------------------------------------------------------------------------
 
-    def _backward(self, inputs, targets, loss_fn, mb, scale, autocast) -> Tensor:
-        budget = Budget(self.keep_budget)
+    def micro_gradients(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
+                        loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
+                        out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(rows [M, P], micro losses [M]): every micro-gradient, from one pass.
+
+        Rows in the order of ``flat`` (as the collectors stack them). Holds [M, P], like the
+        stacked mode, but costs one forward and backward: the way to feed a collector that
+        needs the rows themselves, e.g. the distributed protocol (see
+        :func:`collect_one_pass`). ``.grad`` is left untouched.
+        """
+        first = inputs if isinstance(inputs, Tensor) else inputs[0]
+        mb = MicroBatches(first.shape[0], num_micro_batches, first.device)
+        losses = self._backward(inputs, targets, loss_fn, mb, None, nullcontext,
+                                materialise=True)
+        rows = self.flat.new_buffer(mb.m) if out is None else out
+        with torch.no_grad():
+            offset = 0
+            for p, n in zip(self.flat.params, self.flat.numels, strict=True):
+                cap, name = self._owner[id(p)]
+                block = cap.kept.get(name)
+                if block is None:
+                    rows[:, offset:offset + n].zero_()  # the layer never reached the loss
+                else:
+                    rows[:, offset:offset + n].copy_(block.reshape(mb.m, n))
+                offset += n
+        for cap in self.captures:
+            cap.gram, cap.kept, cap.extra, cap.plan = None, {}, {}, {}
+        return rows, losses
+
+    def _backward(self, inputs, targets, loss_fn, mb, scale, autocast,
+                  materialise: bool = False) -> Tensor:
+        budget = Budget(self.keep_budget, materialise)
         anchor = torch.zeros((), requires_grad=True)
         by_module = {id(c.module): c for c in self.captures}
         pending: dict[int, int] = {}
@@ -334,6 +365,25 @@ class OnePassFilter:
             raise ValueError(f"state was saved with rule {state['rule']!r}, not {self.rule!r}")
         self.stats.load_state_dict(state["stats"])
         self.threshold.load_state_dict(state["threshold"])
+
+
+def collect_one_pass(collector, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                     inputs: Tensor | Sequence[Tensor], targets: Tensor,
+                     num_micro_batches: int, engine: OnePassFilter | None = None) -> Tensor:
+    """Hand ``collector`` the M micro-gradients of one pass, as M ``collect()`` calls would.
+
+    For collectors that need the rows themselves: a
+    :class:`~gaf.distributed.DistributedGradientCollector` shards every rank's rows for
+    its protocol (the cross-rank Gram entries pair rows of different ranks, so the per-rank
+    Gram pieces alone cannot serve it). Each rank then runs one forward and backward
+    instead of m. Returns the micro-batch losses; call ``collector.finish()`` after.
+    """
+    engine = engine or OnePassFilter(model, collector.flat.params)
+    rows, losses = engine.micro_gradients(inputs, targets, loss_fn, num_micro_batches)
+    for row in rows:
+        collector.flat.write(row)
+        collector.collect()
+    return losses
 
 
 def one_pass_filter(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],

@@ -99,8 +99,11 @@ class Budget:
     M numbers per parameter entry, are always kept and not counted).
     """
 
-    def __init__(self, numbers: int):
+    def __init__(self, numbers: int, materialise: bool = False):
         self.left = numbers
+        # Every layer's [M, P_l] blocks, for callers that want the micro-gradients
+        # themselves (e.g. to feed the distributed protocol): no ghost products.
+        self.materialise = materialise
 
     def fits(self, numbers: int) -> bool:
         return numbers <= self.left
@@ -250,12 +253,12 @@ def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     p_l = n_in * n_out
     # Keep the blocks when they are smaller than the rows a recomputation would hold
     # until the decision, or when the budget has room for them.
-    keep = m * p_l <= r * (n_in + n_out) or budget.fits(m * p_l)
+    keep = m * p_l <= r * (n_in + n_out) or budget.fits(m * p_l) or budget.materialise
     ghost = r * r * (n_in + n_out) + r * p_l
     # Blocks, their Gram, then the direction: from the kept blocks, or by recomputing at
     # most half of the rows (see Weights).
     materialised = r * p_l + m * m * p_l + (m * p_l if keep else r * p_l // 2)
-    if ghost < materialised:
+    if ghost < materialised and not budget.materialise:
         acc = gram_dtype(dtype)
         prod = (x @ x.T).to(acc) * (d @ d.T).to(acc)
         cap.add(mb.block_sum(prod, ids, regular))
@@ -314,11 +317,11 @@ def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     # Three ways, by cost: dense [M, V, D] blocks (M²·V·D; no sort) when the vocabulary is
     # no larger than the rows, else compact blocks over the U distinct indices (a sort,
     # then M²·U·D), or the ghost product [idx_a = idx_b] ∘ Δ Δᵀ (R²·D).
-    if vocab <= r and m * m * vocab <= r * r:
+    if budget.materialise or (vocab <= r and m * m * vocab <= r * r):
         blocks = torch.zeros(m * vocab, dim, dtype=d.dtype, device=d.device)
         blocks.index_add_(0, ids * vocab + idx, d)
         cap.add(gram(blocks.reshape(m, vocab * dim)))
-        if blocks.numel() <= d.numel() + idx.numel():  # smaller than the rows: keep them
+        if blocks.numel() <= d.numel() + idx.numel() or budget.materialise:
             cap.kept["weight"], cap.plan["weight"] = blocks.reshape(m, vocab, dim), "kept"
             cap.release()
             return
@@ -420,7 +423,7 @@ def conv_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
         blocks = sum(weights)
         cap.add(gram(blocks))
         rows = sum(x.numel() + d.numel() for x, d, _ in calls)
-        if blocks.numel() <= rows or budget.take(blocks.numel()):
+        if blocks.numel() <= rows or budget.materialise or budget.take(blocks.numel()):
             cap.kept["weight"], cap.plan["weight"] = blocks, "kept"
         else:
             cap.plan["weight"] = "recomputed"
