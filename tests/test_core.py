@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gaf
-from gaf.core import RULES, decide, gram_matrix
+from gaf.core import ANCHORED_RULES, RULES, decide, gram_matrix
 from gaf.reference import reference_filter
 
 
@@ -103,10 +103,19 @@ def test_all_rules_coincide_for_two_rows():
     for _ in range(50):
         x = torch.randn(2, 7, generator=gen, dtype=torch.float64)
         tau = float(torch.rand(1, generator=gen)) * 2
-        results = [gaf.filter_gradients(x, tau, rule) for rule in RULES]
+        results = [gaf.filter_gradients(x, tau, rule) for rule in ANCHORED_RULES]
         for r in results[1:]:
             assert r.accepted.tolist() == results[0].accepted.tolist()
             assert torch.allclose(r.grad, results[0].grad)
+        # Consensus has no anchor: it takes the same steps with the same direction, and
+        # on a skip accepts neither row.
+        c = gaf.filter_gradients(x, tau, "consensus")
+        assert c.skipped == results[0].skipped
+        if not c.skipped:
+            assert c.accepted.tolist() == results[0].accepted.tolist()
+            assert torch.allclose(c.grad, results[0].grad)
+        else:
+            assert c.num_accepted == 0
 
 
 # --- invalid rows ----------------------------------------------------------------------
@@ -196,9 +205,11 @@ def test_tau_two_is_the_plain_mean(rule):
 def test_threshold_nothing_meets_skips():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, 30, generator=gen)
-    for rule in RULES:
+    for rule in ANCHORED_RULES:
         r = gaf.filter_gradients(x, tau=0.0, rule=rule)
         assert r.skipped and r.num_accepted == 1
+    r = gaf.filter_gradients(x, tau=0.0, rule="consensus")
+    assert r.skipped and r.num_accepted == 0
 
 
 def test_half_precision_uses_float64_gram():
@@ -248,3 +259,78 @@ def test_cosine_distance_bad_input():
         gaf.cosine_distance(torch.ones(2, 2), torch.ones(2, 2))
     with pytest.raises(TypeError, match="floating"):
         gaf.cosine_distance(torch.ones(3, dtype=torch.int32), torch.ones(3))
+
+
+# --- the consensus rule: hand-computed cases ----------------------------------------------
+
+
+def test_consensus_parallel_rows_all_agree():
+    r = gaf.filter_gradients(rows([1, 0], [2, 0], [3, 0]), tau=0.1, rule="consensus")
+    assert r.accepted.tolist() == [True, True, True]
+    assert r.anchor == -1  # no row is privileged
+    assert r.distances.tolist() == pytest.approx([0.0, 0.0, 0.0])
+    assert torch.allclose(r.grad, torch.tensor([2.0, 0], dtype=torch.float64))
+
+
+def test_consensus_orthogonal_rows():
+    # e_k against the sum of the other two: orthogonal, D = 1.
+    x = rows([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    r = gaf.filter_gradients(x, tau=0.97, rule="consensus")
+    assert r.accepted.tolist() == [False, False, False] and r.skipped
+    assert r.distances.tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert torch.equal(r.grad, torch.zeros(3, dtype=torch.float64))
+    r = gaf.filter_gradients(x, tau=1.0, rule="consensus")
+    assert r.accepted.tolist() == [True, True, True]
+
+
+def test_consensus_opposed_row_is_the_one_rejected():
+    # Rows 0-2 see the others' sum (1, 0): D = 0. Row 3 sees (3, 0): D = 2.
+    x = rows([1, 0], [1, 0], [1, 0], [-1, 0])
+    r = gaf.filter_gradients(x, tau=1.5, rule="consensus")
+    assert r.accepted.tolist() == [True, True, True, False]
+    assert r.distances.tolist() == pytest.approx([0.0, 0.0, 0.0, 2.0])
+    assert torch.allclose(r.grad, torch.tensor([1.0, 0], dtype=torch.float64))
+    # Unlike the paper's rule, an opposed first row is not kept as the anchor.
+    first = rows([-1, 0], [1, 0], [1, 0], [1, 0])
+    assert gaf.filter_gradients(first, 1.5, "consensus").accepted.tolist() == [
+        False, True, True, True]
+    assert gaf.filter_gradients(first, 1.5, "mean").accepted.tolist()[0]
+
+
+def test_consensus_two_of_three():
+    # (1,0) vs (1,2): cos = 1/√5; (0,1) vs (2,1): the same; (1,1) vs (1,1): D = 0.
+    x = rows([1, 0], [0, 1], [1, 1])
+    d = 1 - 1 / math.sqrt(5)
+    r = gaf.filter_gradients(x, tau=0.5, rule="consensus")
+    assert r.distances.tolist() == pytest.approx([d, d, 0.0])
+    assert r.accepted.tolist() == [False, False, True] and r.skipped
+    r = gaf.filter_gradients(x, tau=0.6, rule="consensus")
+    assert r.accepted.tolist() == [True, True, True]
+    assert torch.allclose(r.grad, torch.tensor([2 / 3, 2 / 3], dtype=torch.float64))
+
+
+def test_consensus_ignores_invalid_rows_in_the_sum():
+    # The NaN and zero rows are left out of S: rows 0 and 3 are compared with each other.
+    x = rows([1, 0], [float("nan"), 1], [0, 0], [1, 1])
+    r = gaf.filter_gradients(x, tau=0.3, rule="consensus")
+    d = 1 - 1 / math.sqrt(2)
+    assert r.distances.tolist() == pytest.approx([d, 2.0, 2.0, d])
+    assert r.accepted.tolist() == [True, False, False, True]
+    # One valid row: the others' sum is zero, which agrees with nothing.
+    r = gaf.filter_gradients(rows([1, 0], [0, 0]), tau=2.0, rule="consensus")
+    assert r.distances.tolist() == [2.0, 2.0] and r.skipped
+
+
+def test_zero_vectors_agree_with_nothing_everywhere():
+    # One convention for cosine_distance, distance_from_products and the reference: 2.
+    from gaf.core import distance_from_products
+    from gaf.reference import reference_distance
+
+    zero, one = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    assert gaf.cosine_distance(zero, one).item() == 2.0
+    assert distance_from_products(0.0, 0.0, 3.0) == 2.0
+    assert reference_distance(zero, one) == 2.0
+    # A running sum that cancels (g, -g at tau = 2): the next row is 2 away from it.
+    r = gaf.filter_gradients(rows([1, 0], [-1, 0], [0, 1]), 2.0)
+    assert r.accepted.tolist() == [True, True, True]
+    assert r.distances.tolist() == [0.0, 2.0, 2.0]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import gaf
 from gaf.faults import FAULT_KINDS, FaultInjector, FaultSpec, wrong_labels
 
 
@@ -127,3 +128,34 @@ def test_gradient_hook_on_accumulated_gradients_corrupts_one_micro_gradient():
     for j, p in enumerate(params):
         expected = grads[0][j] - 10 * grads[1][j] + grads[2][j]
         torch.testing.assert_close(p.grad, expected)
+
+
+def _trainer_run(average: bool, injector: FaultInjector, steps: int = 3):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = gaf.GAFTrainer(model, opt, nn.functional.cross_entropy, 4, tau=2.0,
+                             average=average)
+    hook = injector.gradient_hook(model.parameters(), 4, accumulated=average)
+    gen = torch.Generator().manual_seed(1)
+    results = []
+    for _ in range(steps):
+        x, y = torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        results.append(trainer.step(x, y, on_micro_gradient=hook))
+    return model, results
+
+
+def test_fault_hook_through_gaf_trainer():
+    # A non-finite micro-gradient injected in the step is rejected by the filter and the
+    # parameters stay finite; plain averaging takes it in.
+    model, results = _trainer_run(False, FaultInjector.make("nonfinite", [2]))
+    assert all(r.result.num_nonfinite == 1 and not r.skipped for r in results)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    model, _ = _trainer_run(True, FaultInjector.make("nonfinite", [2]))
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
+    # At tau = 2 the filter takes the plain mean of the rows, so with a scale fault the
+    # filtered run and the averaging run (hook on the accumulated gradient) agree.
+    filtered, _ = _trainer_run(False, FaultInjector.make("scale", [1]))
+    averaged, _ = _trainer_run(True, FaultInjector.make("scale", [1]))
+    for p, q in zip(filtered.parameters(), averaged.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -2,9 +2,13 @@
 
 The pure core (:mod:`gaf.core`) decides from the Gram matrix of micro-gradients which of
 them agree; thin front ends apply that decision on one device (:mod:`gaf.collector`,
-:mod:`gaf.training`) and across torch.distributed ranks (:mod:`gaf.distributed`).
+:mod:`gaf.training`) and across torch.distributed ranks (:mod:`gaf.distributed`). Blind
+controls (:mod:`gaf.controls`) take the same step with the choice made at random.
+See docs/design.md for the method, the rules and the layering.
 """
 
+from gaf.collector import FilterStats, GradientCollector
+from gaf.controls import Control, RandomDrop, RandomSkip
 from gaf.core import (
     RULES,
     Decision,
@@ -14,22 +18,9 @@ from gaf.core import (
     filter_gradients,
     gram_matrix,
 )
-
-__all__ = [
-    "RULES",
-    "Decision",
-    "FilterResult",
-    "cosine_distance",
-    "decide",
-    "filter_gradients",
-    "gram_matrix",
-]
-__version__ = "0.1.0"
-
-from gaf.collector import FilterStats, GradientCollector  # noqa: E402
-from gaf.flat import FlatGradients  # noqa: E402
-from gaf.one_pass import OnePassFilter, collect_one_pass, one_pass_filter  # noqa: E402
-from gaf.thresholds import (  # noqa: E402
+from gaf.flat import FlatGradients
+from gaf.one_pass import OnePassFilter, collect_one_pass, one_pass_filter
+from gaf.thresholds import (
     FixedThreshold,
     MovingAverageThreshold,
     NullTailThreshold,
@@ -40,24 +31,37 @@ from gaf.thresholds import (  # noqa: E402
     make_threshold,
     parse_threshold,
 )
-from gaf.training import GAFTrainer, StepResult  # noqa: E402
+from gaf.training import GAFTrainer, StepResult
 
-__all__ += [
+# The one source of the version: pyproject.toml reads it from here.
+__version__ = "0.1.0"
+
+__all__ = [
+    "RULES",
+    "Control",
+    "Decision",
+    "FilterResult",
     "FilterStats",
     "FixedThreshold",
-    "MovingAverageThreshold",
-    "NullTailThreshold",
-    "QuantileThreshold",
-    "ScheduledThreshold",
-    "StepThreshold",
-    "make_threshold",
-    "parse_threshold",
     "FlatGradients",
     "GAFTrainer",
     "GradientCollector",
+    "MovingAverageThreshold",
+    "NullTailThreshold",
     "OnePassFilter",
-    "one_pass_filter",
-    "collect_one_pass",
+    "QuantileThreshold",
+    "RandomDrop",
+    "RandomSkip",
+    "ScheduledThreshold",
     "StepResult",
+    "StepThreshold",
     "Threshold",
+    "collect_one_pass",
+    "cosine_distance",
+    "decide",
+    "filter_gradients",
+    "gram_matrix",
+    "make_threshold",
+    "one_pass_filter",
+    "parse_threshold",
 ]

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gaf.controls import Control
 from gaf.core import (
     Decision,
     FilterResult,
@@ -136,7 +137,9 @@ class GradientCollector:
             (:mod:`gaf.measures`); the latter two use the stacked mode. With "layerwise"
             the tensors are this collector's parameters.
         num_micro_batches: expected M, if known: the stacked buffer is sized for it once
-            instead of growing by doubling.
+            instead of growing by doubling. Needed with a control in streaming mode.
+        control: a blind control (:mod:`gaf.controls`) whose verdicts replace the rule's
+            test ``distance <= tau``; ``None`` (default) filters by agreement.
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class GradientCollector:
         mode: str = "auto",
         num_micro_batches: int | None = None,
         measure: str = "cosine",
+        control: Control | None = None,
     ):
         self.rule = check_rule(rule)
         # Other measures (gaf.measures) need every row at once: the streaming path computes
@@ -170,6 +174,17 @@ class GradientCollector:
                 f"(streaming supports {', '.join(STREAMING_RULES)})"
             )
         self.mode = mode
+        if control is not None and not isinstance(control, Control):
+            raise TypeError(
+                f"control must have draw(num_rows), state_dict() and load_state_dict() "
+                f"(see gaf.controls), got {type(control).__name__}"
+            )
+        if control is not None and mode == "streaming" and not num_micro_batches:
+            raise ValueError(
+                "a control in streaming mode needs num_micro_batches= (its verdicts are "
+                "drawn before the step's micro-gradients arrive)"
+            )
+        self.control = control
         self.threshold = as_threshold(tau)
         self.flat = FlatGradients(params)
         # Streaming decisions stay on the device (no host sync per micro-batch) except on
@@ -191,6 +206,11 @@ class GradientCollector:
     @property
     def tau(self) -> float:
         return self.threshold.value()
+
+    @property
+    def world_size(self) -> int:
+        """Processes whose micro-gradients one decision covers (1 on one device)."""
+        return 1
 
     def begin(self) -> None:
         """Start a step: point every ``.grad`` at a zeroed buffer of the collector.
@@ -214,6 +234,8 @@ class GradientCollector:
 
     def collect(self) -> None:
         """Take the micro-gradient now in ``.grad`` and prepare ``.grad`` for the next one."""
+        if self._count == 0 and self.control is not None and self._capacity_hint:
+            self._draw_verdicts(self._capacity_hint)
         if self.mode == "streaming":
             self._collect_streaming()
         else:
@@ -228,6 +250,16 @@ class GradientCollector:
         if self._count == 0:
             raise RuntimeError("finish() called before any collect(): no micro-gradients")
         tau = self._step_tau
+        if self.control is not None:
+            if self._verdicts is None:
+                self._draw_verdicts(self._count)
+            rows = self._count * self.world_size
+            if len(self._verdicts) != rows:
+                raise ValueError(
+                    f"the control drew verdicts for {len(self._verdicts)} rows but this step "
+                    f"has {rows}: collect num_micro_batches={self._capacity_hint} "
+                    "micro-batches per step"
+                )
         if self.mode == "streaming":
             result = self._finish_streaming(tau)
         else:
@@ -242,13 +274,16 @@ class GradientCollector:
         return result
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "stats": self.stats.state_dict(),
             "threshold": self.threshold.state_dict(),
             "rule": self.rule,
             "mode": self.mode,
             "measure": self.measure,
         }
+        if self.control is not None:
+            state["control"] = self.control.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("rule", self.rule) != self.rule:
@@ -259,11 +294,19 @@ class GradientCollector:
             )
         self.stats.load_state_dict(state["stats"])
         self.threshold.load_state_dict(state["threshold"])
+        if self.control is not None and "control" in state:
+            self.control.load_state_dict(state["control"])
+
+    def _draw_verdicts(self, micro_batches: int) -> None:
+        """The control's verdicts for this step's rows, drawn once per step."""
+        self._verdicts = np.asarray(self.control.draw(micro_batches * self.world_size),
+                                    dtype=bool)
 
     # -- streaming ------------------------------------------------------------------------
 
     def _reset_step(self) -> None:
         self._count = 0
+        self._verdicts: np.ndarray | None = None
         self._step_tau = self.threshold.value()
         # Per collected row: (accepted, distance, finite, valid), as host floats or as a
         # device tensor [4] (device-side path), moved to the host once in finish().
@@ -326,7 +369,10 @@ class GradientCollector:
         s_acc = s if s.dtype == g_acc.dtype else s.to(g_acc.dtype)
         dot = float(s_acc @ g_acc)
         dist = distance_from_products(dot, self._host_sum_sq, norm_sq_g)
-        accept = dist <= self._step_tau
+        if self._verdicts is not None:
+            accept = bool(self._verdicts[self._count])
+        else:
+            accept = dist <= self._step_tau
         if accept:
             grown = self._host_sum_sq + 2 * dot + norm_sq_g
             if self.rule == "halving":
@@ -347,10 +393,14 @@ class GradientCollector:
         valid = torch.isfinite(norm_sq_g) & (norm_sq_g > 0)
         denom = self._sum_sq * norm_sq_g
         safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-        cos = torch.where(denom > 0, dot / torch.sqrt(safe), torch.zeros_like(denom))
+        # A zero running sum agrees with nothing (cos = -1, D = 2), as in the core.
+        cos = torch.where(denom > 0, dot / torch.sqrt(safe), -torch.ones_like(denom))
         dist = torch.clamp(1.0 - cos, 0.0, 2.0)
         anchor = valid & ~self._have_anchor
-        accept = valid & (anchor | (dist <= self._step_tau))
+        if self._verdicts is not None:  # a host bool: no sync
+            accept = valid if self._verdicts[self._count] else valid & anchor
+        else:
+            accept = valid & (anchor | (dist <= self._step_tau))
         dist = torch.where(anchor, torch.zeros_like(dist), dist)
         dist = torch.where(valid, dist, torch.full_like(dist, 2.0))
         # Anchor: s ← g. Later acceptances: s ← s + g ("mean") or (s + g) / 2 ("halving"),
@@ -426,4 +476,4 @@ class GradientCollector:
         decide over the rows of every rank. Must return a result whose ``grad`` is [P].
         """
         return filter_gradients(rows, tau, self.rule, self.measure, self.flat.numels,
-                                out=self._output_buffer())
+                                out=self._output_buffer(), verdicts=self._verdicts)

@@ -29,14 +29,30 @@ Rules (``rule=``):
                   the accepted rows.
 ``"neighbours"``  the row with the most neighbours within tau (ties: lowest index) is the
                   anchor; it and its neighbours are accepted; result is their mean.
+``"consensus"``   every valid g_k is compared with the sum of all the other valid rows,
+                  D(g_k, S - g_k) with S = Σ_valid g_j; accepted when <= tau; no row is
+                  privileged. Result is the mean of the accepted rows (skip below two).
+                  From G: (S - g_k)·g_k = (G1)_k - G_kk and
+                  |S - g_k|² = 1ᵀG1 - 2 (G1)_k + G_kk. ``anchor`` is -1 (there is none)
+                  and ``distances[k]`` is D(g_k, S - g_k) for every valid row.
 
-For M = 2 all four coincide.
+For M = 2 all five coincide.
+
+Blind controls (:mod:`gaf.controls`) pass ``verdicts``, a bool per row drawn without
+looking at the gradients: the test ``distance <= tau`` is then replaced by ``verdicts[k]``
+for every row the rule tests, and everything else (validity, the anchor, distances,
+weights) stays the rule's own. The anchor of the anchored rules is accepted whatever its
+verdict; under "neighbours" a control keeps the first valid row as the anchor (choosing
+the row with most neighbours would look at the gradients).
 
 Deliberate choices:
 
 * A row that is not finite or has zero norm agrees with nothing: it is never accepted,
   even at tau = 2, its distance is reported as 2 (the maximum), and it is counted in
-  ``num_invalid``. If the first row is invalid, the first valid row becomes the anchor.
+  ``num_invalid``. The same convention holds for every distance computed here (and in
+  :mod:`gaf.reference`): a zero vector has no direction, so its distance to anything is 2.
+  (A running sum can become zero, e.g. g and -g accepted at tau = 2; the next row is then
+  accepted only at tau = 2.) If the first row is invalid, the first valid row becomes the anchor.
   This keeps every decision free of NaN.
 * Distances are clamped to [0, 2], so tau = 2 accepts every valid row despite rounding.
 * ``tau`` must be a finite number in [0, 2].
@@ -52,7 +68,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-RULES: tuple[str, ...] = ("mean", "halving", "anchor", "neighbours")
+RULES: tuple[str, ...] = ("mean", "halving", "anchor", "neighbours", "consensus")
+# Rules with an anchor row that is always accepted (with one valid row they accept one).
+ANCHORED_RULES: tuple[str, ...] = ("mean", "halving", "anchor", "neighbours")
 
 # Squared norms at or below this count as zero: the row has no direction to agree with.
 _ZERO_NORM_SQ = 0.0
@@ -141,10 +159,11 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 def distance_from_products(dot: float, norm_sq_s: float, norm_sq_g: float) -> float:
-    """Cosine distance from s·g, |s|², |g|², clamped to [0, 2]; 1 if either norm is zero."""
+    """Cosine distance from s·g, |s|², |g|², clamped to [0, 2]; 2 if either norm is zero
+    (a zero vector agrees with nothing, as in :func:`cosine_distance`)."""
     denom = norm_sq_s * norm_sq_g
     if denom <= 0.0:
-        return 1.0  # a zero running sum (e.g. g and -g accepted at tau = 2) is orthogonal
+        return 2.0
     return min(2.0, max(0.0, 1.0 - dot / math.sqrt(denom)))
 
 
@@ -184,11 +203,11 @@ def valid_rows(gram: np.ndarray) -> np.ndarray:
 
 
 def pairwise_distances(g: np.ndarray) -> np.ndarray:
-    """Cosine distance matrix from a Gram matrix, clamped to [0, 2] (zero norms give 1)."""
+    """Cosine distance matrix from a Gram matrix, clamped to [0, 2] (zero norms give 2)."""
     diag = np.diag(g)
     denom = np.sqrt(np.outer(diag, diag))
     with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.where(denom > 0, g / np.where(denom > 0, denom, 1.0), 0.0)
+        cos = np.where(denom > 0, g / np.where(denom > 0, denom, 1.0), -1.0)
     return np.clip(1.0 - cos, 0.0, 2.0)
 
 
@@ -235,16 +254,32 @@ class GramOracle(DistanceOracle):
         return pairwise_distances(self.g)
 
 
-def decide(gram: Tensor | np.ndarray, tau: float, rule: str = "mean") -> Decision:
+def decide(gram: Tensor | np.ndarray, tau: float, rule: str = "mean",
+           verdicts: np.ndarray | None = None) -> Decision:
     """Run ``rule`` on the Gram matrix of M micro-gradients (rows in their fixed order).
 
     The computation is in float64 on the host. ``gram`` may live on any device; moving it
-    to the host is the one device→host transfer a filtered step needs.
+    to the host is the one device→host transfer a filtered step needs. ``verdicts`` (bool
+    [M], from a blind control) replaces the test ``distance <= tau`` (module docstring).
     """
-    return decide_with(GramOracle(gram), tau, rule)
+    return decide_with(GramOracle(gram), tau, rule, verdicts)
 
 
-def decide_with(oracle: DistanceOracle, tau: float, rule: str = "mean") -> Decision:
+def check_verdicts(verdicts: object, m: int) -> np.ndarray | None:
+    """``verdicts`` as a bool array of length ``m`` (None stays None), or raise."""
+    if verdicts is None:
+        return None
+    v = np.asarray(verdicts)
+    if v.shape != (m,) or v.dtype != np.bool_:
+        raise ValueError(
+            f"verdicts must be a bool array with one entry per row ({m}), got dtype "
+            f"{v.dtype} and shape {v.shape}"
+        )
+    return v
+
+
+def decide_with(oracle: DistanceOracle, tau: float, rule: str = "mean",
+                verdicts: np.ndarray | None = None) -> Decision:
     """Run ``rule`` with distances from ``oracle`` (see the module docstring for the rules).
 
     Invalid rows are never accepted and report distance 2; the first valid row is the
@@ -254,17 +289,27 @@ def decide_with(oracle: DistanceOracle, tau: float, rule: str = "mean") -> Decis
     rule = check_rule(rule)
     valid = np.asarray(oracle.valid, dtype=bool)
     m = len(valid)
+    verdicts = check_verdicts(verdicts, m)
     if not valid.any():
         decision = Decision(np.zeros(m, dtype=bool), np.zeros(m), np.full(m, 2.0), -1, valid)
     elif rule == "neighbours":
-        decision = _neighbours(oracle, tau, valid)
+        decision = _neighbours(oracle, tau, valid, verdicts)
+    elif rule == "consensus":
+        decision = _consensus(oracle, tau, valid, verdicts)
     else:
-        decision = _sequential(oracle, tau, rule, valid)
+        decision = _sequential(oracle, tau, rule, valid, verdicts)
     decision.finite = np.asarray(oracle.finite, dtype=bool)
     return decision
 
 
-def _sequential(oracle: DistanceOracle, tau: float, rule: str, valid: np.ndarray) -> Decision:
+def _agrees(distance: float, tau: float, verdicts: np.ndarray | None, k: int) -> bool:
+    """The one test every rule makes of a row: its distance within tau, or, under a blind
+    control, the control's verdict for that row."""
+    return bool(verdicts[k]) if verdicts is not None else distance <= tau
+
+
+def _sequential(oracle: DistanceOracle, tau: float, rule: str, valid: np.ndarray,
+                verdicts: np.ndarray | None) -> Decision:
     m = len(valid)
     anchor = int(np.argmax(valid))
     weights = np.zeros(m)
@@ -279,7 +324,7 @@ def _sequential(oracle: DistanceOracle, tau: float, rule: str, valid: np.ndarray
             continue
         d = oracle.to_sum(one_hot if rule == "anchor" else weights, k)
         distances[k] = d
-        if d <= tau:
+        if _agrees(d, tau, verdicts, k):
             accepted[k] = True
             if rule == "halving":
                 weights *= 0.5
@@ -291,18 +336,41 @@ def _sequential(oracle: DistanceOracle, tau: float, rule: str, valid: np.ndarray
     return Decision(accepted, weights, distances, anchor, valid)
 
 
-def _neighbours(oracle: DistanceOracle, tau: float, valid: np.ndarray) -> Decision:
+def _neighbours(oracle: DistanceOracle, tau: float, valid: np.ndarray,
+                verdicts: np.ndarray | None) -> Decision:
     dist = oracle.pairwise()
-    close = (dist <= tau) & valid[:, None] & valid[None, :]
-    np.fill_diagonal(close, False)
-    counts = np.where(valid, close.sum(axis=1), -1)
-    anchor = int(np.argmax(counts))  # argmax returns the lowest index among ties
-    accepted = close[anchor].copy()
+    if verdicts is None:
+        close = (dist <= tau) & valid[:, None] & valid[None, :]
+        np.fill_diagonal(close, False)
+        counts = np.where(valid, close.sum(axis=1), -1)
+        anchor = int(np.argmax(counts))  # argmax returns the lowest index among ties
+        accepted = close[anchor].copy()
+    else:  # blind: the anchor cannot be chosen by its neighbours
+        anchor = int(np.argmax(valid))
+        accepted = valid & verdicts
     accepted[anchor] = True
     distances = np.where(valid, dist[anchor], 2.0)
     distances[anchor] = 0.0
     weights = (accepted / accepted.sum()).astype(np.float64)
     return Decision(accepted, weights, distances, anchor, valid)
+
+
+def _consensus(oracle: DistanceOracle, tau: float, valid: np.ndarray,
+               verdicts: np.ndarray | None) -> Decision:
+    """Each valid row against the sum of all the other valid rows (leave-one-out)."""
+    m = len(valid)
+    others = valid.astype(np.float64)
+    accepted = np.zeros(m, dtype=bool)
+    distances = np.full(m, 2.0)
+    for k in np.flatnonzero(valid):
+        others[k] = 0.0  # weights of S - g_k
+        d = oracle.to_sum(others, k)
+        others[k] = 1.0
+        distances[k] = d
+        accepted[k] = _agrees(d, tau, verdicts, k)
+    count = int(accepted.sum())
+    weights = accepted / count if count else np.zeros(m)
+    return Decision(accepted, weights.astype(np.float64), distances, -1, valid)
 
 
 @dataclass
@@ -402,6 +470,7 @@ def filter_gradients(
     measure: str = "cosine",
     segments: Sequence[int] | None = None,
     out: Tensor | None = None,
+    verdicts: np.ndarray | None = None,
 ) -> FilterResult:
     """Filter a stack of micro-gradients ``grads`` [M, P] (one flat gradient per row).
 
@@ -412,16 +481,18 @@ def filter_gradients(
     Gram path below), "sign" or "layerwise" (which needs ``segments``, the parameter
     sizes that split a row into tensors). ``out`` [P], if given, receives the direction
     (a training loop reuses one buffer instead of allocating P numbers every step).
+    ``verdicts`` (bool [M], from a blind control of :mod:`gaf.controls`) replaces each
+    row's test ``distance <= tau``.
     """
     grads = check_grads(grads)
     tau = check_tau(tau)
     rule = check_rule(rule)
     if measure == "cosine":
-        decision = decide(gram_matrix(grads), tau, rule)
+        decision = decide(gram_matrix(grads), tau, rule, verdicts)
     else:
         from gaf.measures import decide_measure  # measures builds on this module
 
-        decision = decide_measure(grads, tau, rule, measure, segments)
+        decision = decide_measure(grads, tau, rule, measure, segments, verdicts)
     out = direction_buffer(grads, out)
     weighted_sum(grads, decision.weights, out)
     result = result_from_decision(decision, out, tau, rule)

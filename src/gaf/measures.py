@@ -237,6 +237,7 @@ def decide_measure(
     rule: str = "mean",
     measure: str = "cosine",
     segments: Sequence[int] | None = None,
+    verdicts: np.ndarray | None = None,
 ) -> Decision:
     """The decision of ``rule`` over a stack [M, P] with distances of ``measure``."""
-    return decide_with(make_oracle(grads, measure, segments), tau, rule)
+    return decide_with(make_oracle(grads, measure, segments), tau, rule, verdicts)

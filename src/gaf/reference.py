@@ -13,11 +13,12 @@ from torch import Tensor
 
 
 def reference_distance(a: Tensor, b: Tensor) -> float:
-    """1 - cos(a, b) in float64, clamped to [0, 2]; 1 if either vector is zero."""
+    """1 - cos(a, b) in float64, clamped to [0, 2]; 2 if either vector is zero (a zero
+    vector has no direction, so it agrees with nothing: the convention of :mod:`gaf.core`)."""
     a, b = a.double(), b.double()
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
-        return 1.0
+        return 2.0
     return float(torch.clamp(1 - (a @ b) / (na * nb), 0.0, 2.0))
 
 
@@ -51,6 +52,19 @@ def reference_filter(grads: Tensor, tau: float, rule: str = "mean") -> dict:
             accepted[k] = k in members
         distances[anchor] = 0.0
         grad = sum(rows[k] for k in members) / len(members)
+        return {"accepted": accepted, "distances": distances, "grad": grad}
+
+    if rule == "consensus":
+        # Every valid row against the sum of all the other valid rows.
+        for k in range(m):
+            if valid[k]:
+                others = sum((rows[j] for j in range(m) if j != k and valid[j]),
+                             torch.zeros_like(rows[k]))
+                distances[k] = reference_distance(others, rows[k])
+                accepted[k] = distances[k] <= tau
+        members = [k for k in range(m) if accepted[k]]
+        grad = (sum(rows[k] for k in members) / len(members) if members
+                else torch.zeros_like(rows[0]))
         return {"accepted": accepted, "distances": distances, "grad": grad}
 
     anchor = valid.index(True)

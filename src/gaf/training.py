@@ -26,6 +26,22 @@ non-finite micro-gradient is simply rejected and counted.
 
 Skipped steps are visible as ``StepResult.skipped`` (and ``trainer.stats``), so callers
 can hold a learning-rate scheduler on skips.
+
+``step(inputs, targets, on_micro_gradient=fn)`` calls ``fn(k)`` after micro-batch k's
+backward and before the collector takes the gradient, while every ``param.grad`` holds
+micro-gradient k (already scaled, under a GradScaler): the place to snapshot it, measure
+it, or corrupt it (fault injection). Changes made to ``.grad`` in place there are what
+the filter sees.
+
+Plain averaging (``average=True``) shares the same forward/backward loop without a
+filter: every ``.grad`` is cleared (set to None) before the first micro-batch, each
+micro-batch's loss is divided by M and back-propagated into the same ``.grad``, then
+clip and step as above (plain gradient accumulation, what data-parallel SGD computes).
+``on_micro_gradient(k)`` then sees the *accumulated* gradient Σ_{i<=k} ∇loss_i / M. The
+step's ``result`` reports every micro-batch accepted and the step taken; its ``grad`` is
+empty (the gradient is in ``.grad``) and its ``distances`` are NaN (nothing measured).
+With a GradScaler the scaler may still skip an overflowing step by itself, as it does
+without GAF; ``StepResult.overflow`` does not report it (that would cost a host sync).
 """
 
 from __future__ import annotations
@@ -37,8 +53,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gaf.collector import GradientCollector
+from gaf.collector import FilterStats, GradientCollector
+from gaf.controls import Control
 from gaf.core import FilterResult
+from gaf.flat import FlatGradients
 from gaf.one_pass import OnePassFilter
 from gaf.thresholds import Threshold
 
@@ -89,10 +107,16 @@ class GAFTrainer:
         scaler: a ``torch.amp.GradScaler`` for mixed precision (None: no scaling).
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype.
         collector: a ready collector (e.g. a distributed one) to use instead of building
-            one from ``tau``, ``rule``, ``mode`` and ``measure``.
+            one from ``tau``, ``rule``, ``mode``, ``measure`` and ``control``.
+        control: a blind control (:mod:`gaf.controls`) deciding in place of agreement.
+        average: plain gradient averaging through the same loop, no filter (module
+            docstring); ``tau``, ``rule``, ``mode``, ``measure``, ``control`` unused.
         micro_gradients: "sequential" (M forward/backward passes, the default) or
             "one-pass" (one forward and backward of the whole batch, same decisions and
             direction; see :mod:`gaf.one_pass` for the layers and losses it supports).
+
+    One micro-batch per step on one device is refused: one micro-gradient can agree with
+    no other, so every step would be skipped (distributed, m = 1 per rank is fine).
     """
 
     def __init__(
@@ -109,10 +133,15 @@ class GAFTrainer:
         autocast_dtype: torch.dtype | None = None,
         measure: str = "cosine",
         collector: GradientCollector | None = None,
+        control: Control | None = None,
+        average: bool = False,
         micro_gradients: str = "sequential",
     ):
-        if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
+        if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) \
+                or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches!r}")
+        if average and (collector is not None or control is not None):
+            raise ValueError("average=True filters nothing: it takes no collector or control")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
         self.model = model
@@ -122,54 +151,105 @@ class GAFTrainer:
         self.max_grad_norm = max_grad_norm
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
+        self.average = bool(average)
         if micro_gradients not in MICRO_GRADIENTS:
             raise ValueError(f"unknown micro_gradients {micro_gradients!r}; choose one of "
                              f"{', '.join(MICRO_GRADIENTS)}")
         self.micro_gradients = micro_gradients
         if micro_gradients == "one-pass":
-            if collector is not None or mode != "auto" or measure != "cosine":
+            if collector is not None or mode != "auto" or measure != "cosine" or average \
+                    or control is not None:
                 raise ValueError("micro_gradients='one-pass' takes no collector, mode or "
-                                 "measure: it filters by cosine from its own Gram matrix")
+                                 "measure (nor control or average): it filters by cosine from "
+                                 "its own Gram matrix")
             collector = OnePassFilter(model, optimizer.param_groups, tau=tau, rule=rule)
-        if collector is None:
+        if self.average:
+            collector = None
+            self._flat = FlatGradients(optimizer.param_groups)
+            self._average_stats = FilterStats()
+        elif collector is None:
             collector = GradientCollector(
                 optimizer.param_groups, tau=tau, rule=rule, mode=mode,
-                num_micro_batches=num_micro_batches, measure=measure,
+                num_micro_batches=num_micro_batches, measure=measure, control=control,
             )
         self.collector = collector
+        if collector is not None:
+            self._flat = collector.flat
+            if num_micro_batches * getattr(collector, "world_size", 1) < 2:
+                raise ValueError(
+                    "num_micro_batches=1 on one device: a single micro-gradient can agree "
+                    "with no other, so every step would be skipped; use M >= 2 (or "
+                    "average=True for plain steps)"
+                )
         self.overflow_steps = 0
 
     @property
-    def stats(self):
-        return self.collector.stats
+    def stats(self) -> FilterStats:
+        return self._average_stats if self.average else self.collector.stats
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The trainable parameters the step updates (and clips), in the optimizer's order."""
+        return self._flat.params
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
-        device_type = self.collector.flat.device.type
-        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+        return torch.autocast(device_type=self._flat.device.type, dtype=self.autocast_dtype)
 
-    def step(self, inputs: Tensor | Sequence[Tensor], targets: Tensor) -> StepResult:
-        if self.micro_gradients == "one-pass":
-            scale = self.scaler.scale if self.scaler is not None else None
-            result, loss = self.collector.step(inputs, targets, self.loss_fn,
-                                               self.num_micro_batches, scale, self._autocast)
-            return self._apply(result, loss)
+    def _micro_batches(self, inputs, targets, on_micro_gradient, after_backward) -> Tensor:
+        """Forward and backward of each micro-batch; returns the mean loss (detached)."""
         m = self.num_micro_batches
         micro_inputs = split_batch(inputs, m)
         micro_targets = split_batch(targets, m)
-        self.collector.begin()  # .grad → zeroed collector buffer: backward writes in place
         total = None
-        for x, y in zip(micro_inputs, micro_targets, strict=True):
+        for k, (x, y) in enumerate(zip(micro_inputs, micro_targets, strict=True)):
             with self._autocast():
                 out = self.model(*x) if isinstance(x, (tuple, list)) else self.model(x)
                 loss = self.loss_fn(out, y)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            self.collector.collect()
+            back = loss / m if self.average else loss
+            (self.scaler.scale(back) if self.scaler is not None else back).backward()
+            if on_micro_gradient is not None:
+                on_micro_gradient(k)
+            after_backward()
             total = loss.detach().float() if total is None else total + loss.detach().float()
-        return self._apply(self.collector.finish(), total / m)
+        return total / m
 
-    def _apply(self, result: FilterResult, loss: Tensor) -> StepResult:
+    def _apply(self) -> None:
+        """Unscale, clip and step on the gradient now in ``.grad``."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def step(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
+             on_micro_gradient: Callable[[int], None] | None = None) -> StepResult:
+        """One training step over ``inputs``/``targets`` split into M micro-batches.
+
+        ``on_micro_gradient(k)``, if given, runs after micro-batch k's backward while
+        ``.grad`` holds micro-gradient k (with ``average=True``: the accumulated gradient),
+        before the collector takes it; see the module docstring.
+        """
+        if self.average:
+            return self._average_step(inputs, targets, on_micro_gradient)
+        if self.micro_gradients == "one-pass":
+            if on_micro_gradient is not None:
+                raise ValueError("on_micro_gradient needs micro_gradients='sequential': one "
+                                 "pass never holds a micro-gradient in .grad")
+            scale = self.scaler.scale if self.scaler is not None else None
+            result, loss = self.collector.step(inputs, targets, self.loss_fn,
+                                               self.num_micro_batches, scale, self._autocast)
+            return self._filtered_step(result, loss)
+        self.collector.begin()  # .grad → zeroed collector buffer: backward writes in place
+        loss = self._micro_batches(inputs, targets, on_micro_gradient, self.collector.collect)
+        return self._filtered_step(self.collector.finish(), loss)
+
+    def _filtered_step(self, result: FilterResult, loss: Tensor) -> StepResult:
         """Step the optimizer on the filtered gradient now in ``.grad``, or skip."""
         overflow = self.scaler is not None and result.num_nonfinite > 0
         if overflow:
@@ -177,23 +257,29 @@ class GAFTrainer:
             return StepResult(loss, True, True, result)
         if result.skipped:
             return StepResult(loss, True, False, result)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.collector.flat.params, self.max_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self._apply()
         self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, False, False, result)
+
+    def _average_step(self, inputs, targets, on_micro_gradient) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._micro_batches(inputs, targets, on_micro_gradient, _nothing)
+        self._apply()
+        m = self.num_micro_batches
+        result = FilterResult(
+            grad=torch.empty(0), accepted=torch.ones(m, dtype=torch.bool),
+            distances=torch.full((m,), float("nan"), dtype=torch.float64),
+            weights=torch.full((m,), 1.0 / m, dtype=torch.float64), anchor=0,
+            num_invalid=0, tau=2.0, rule="average", valid=torch.ones(m, dtype=torch.bool),
+        )
+        self._average_stats.update(result)
         return StepResult(loss, False, False, result)
 
     def _step_scaler_overflow(self) -> None:
         """Let the GradScaler see the overflow it would have seen without GAF: it skips the
         step and lowers its scale."""
         self.overflow_steps += 1
-        flat = self.collector.flat
+        flat = self._flat
         poisoned = flat.new_buffer().fill_(float("inf"))
         flat.write(poisoned)
         self.scaler.step(self.optimizer)  # finds inf, does not call optimizer.step()
@@ -201,13 +287,24 @@ class GAFTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        state = {"collector": self.collector.state_dict(), "overflow_steps": self.overflow_steps}
+        if self.average:
+            state = {"average_stats": self._average_stats.state_dict()}
+        else:
+            state = {"collector": self.collector.state_dict()}
+        state["overflow_steps"] = self.overflow_steps
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.collector.load_state_dict(state["collector"])
+        if self.average:
+            self._average_stats.load_state_dict(state["average_stats"])
+        else:
+            self.collector.load_state_dict(state["collector"])
         self.overflow_steps = int(state.get("overflow_steps", 0))
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _nothing() -> None:
+    """The averaging path's stand-in for ``collector.collect``: .grad keeps accumulating."""

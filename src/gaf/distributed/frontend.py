@@ -153,6 +153,8 @@ class DistributedGradientCollector(GradientCollector):
         sync_params: broadcast parameters (and buffers) from rank 0 at construction.
         check: compare P, m, dtype, tau, rule, method and parameter shapes across ranks
             before every exchange (one tiny all-gather).
+        control: a blind control (:mod:`gaf.controls`), built with the same seed on every
+            rank so that every rank draws the same verdicts for the N·m rows.
         timeout: seconds (or timedelta) any collective may take before
             :class:`~gaf.distributed.GAFDistributedError`; ``None``: the group's timeout.
     """
@@ -170,8 +172,9 @@ class DistributedGradientCollector(GradientCollector):
         sync_params: bool = True,
         check: bool = True,
         timeout: Timeout = None,
+        control=None,
     ):
-        super().__init__(params, tau=tau, rule=rule, mode="stacked")
+        super().__init__(params, tau=tau, rule=rule, mode="stacked", control=control)
         self.method = check_method(method)
         if buffer_sync not in BUFFER_SYNC:
             raise ValueError(
@@ -222,7 +225,8 @@ class DistributedGradientCollector(GradientCollector):
         # save the final gather.
         return run_protocol(rows, tau, self.rule, self.comm, method=self.method,
                             check=self.check, layout=self.layout, out=self._output_buffer(),
-                            workspace=self.workspace, gather_if_skipped=False)
+                            workspace=self.workspace, gather_if_skipped=False,
+                            verdicts=self._verdicts)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -262,19 +266,20 @@ class DistributedGAFTrainer(GAFTrainer):
         autocast_dtype: torch.dtype | None = None,
         check: bool = True,
         timeout: Timeout = None,
+        control=None,
     ):
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         collector = DistributedGradientCollector(
             optimizer.param_groups, tau=tau, rule=rule, group=group, method=method,
             buffers=inner if buffer_sync is not None else None,
             buffer_sync=buffer_sync or "broadcast", sync_params=sync_params, check=check,
-            timeout=timeout,
+            timeout=timeout, control=control,
         )
         super().__init__(model, optimizer, loss_fn, num_micro_batches,
                          max_grad_norm=max_grad_norm, scaler=scaler,
                          autocast_dtype=autocast_dtype, collector=collector)
 
-    def step(self, inputs, targets):
+    def step(self, inputs, targets, on_micro_gradient=None):
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         with self.model.no_sync() if ddp else nullcontext():
-            return super().step(inputs, targets)
+            return super().step(inputs, targets, on_micro_gradient)

@@ -375,7 +375,7 @@ _FORCE_GATHER: str | None = None  # tests exercise both gather paths on gloo
 
 
 def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out: Tensor,
-             gather_if_skipped: bool, chunk_elements: int):
+             gather_if_skipped: bool, chunk_elements: int, verdicts):
     m, p = rows.shape
     n, r = comm.size, comm.rank
     plan = ShardPlan.make(p, n, chunk_elements)
@@ -419,7 +419,7 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
 
     # 2.-3. Sum the partial Grams; every rank decides from the same bits.
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
-    decision = decide(gram, tau, rule)  # moves the (N·m)² matrix G to the host
+    decision = decide(gram, tau, rule, verdicts)  # moves the (N·m)² matrix G to the host
     if decision.skipped and not gather_if_skipped:
         return decision, out.zero_()
 
@@ -458,7 +458,7 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
 
 
 def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out: Tensor,
-               chunk_elements: int):
+               chunk_elements: int, verdicts):
     m, p = rows.shape
     n, r = comm.size, comm.rank
     every = ws.get("every", n * m * p, rows.dtype, rows.device).view(n, m * p)
@@ -482,7 +482,7 @@ def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, o
     lo, hi = min(r * s, p), min((r + 1) * s, p)
     gram = gram_matrix(every[:, lo:hi])
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
-    decision = decide(gram, tau, rule)
+    decision = decide(gram, tau, rule, verdicts)
     weighted_sum(every, decision.weights, out)
     return decision, out
 
@@ -518,11 +518,13 @@ def run_protocol(
     workspace: Workspace | None = None,
     gather_if_skipped: bool = True,
     chunk_elements: int = CHUNK_ELEMENTS,
+    verdicts: np.ndarray | None = None,
 ) -> FilterResult:
     """The protocol behind :func:`filter_gradients_distributed`, for front ends that hold
     their own :class:`Comm`. ``layout`` (parameter shapes) joins the cross-rank check.
     ``gather_if_skipped=False`` saves the final gather on skipped steps (the direction is
-    then returned as zeros: the optimizer will not use it)."""
+    then returned as zeros: the optimizer will not use it). ``verdicts`` (bool [N·m], the
+    same on every rank) come from a blind control (:mod:`gaf.controls`)."""
     rows = check_grads(local_grads)
     tau, rule, method = check_tau(tau), check_rule(rule), check_method(method)
     if rows.dtype not in _DTYPE_CODES:
@@ -542,12 +544,12 @@ def run_protocol(
         check_agreement(comm, values, rows.device, "the GAF exchange")
     used = method
     if comm.size == 1:
-        decision = decide(gram_matrix(rows), tau, rule)
+        decision = decide(gram_matrix(rows), tau, rule, verdicts)
         weighted_sum(rows, decision.weights, out)
     elif method == "sharded" and comm.backend not in _NO_ALL_TO_ALL:
         try:
             decision, out = _sharded(rows, comm, tau, rule, ws, out, gather_if_skipped,
-                                     chunk_elements)
+                                     chunk_elements, verdicts)
         except _AllToAllUnsupported as exc:
             # The backend refused all_to_all before any data moved; it does so on every
             # rank alike, so all ranks fall back together.
@@ -559,10 +561,10 @@ def run_protocol(
             )
             _NO_ALL_TO_ALL.add(comm.backend)
             used = "allgather"
-            decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements)
+            decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements, verdicts)
     else:
         used = "allgather"
-        decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements)
+        decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements, verdicts)
     result = result_from_decision(decision, out, tau, rule)
     result.extra.update(
         method=used,

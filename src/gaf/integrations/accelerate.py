@@ -1,0 +1,197 @@
+"""GAF for loops written with Hugging Face accelerate's gradient accumulation.
+
+Usage (one process, or every process of ``accelerate launch`` / ``torchrun``)::
+
+    accelerator = Accelerator(gradient_accumulation_steps=M)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    gaf_step = GAFAccumulator(accelerator, model, optimizer, tau=0.97)
+    for x, y in loader:                              # micro-batches
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_fn(model(x), y))
+            gaf_step.after_backward()               # a micro-gradient; filters at the window's end
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)   # the filtered gradient
+            optimizer.step()                         # does nothing on a skipped step
+            scheduler.step()                         # accelerate holds it on skipped steps
+            optimizer.zero_grad()
+
+Per window of M micro-batches (``accelerator.sync_gradients`` marks the last)::
+
+    after each backward: the collector takes the micro-gradient out of .grad
+    at the last: filter; .grad = M · (mean of the accepted ones), undoing the division of
+        each loss by M in accelerator.backward
+    optimizer.step(): skipped step → no step, and accelerate's skip flag is set, so
+        accelerator.optimizer_step_was_skipped is True and prepared schedulers do not step;
+        taken step → the usual step (through the GradScaler with fp16)
+
+Several processes: the prepared model is wrapped in ``DistributedDataParallel``; the
+accumulator registers a DDP communication hook that moves no data (DDP would average the
+micro-gradients at the window's last backward) and filters with
+:class:`gaf.distributed.DistributedGradientCollector`: the decision covers every rank's
+micro-gradients and every rank applies the same direction. Give each rank its own data
+(a prepared data loader shards it).
+
+Pitfalls: an unprepared scheduler does not know about skips (step it only when
+``not accelerator.optimizer_step_was_skipped``); the GradScaler (fp16) sees loss / M, so an
+overflowing micro-gradient turns the whole step into an overflow that the scaler skips and
+answers by lowering its scale; DeepSpeed and FSDP own the gradients and are not supported.
+"""
+
+from __future__ import annotations
+
+from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
+from torch import nn
+
+from gaf.collector import FilterStats
+from gaf.integrations.common import (
+    MicroGradientWindow,
+    WindowOutcome,
+    build_collector,
+    disable_ddp_allreduce,
+    step_statistics,
+    trainable_params,
+)
+from gaf.thresholds import Threshold
+
+__all__ = ["GAFAccumulator"]
+
+_SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+class GAFAccumulator:
+    """Gradient Agreement Filtering for a loop over ``accelerator.accumulate``.
+
+    Args:
+        accelerator: the ``Accelerator``; its ``gradient_accumulation_steps`` is M.
+        model: the prepared model (wrapped in DDP when several processes run).
+        optimizer: the prepared optimizer (an ``AcceleratedOptimizer``). Its ``step`` is
+            replaced on this instance so that skipped steps never reach the optimizer.
+        tau, rule, mode, measure: as for :class:`gaf.GradientCollector` (several processes:
+            mode "stacked", measure "cosine").
+        method, timeout: of the distributed exchange (several processes only).
+        num_micro_batches: micro-batches per step on each process, where the loop
+            accumulates by itself (default: ``accelerator.gradient_accumulation_steps``).
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        optimizer: AcceleratedOptimizer,
+        tau: float | Threshold = 0.97,
+        rule: str = "mean",
+        mode: str = "auto",
+        measure: str = "cosine",
+        *,
+        method: str = "sharded",
+        timeout: float | None = None,
+        num_micro_batches: int | None = None,
+    ):
+        if num_micro_batches is None:
+            num_micro_batches = accelerator.gradient_accumulation_steps
+        if not isinstance(optimizer, AcceleratedOptimizer):
+            raise TypeError(
+                "GAFAccumulator needs the optimizer returned by accelerator.prepare(), got "
+                f"{type(optimizer).__name__}"
+            )
+        if accelerator.distributed_type not in _SUPPORTED:
+            raise ValueError(
+                f"GAFAccumulator supports one process or DDP, not {accelerator.distributed_type}"
+            )
+        distributed = accelerator.num_processes > 1
+        if distributed:
+            if not isinstance(model, nn.parallel.DistributedDataParallel):
+                raise TypeError("with several processes, pass the model accelerator.prepare() "
+                                "wrapped in DistributedDataParallel")
+            disable_ddp_allreduce(model)
+        elif num_micro_batches < 2:
+            raise ValueError(
+                "GAF needs at least two micro-gradients per step: create the Accelerator with "
+                f"gradient_accumulation_steps >= 2 (got {num_micro_batches})"
+            )
+        self.accelerator = accelerator
+        self.optimizer = optimizer
+        self.collector = build_collector(
+            optimizer.optimizer, distributed=distributed, tau=tau, rule=rule, mode=mode,
+            measure=measure, method=method, timeout=timeout,
+            num_micro_batches=num_micro_batches,
+        )
+        self.window = MicroGradientWindow(self.collector, trainable_params(optimizer.optimizer))
+        self.overflow_steps = 0
+        self.last_outcome: WindowOutcome | None = None
+        self._pending: WindowOutcome | None = None
+        self._since_log: list[WindowOutcome] = []
+        self._guard_step(optimizer)
+
+    @property
+    def stats(self) -> FilterStats:
+        """Running counters of the collector (steps, skipped steps, accepted micro-batches)."""
+        return self.collector.stats
+
+    def before_backward(self) -> None:
+        """Optional, before each backward: the window's first backward then accumulates
+        straight into the collector's buffer (no copy)."""
+        self.window.before_backward()
+
+    def after_backward(self, loss_divisor: float | None = None) -> WindowOutcome | None:
+        """Take the micro-gradient in ``.grad``; at the window's last micro-batch filter it
+        with the others and return how the window ended (``None`` before that).
+
+        ``loss_divisor``: what each micro-batch loss was divided by before backward
+        (default: ``accelerator.gradient_accumulation_steps``, as ``accelerator.backward``
+        divides).
+        """
+        if loss_divisor is None:
+            loss_divisor = self.accelerator.gradient_accumulation_steps
+        outcome = self.window.after_backward(
+            last=self.accelerator.sync_gradients, loss_divisor=loss_divisor,
+            scaler=self.accelerator.scaler is not None,
+        )
+        if outcome is not None:
+            self._pending = self.last_outcome = outcome
+            self.overflow_steps += int(outcome.overflow)
+            self._since_log.append(outcome)
+        return outcome
+
+    def log_row(self, prefix: str = "gaf/") -> dict[str, float]:
+        """Means of the step statistics since the previous call (``skipped`` is then the
+        skip rate over those steps), plus the running ``skip_rate``; empty if no step
+        ended since."""
+        outcomes, self._since_log = self._since_log, []
+        if not outcomes:
+            return {}
+        rows = [step_statistics(o.result, overflow=o.overflow) for o in outcomes]
+        keys = sorted({k for row in rows for k in row})
+        out = {}
+        for key in keys:
+            values = [row[key] for row in rows if key in row]
+            out[prefix + key] = sum(values) / len(values)
+        out[prefix + "skipped_steps"] = float(self.stats.skipped_steps)
+        out[prefix + "skip_rate"] = float(self.stats.skip_rate)
+        return out
+
+    def _guard_step(self, optimizer: AcceleratedOptimizer) -> None:
+        original = optimizer.step
+
+        def step(closure=None):
+            if not optimizer.gradient_state.sync_gradients:
+                return original(closure)  # mid-window: accelerate's own no-op
+            outcome, self._pending = self._pending, None
+            if outcome is None:
+                raise RuntimeError(
+                    "optimizer.step() ends an accumulation window, but GAF saw no micro-batch "
+                    "end it: call after_backward() after every accelerator.backward()"
+                )
+            if outcome.skipped and not outcome.overflow:
+                # accelerate's own skip flag (the one a GradScaler overflow sets) is what
+                # accelerator.optimizer_step_was_skipped and prepared schedulers read.
+                optimizer._is_overflow = True
+                return None
+            result = original(closure)
+            if self.accelerator.scaler is None:
+                optimizer._is_overflow = False
+            return result
+
+        optimizer.step = step

@@ -1,0 +1,278 @@
+"""GAF for PyTorch Lightning (``lightning.pytorch``): a callback for automatic optimisation.
+
+Usage::
+
+    trainer = L.Trainer(accumulate_grad_batches=M, gradient_clip_val=1.0,
+                        callbacks=[GAFCallback(tau=0.97)])
+    trainer.fit(model, loader)          # loader yields micro-batches
+
+Each of the ``accumulate_grad_batches`` batches of a step is one micro-gradient. Per step::
+
+    for each batch k of the window:     (Lightning: training_step, loss / M, backward)
+        on_after_backward: the collector takes the micro-gradient out of .grad
+    at the window's last backward: filter; .grad = M · (mean of the accepted ones)
+    if skipped (fewer than two agree): no on_before_optimizer_step, no clipping, no
+        optimizer.step(), no GradScaler update; "step"-interval LR schedulers are held
+    else: Lightning unscales (16-mixed), calls on_before_optimizer_step, clips
+        (gradient_clip_val acts on the filtered gradient) and steps
+
+The factor M undoes Lightning's division of each loss by ``accumulate_grad_batches``, so a
+step equals :class:`gaf.GAFTrainer`'s over the same micro-batches (bit for bit on the CPU
+when M is a power of two).
+
+Where it hooks in: gradients come from the callback hooks ``on_before_backward`` and
+``on_after_backward``; the skip needs the one place that runs the window's last backward
+and then the optimizer step, the precision plugin's ``optimizer_step``: the callback wraps
+that method of the trainer's plugin while fitting (and puts it back at the end). The
+wrapper runs the closure (the last micro-batch), and calls the plugin's own
+``optimizer_step`` only for a step that was taken, so every precision plugin keeps its own
+behaviour (``32``, ``bf16-mixed``, and ``16-mixed`` with its GradScaler).
+
+DDP (``strategy="ddp"``): the callback registers a DDP communication hook that moves no
+data, so DDP's all-reduce never averages the micro-gradients, and filters through
+:class:`gaf.distributed.DistributedGradientCollector`: the decision covers all N·M
+micro-gradients of the step, and every rank applies the same direction.
+
+Statistics go to ``self.log`` under ``gaf/`` each step (``skipped``, ``accepted``,
+``acceptance``, ``distance``, ``tau``, ``skip_rate``...; epoch means too, so ``gaf/skipped``
+per epoch is the epoch's skip rate).
+
+Pitfalls:
+
+- ``trainer.global_step`` and ``max_steps`` count windows, skipped ones included; the
+  callback's ``stats`` counts the skips.
+- LR schedulers with ``interval="step"`` are held on skipped steps (``hold_lr_schedulers``),
+  as the Hugging Face Trainer holds them; ``"epoch"`` schedulers are not.
+- 16-mixed: a skipped step leaves the GradScaler alone; an overflowing micro-gradient
+  turns the step into an overflow, which the scaler skips and answers by lowering its
+  scale (as without GAF).
+- ``accumulate_grad_batches`` must be at least 2 on one device (one micro-gradient can
+  never agree with another: every step would be skipped).
+
+Manual optimisation needs no callback: use a :class:`gaf.GradientCollector` in
+``training_step``::
+
+    def training_step(self, batch, batch_idx):          # self.automatic_optimization = False
+        opt = self.optimizers()
+        for x, y in zip(*(t.chunk(M) for t in batch)):
+            self.manual_backward(F.cross_entropy(self(x), y))
+            self.collector.collect()                    # built in on_fit_start
+        result = self.collector.finish()
+        if not result.skipped:
+            self.clip_gradients(opt, gradient_clip_val=1.0)
+            opt.step()
+        opt.zero_grad()
+
+(with 16-mixed a rejected overflow then does not lower the scaler's scale: use automatic
+optimisation and this callback where that matters).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from gaf.collector import FilterStats
+from gaf.integrations.common import (
+    MicroGradientWindow,
+    WindowOutcome,
+    build_collector,
+    disable_ddp_allreduce,
+    step_statistics,
+    trainable_params,
+)
+from gaf.thresholds import Threshold
+
+__all__ = ["GAFCallback"]
+
+
+class GAFCallback(Callback):
+    """Gradient Agreement Filtering over Lightning's gradient accumulation.
+
+    Args:
+        tau, rule, mode, measure: as for :class:`gaf.GradientCollector` (under DDP the
+            mode is "stacked" and the measure "cosine").
+        method: the distributed exchange, "sharded" or "allgather" (DDP only).
+        hold_lr_schedulers: do not step ``interval="step"`` LR schedulers on skipped steps.
+        log: send the step statistics to ``pl_module.log`` under ``log_prefix``.
+        timeout: seconds a collective of the distributed exchange may take (DDP only).
+    """
+
+    def __init__(
+        self,
+        tau: float | Threshold = 0.97,
+        rule: str = "mean",
+        mode: str = "auto",
+        measure: str = "cosine",
+        *,
+        method: str = "sharded",
+        hold_lr_schedulers: bool = True,
+        log: bool = True,
+        log_prefix: str = "gaf/",
+        timeout: float | None = None,
+    ):
+        self.tau = tau
+        self.rule = rule
+        self.mode = mode
+        self.measure = measure
+        self.method = method
+        self.hold_lr_schedulers = hold_lr_schedulers
+        self.log = log
+        self.log_prefix = log_prefix
+        self.timeout = timeout
+        self.collector = None
+        self.window: MicroGradientWindow | None = None
+        self.overflow_steps = 0
+        self.last_outcome: WindowOutcome | None = None
+        self._pending: WindowOutcome | None = None
+        self._to_log: WindowOutcome | None = None
+        self._held: set[int] = set()
+        self._step_schedulers: set[int] = set()
+        self._loaded: dict = {}
+        self._restore: list[tuple[Any, str, Any]] = []
+        self._scaler = False
+
+    @property
+    def stats(self) -> FilterStats:
+        """Running counters of the collector (steps, skipped steps, accepted micro-batches)."""
+        if self.collector is None:
+            raise RuntimeError("GAFCallback.stats is available once fitting has started")
+        return self.collector.stats
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "GAFCallback works with automatic optimisation; with manual optimisation use "
+                "gaf.GradientCollector in training_step (see gaf.integrations.lightning)"
+            )
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                "GAFCallback supports one optimizer, the module configured "
+                f"{len(trainer.optimizers)}"
+            )
+        ddp = isinstance(trainer.strategy.model, torch.nn.parallel.DistributedDataParallel)
+        if trainer.world_size > 1 and not ddp:
+            raise ValueError(
+                f"GAFCallback supports one device or DDP; strategy "
+                f"{type(trainer.strategy).__name__} runs {trainer.world_size} processes otherwise"
+            )
+        m = trainer.accumulate_grad_batches
+        if m * trainer.world_size < 2:
+            raise ValueError(
+                "GAF needs at least two micro-gradients per step: set accumulate_grad_batches "
+                f"to 2 or more (got {m} on {trainer.world_size} process)"
+            )
+        optimizer = trainer.optimizers[0]
+        if ddp:
+            disable_ddp_allreduce(trainer.strategy.model)
+        if self.collector is None:
+            self.collector = build_collector(
+                optimizer, distributed=ddp, tau=self.tau, rule=self.rule, mode=self.mode,
+                measure=self.measure, method=self.method, timeout=self.timeout,
+                num_micro_batches=m,
+            )
+            if self._loaded:  # a checkpoint is restored before fitting starts
+                self.collector.load_state_dict(self._loaded["collector"])
+        self.window = MicroGradientWindow(self.collector, trainable_params(optimizer))
+        plugin = trainer.strategy.precision_plugin
+        self._scaler = getattr(plugin, "scaler", None) is not None
+        self._patch(plugin, "optimizer_step", self._guard_optimizer_step(plugin.optimizer_step))
+        if self.hold_lr_schedulers:
+            for config in trainer.lr_scheduler_configs:
+                if config.interval == "step":
+                    scheduler = config.scheduler
+                    self._step_schedulers.add(id(scheduler))
+                    self._patch(scheduler, "step", self._guard_scheduler_step(scheduler))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unpatch()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unpatch()  # also after an exception, when on_fit_end does not run
+
+    def _patch(self, obj: Any, name: str, replacement: Any) -> None:
+        had_own = name in vars(obj)
+        self._restore.append((obj, name, vars(obj)[name] if had_own else None))
+        setattr(obj, name, replacement)
+
+    def _unpatch(self) -> None:
+        while self._restore:
+            obj, name, previous = self._restore.pop()
+            if previous is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, previous)
+
+    # -- micro-gradients ------------------------------------------------------------------
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.window.before_backward()
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning's own test for "this batch ends the window" (it decides the optimizer
+        # step with it), so the window here and Lightning's always agree.
+        last = not trainer.fit_loop._should_accumulate()
+        outcome = self.window.after_backward(
+            last=last, loss_divisor=trainer.accumulate_grad_batches, scaler=self._scaler
+        )
+        if outcome is not None:
+            self._pending = outcome
+
+    def _guard_optimizer_step(self, plugin_step):
+        def optimizer_step(optimizer, model, closure, **kwargs):
+            closure_result = closure()  # the window's last training_step and backward
+            outcome, self._pending = self._pending, None
+            if outcome is None:  # Lightning skipped the backward (training_step gave None)
+                return plugin_step(optimizer, model, lambda: closure_result, **kwargs)
+            self.last_outcome = self._to_log = outcome
+            self.overflow_steps += int(outcome.overflow)
+            if outcome.skipped:
+                self._held = set(self._step_schedulers)
+            if outcome.skipped and not outcome.overflow:
+                return closure_result
+            # Taken steps, and overflows (the GradScaler skips them and lowers its scale).
+            return plugin_step(optimizer, model, lambda: closure_result, **kwargs)
+
+        return optimizer_step
+
+    def _guard_scheduler_step(self, scheduler):
+        original = scheduler.step
+
+        def step(*args, **kwargs):
+            if id(scheduler) in self._held:
+                self._held.discard(id(scheduler))
+                return None
+            return original(*args, **kwargs)
+
+        return step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        outcome, self._to_log = self._to_log, None
+        if outcome is None or not self.log:
+            return
+        row = step_statistics(outcome.result, self.collector.stats, outcome.overflow)
+        row["overflow"] = float(outcome.overflow)
+        running = {k: row.pop(k) for k in ("skip_rate", "acceptance_rate")}
+        prefix = self.log_prefix
+        pl_module.log_dict({prefix + k: v for k, v in row.items()}, on_step=True,
+                           on_epoch=True, batch_size=1)
+        pl_module.log_dict({prefix + k: v for k, v in running.items()}, on_step=True,
+                           on_epoch=False, batch_size=1)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        if self.collector is None:
+            return {}
+        return {"collector": self.collector.state_dict(), "overflow_steps": self.overflow_steps}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._loaded = state_dict
+        if self.collector is not None and state_dict:
+            self.collector.load_state_dict(state_dict["collector"])
+        self.overflow_steps = int(state_dict.get("overflow_steps", 0))

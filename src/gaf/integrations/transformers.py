@@ -1,0 +1,105 @@
+"""GAF for the Hugging Face ``Trainer``: a subclass with ``gradient_accumulation_steps``.
+
+Usage::
+
+    args = TrainingArguments(output_dir, gradient_accumulation_steps=M, max_grad_norm=1.0, ...)
+    trainer = GAFHFTrainer(model=model, args=args, train_dataset=train, tau=0.97)
+    trainer.train()
+
+Each of the ``gradient_accumulation_steps`` micro-batches of an optimizer step is one
+micro-gradient. Per step, in the Trainer's own loop::
+
+    each micro-batch: training_step (loss / M, backward), then the collector takes the
+        micro-gradient out of .grad
+    the window's last: filter; .grad = M · (mean of the accepted ones)
+    Trainer: clip (max_grad_norm acts on the filtered gradient), optimizer.step()
+        skipped step → no optimizer step, and accelerate's skip flag is set: the Trainer's
+        optimizer_step_was_skipped check then holds the LR scheduler, as for an fp16 overflow
+    Trainer logs: gaf/skipped (the skip rate since the previous log), gaf/acceptance,
+        gaf/distance, gaf/tau, gaf/skipped_steps, gaf/skip_rate (running)
+
+The factor M undoes the Trainer's division of each loss by the number of micro-batches of
+the step, so with a loss that is a mean over its micro-batch the step equals
+:class:`gaf.GAFTrainer`'s. (Where the Trainer normalises by the tokens of the whole step,
+``num_items_in_batch``, the direction is M times the mean of the accepted micro-gradients
+in that normalisation: the per-token mean when micro-batches hold equal token counts.)
+
+Several processes (``torchrun`` / ``accelerate launch``): the Trainer wraps the model in
+DDP through accelerate; :class:`gaf.integrations.accelerate.GAFAccumulator` turns DDP's
+all-reduce off and filters every rank's micro-gradients together.
+
+Pitfalls: ``state.global_step`` and ``max_steps`` count windows, skipped ones included;
+DeepSpeed, FSDP and optimizers the Trainer steps outside ``self.optimizer.step()`` are not
+supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from gaf.collector import FilterStats
+from gaf.integrations.accelerate import GAFAccumulator
+from gaf.thresholds import Threshold
+
+__all__ = ["GAFHFTrainer"]
+
+
+class GAFHFTrainer(Trainer):
+    """``transformers.Trainer`` that filters each step's micro-gradients with GAF.
+
+    Takes every argument of ``Trainer`` plus, keyword-only, ``tau``, ``rule``, ``mode``,
+    ``measure`` (as for :class:`gaf.GradientCollector`) and ``method``, ``timeout`` (the
+    distributed exchange).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        tau: float | Threshold = 0.97,
+        rule: str = "mean",
+        mode: str = "auto",
+        measure: str = "cosine",
+        method: str = "sharded",
+        timeout: float | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.gaf_options = dict(tau=tau, rule=rule, mode=mode, measure=measure, method=method,
+                                timeout=timeout)
+        self.gaf: GAFAccumulator | None = None
+
+    @property
+    def gaf_stats(self) -> FilterStats:
+        """Running counters of the collector (steps, skipped steps, accepted micro-batches)."""
+        if self.gaf is None:
+            raise RuntimeError("gaf_stats is available once training has started")
+        return self.gaf.stats
+
+    def _start_gaf(self, model: torch.nn.Module) -> None:
+        # The first training_step comes after accelerate prepared the model and optimizer
+        # and before any backward: the moment the DDP hook and the step guard need.
+        if self.args.gradient_accumulation_steps * self.accelerator.num_processes < 2:
+            raise ValueError(
+                "GAF needs at least two micro-gradients per step: set "
+                "gradient_accumulation_steps >= 2 in TrainingArguments"
+            )
+        # The Trainer accumulates by itself (its Accelerator has gradient_accumulation_steps 1).
+        self.gaf = GAFAccumulator(self.accelerator, model, self.optimizer,
+                                  num_micro_batches=self.args.gradient_accumulation_steps,
+                                  **self.gaf_options)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.gaf is None or self.gaf.optimizer is not self.optimizer:
+            self._start_gaf(model)
+        self.gaf.before_backward()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.gaf.after_backward(loss_divisor=self.current_gradient_accumulation_steps)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.gaf is not None and "loss" in logs:  # the training logs, not eval's
+            logs = {**logs, **self.gaf.log_row()}
+        super().log(logs, start_time)

@@ -1,0 +1,108 @@
+"""GAFHFTrainer: the real Hugging Face Trainer ends where GAFTrainer ends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import TrainingArguments
+
+from gaf.integrations.transformers import GAFHFTrainer
+
+from .tiny import (
+    assert_same_tensors,
+    make_data,
+    make_net,
+    optimizer_state_tensors,
+    reference_run,
+)
+
+MICRO, M, TAU = 4, 2, 0.9
+
+
+class Classifier(nn.Module):
+    """The shape the Trainer expects: keyword inputs, a dict with the loss."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def make_optimizer(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def make_scheduler(optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+
+
+def training_args(tmp_path, **kwargs):
+    return TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=M, num_train_epochs=1, max_grad_norm=0.5, logging_steps=4,
+        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, **kwargs,
+    )
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_transformers_trainer_matches_gaftrainer_and_holds_scheduler(bf16, tmp_path):
+    x, y = make_data(64)
+    model = Classifier(make_net())
+    optimizer = make_optimizer(model.parameters())
+    scheduler = make_scheduler(optimizer)
+    trainer = GAFHFTrainer(model=model, args=training_args(tmp_path, bf16=bf16),
+                           train_dataset=Rows(x, y), optimizers=(optimizer, scheduler), tau=TAU)
+    trainer.train()
+
+    net = make_net()
+    ref_optimizer = make_optimizer(net.parameters())
+    ref_scheduler = make_scheduler(ref_optimizer)
+    ref = reference_run(net, ref_optimizer, x, y, micro_batch=MICRO, num_micro_batches=M,
+                        tau=TAU, scheduler=ref_scheduler, max_grad_norm=0.5,
+                        autocast_dtype=torch.bfloat16 if bf16 else None)
+    assert 0 < ref.stats.skipped_steps < ref.stats.steps
+    assert trainer.gaf_stats == ref.stats
+    assert_same_tensors(model.net.parameters(), net.parameters(), "parameters")
+    assert_same_tensors(optimizer_state_tensors(optimizer), optimizer_state_tensors(ref_optimizer),
+                        "optimizer state")
+    # The Trainer's own skip check held the scheduler on every skipped step.
+    assert scheduler.last_epoch == ref_scheduler.last_epoch
+    assert trainer.state.global_step == ref.stats.steps
+    logs = [row for row in trainer.state.log_history if "gaf/skipped" in row]
+    assert len(logs) == 2  # logging_steps=4 over 8 steps
+    skipped = sum(row["gaf/skipped"] * 4 for row in logs)
+    assert skipped == pytest.approx(ref.stats.skipped_steps)
+    assert logs[-1]["gaf/skipped_steps"] == ref.stats.skipped_steps
+
+
+def test_transformers_trainer_two_processes_gloo_matches_distributed_gaftrainer(tmp_path):
+    from .test_lightning import run_two_ranks
+
+    reports = run_two_ranks("transformers", tmp_path)
+    for report in reports:
+        assert all(report["same_as_reference"]), report
+        assert report["stats"] == report["reference_stats"]
+        assert report["ranks_agree"]
+    stats = reports[0]["stats"]
+    assert 0 < stats["skipped_steps"] < stats["steps"]
+    assert stats["micro_batches"] == 2 * M * stats["steps"]

@@ -1,0 +1,53 @@
+"""A tiny classification problem and the GAFTrainer run every integration is compared with."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gaf
+
+FEATURES, CLASSES = 6, 3
+
+
+def make_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, CLASSES))
+
+
+def make_data(samples: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, FEATURES, generator=g), torch.randint(0, CLASSES, (samples,),
+                                                                      generator=g)
+
+
+def reference_run(net, optimizer, x, y, *, micro_batch: int, num_micro_batches: int, tau: float,
+                  scheduler=None, **trainer_kwargs) -> gaf.GAFTrainer:
+    """GAFTrainer over the same micro-batches, in order, ``num_micro_batches`` per step; the
+    scheduler steps after taken steps only."""
+    trainer = gaf.GAFTrainer(net, optimizer, F.cross_entropy, num_micro_batches, tau=tau,
+                             **trainer_kwargs)
+    step = micro_batch * num_micro_batches
+    for start in range(0, len(x), step):
+        out = trainer.step(x[start:start + step], y[start:start + step])
+        if scheduler is not None and not out.skipped:
+            scheduler.step()
+    return trainer
+
+
+def assert_same_tensors(a, b, what: str) -> None:
+    a, b = list(a), list(b)
+    assert len(a) == len(b), what
+    for i, (s, t) in enumerate(zip(a, b, strict=True)):
+        assert torch.equal(s, t), f"{what}[{i}] differs: max |diff| {(s - t).abs().max()}"
+
+
+def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    """Every tensor of the optimizer's per-parameter state (momentum, Adam moments, step)."""
+    out = []
+    for p in (p for g in optimizer.param_groups for p in g["params"]):
+        for key in sorted(optimizer.state.get(p, {})):
+            value = optimizer.state[p][key]
+            out.append(value if isinstance(value, torch.Tensor) else torch.tensor(value))
+    return out
