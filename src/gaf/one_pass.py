@@ -38,12 +38,19 @@ Requirements:
   statistics and updates the running statistics once per micro-batch, in order: the same
   computation as M sequential forwards, so decisions and direction match it.
 
-Memory beyond a plain step: the inputs and output gradients of the layers whose weighted
-gradient is recomputed (ghost or over budget) and of embeddings, held until the decision;
-the kept [M, P_l] blocks, at most ``keep_budget`` numbers for weights (default P, one
-gradient's worth) plus M numbers per bias and norm parameter; one [M, P_l] or [R, R]
-work buffer at a time. Never the stacked mode's [M + 1, P]. ``result.extra["held"]``
-counts what was held at the decision.
+Memory beyond a plain step, held until the decision: per layer the smaller of its
+[M, P_l] micro-gradient blocks and its rows (the inputs and output gradients the direction
+is recomputed from), plus kept blocks up to ``keep_budget`` numbers (default P, one
+gradient's worth); one [M, P_l] chunk or [R, R] product at a time as work space. That is
+never more than M·P beyond the budget and usually far less; the stacked mode holds
+(M + 1)·P. ``result.extra["held"]`` counts it, ``result.extra["plan"]`` says per
+parameter how its pieces were computed (:mod:`gaf.one_pass_layers`).
+
+Distributed: the sharded protocol (design.md §4) pairs rows of different ranks, so the
+Gram pieces of one rank do not serve it; it needs every rank's rows. :func:`collect_one_pass`
+gives any collector (a :class:`~gaf.distributed.DistributedGradientCollector` included)
+the rank's m rows from one forward and backward (:meth:`OnePassFilter.micro_gradients`,
+which materialises [m, P] like the stacked mode) instead of m passes.
 """
 
 from __future__ import annotations
@@ -58,20 +65,22 @@ from torch import Tensor, nn
 from gaf.collector import FilterStats
 from gaf.core import FilterResult, check_rule, decide, result_from_decision
 from gaf.flat import FlatGradients
+from gaf.one_pass_conv import (
+    GhostBatchNorm,
+    conv_direction,
+    conv_pieces,
+    norm_pieces,
+    normalised,
+)
 from gaf.one_pass_layers import (
     Budget,
     Captured,
-    GhostBatchNorm,
     MicroBatches,
     Weights,
-    conv_direction,
-    conv_pieces,
     embedding_direction,
     embedding_pieces,
     linear_direction,
     linear_pieces,
-    norm_pieces,
-    normalised,
 )
 from gaf.thresholds import Threshold, as_threshold
 
