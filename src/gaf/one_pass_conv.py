@@ -16,6 +16,9 @@ from torch.nn import functional as F
 
 from gaf.one_pass_layers import Budget, Captured, MicroBatches, Weights, _common, gram
 
+# Per micro-batch input + output-gradient numbers below which the grouped call is used.
+FOLD_NUMBERS = 32768
+
 # -- Convolutions ------------------------------------------------------------------------------
 
 
@@ -48,10 +51,13 @@ def _conv_blocks(module, x: Tensor, d: Tensor, padding: list[int], mb: MicroBatc
 
     Small equal micro-batches: one grouped weight-gradient kernel call, the micro-batch
     index folded into the channels ([n, M·C, ...] with M·groups groups), instead of M
-    calls whose fixed cost dominates at a few samples each. Otherwise one call per slice.
+    calls whose fixed cost dominates at a few samples each. Otherwise one call per slice
+    (no copy).
     """
     m, n = mb.m, mb.size
-    if mb.equal and m > 1 and n < 16:
+    # The fold copies x and δ once; M calls cost a fixed ~40 µs each. Fold when each
+    # micro-batch's data is small enough that the calls' fixed cost dominates.
+    if mb.equal and m > 1 and (x.numel() + d.numel()) // m < FOLD_NUMBERS:
         def fold(t: Tensor) -> Tensor:
             return t.reshape(m, n, *t.shape[1:]).transpose(0, 1).reshape(n, -1, *t.shape[2:])
         weight = module.weight.detach()
@@ -100,8 +106,11 @@ def conv_direction(cap: Captured, weights: Weights, out: Tensor) -> None:
     total = cap.extra.pop("total") if len(calls) == 1 else None
     part = out if len(calls) == 1 else torch.empty_like(out)
     for k, (x, d, padding) in enumerate(calls):
-        weights.products(x, d, ids, total,
-                         lambda xs, ds, p=padding: _conv_weight_grad(module, xs, ds, p), part)
+        def product(xs: Tensor, ds: Tensor, target: Tensor, add: bool, p=padding) -> None:
+            g = _conv_weight_grad(module, xs, ds, p)
+            target.add_(g) if add else target.copy_(g)
+
+        weights.products(x, d, ids, total, product, part)
         if part is not out:
             out.copy_(part) if k == 0 else out.add_(part)
 

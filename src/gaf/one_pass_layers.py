@@ -168,7 +168,8 @@ class Weights:
 
     def products(self, x: Tensor, d: Tensor, ids: Tensor, total: Tensor | None, product,
                  out: Tensor) -> Tensor:
-        """out = Σ_i w_i g_i where g_i = product(x rows of i, d rows of i) is linear in d.
+        """out = Σ_i w_i g_i where g_i = Σ over the rows of micro-batch i of a product that
+        is linear in d; ``product(x, d, out, add)`` writes (or with ``add`` adds) it.
 
         ``ids``: micro-batch of each row of x and d; ``total``: Σ_i g_i if kept, else None.
         Only rows whose coefficient is non-zero are read.
@@ -176,16 +177,15 @@ class Weights:
         base = self.base if total is not None else 0.0
         coef_host = self.host - base
         if base != 0.0:
-            torch.mul(total, base, out=out) if out.dtype == total.dtype else \
-                out.copy_(total * base)
+            torch.mul(total, base, out=out)
         if not coef_host.any():
             return out if base != 0.0 else out.zero_()
         coef = self.tensor(d.dtype, base)[ids]
         if not coef_host.all():
             rows = torch.nonzero(coef).flatten()
             x, d, coef = x.index_select(0, rows), d.index_select(0, rows), coef[rows]
-        g = product(x, d * coef.reshape(-1, *([1] * (d.dim() - 1))))
-        return out.add_(g.reshape(out.shape)) if base != 0.0 else out.copy_(g.reshape(out.shape))
+        product(x, d * coef.reshape(-1, *([1] * (d.dim() - 1))), out, base != 0.0)
+        return out
 
 
 @dataclass
@@ -300,8 +300,11 @@ def _linear_blocks(x: Tensor, d: Tensor, ids: Tensor, regular: bool, m: int,
     return torch.stack([d[ids == i].T @ x[ids == i] for i in range(m)])
 
 
-def _outer(x: Tensor, d: Tensor) -> Tensor:
-    return d.T @ x
+def _outer(x: Tensor, d: Tensor, out: Tensor, add: bool) -> None:
+    if add:
+        out.addmm_(d.T, x)
+    else:
+        torch.mm(d.T, x, out=out)
 
 
 def linear_direction(cap: Captured, weights: Weights, out: Tensor) -> None:
@@ -348,10 +351,8 @@ def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
 
 def embedding_direction(cap: Captured, weights: Weights, out: Tensor) -> None:
     idx, d, ids = cap.extra.pop("rows")
-    vocab = cap.module.num_embeddings
 
-    def scatter(rows: Tensor, deltas: Tensor) -> Tensor:
-        return torch.zeros(vocab, deltas.shape[1], dtype=deltas.dtype,
-                           device=deltas.device).index_add_(0, rows, deltas)
+    def scatter(rows: Tensor, deltas: Tensor, out: Tensor, add: bool) -> None:
+        (out if add else out.zero_()).index_add_(0, rows, deltas)
 
     weights.products(idx, d, ids, None, scatter, out)
