@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
 from gaf import GAFTrainer
+from gaf.experiments.speed import trainer_options
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "average": "plain averaging of the micro-gradients",
@@ -164,7 +165,8 @@ def build_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
     noise fraction: small-loss's forget rate when ``cfg.forget_rate`` is None."""
     method = cfg.method
     m = cfg.num_micro_batches
-    common = dict(num_micro_batches=m, max_grad_norm=cfg.max_grad_norm)
+    common = dict(num_micro_batches=m, max_grad_norm=cfg.max_grad_norm,
+                  **trainer_options(cfg.amp, cfg.device))  # autocast dtype, GradScaler
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "gaf":
         trainer = GAFTrainer(model, optimizer, F.cross_entropy,
@@ -201,8 +203,9 @@ def build_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
                       ramp_epochs=cfg.forget_epochs)
 
 
-def averaging_trainer(model, optimizer, loss_fn, num_micro_batches, max_grad_norm):
+def averaging_trainer(model, optimizer, loss_fn, num_micro_batches, max_grad_norm, **amp):
     """Averaging: the trainer at tau = 2, which accepts every valid micro-gradient and so
-    takes their plain mean (bit for bit the accumulated mean at M = 2)."""
+    takes their plain mean (bit for bit the accumulated mean at M = 2). ``amp``: the
+    trainer's ``autocast_dtype`` and ``scaler``."""
     return GAFTrainer(model, optimizer, loss_fn, num_micro_batches=num_micro_batches,
-                      tau=2.0, max_grad_norm=max_grad_norm)
+                      tau=2.0, max_grad_norm=max_grad_norm, **amp)
