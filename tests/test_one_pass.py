@@ -222,6 +222,19 @@ def test_batchnorm_eval_mode_uses_running_statistics():
     assert_same(ref, rows, ref_grads, res, grads)
 
 
+def test_resnet_with_batchnorm_matches_sequential():
+    """The experiments' ResNet-18: ghost batch norm, in-place ReLU, strided shortcuts."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 1, 16, width=4).to(DT)
+    x, y = torch.randn(12, 1, 16, 16, dtype=DT), torch.randint(0, 10, (12,))
+    ref_model = copy.deepcopy(model)
+    ref, rows, ref_grads = sequential(ref_model, x, y, 4, 2.0, "mean")
+    res, grads = one_pass(model, x, y, 4, 2.0, "mean")
+    assert_same(ref, rows, ref_grads, res, grads)
+    for a, b in zip(ref_model.buffers(), model.buffers(), strict=True):
+        assert torch.allclose(a.to(DT), b.to(DT), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["mlp", "conv2d_groupnorm"])
 @pytest.mark.parametrize("budget", [0, None])
 def test_non_finite_micro_batch_is_rejected_and_does_not_leak(name, budget):
