@@ -75,6 +75,9 @@ MODELS = {
                                      nn.Conv1d(4, 2, 2, stride=2, dilation=1, groups=2),
                                      nn.BatchNorm1d(2), nn.Flatten(), nn.Linear(2 * 4, 3)),
                lambda b: torch.randn(b, 3, 8)),
+    "conv3d": (lambda: nn.Sequential(nn.Conv3d(2, 3, 2, padding=1, dilation=2), nn.Tanh(),
+                                     nn.Flatten(), nn.Linear(3 * 3 * 3 * 3, 3)),
+               lambda b: torch.randn(b, 2, 3, 3, 3)),
     "tokens": (Tokens, lambda b: torch.randint(0, 11, (b, 4))),
     "tokens_padding": (lambda: Tokens(padding_idx=0), lambda b: torch.randint(0, 11, (b, 4))),
     "shared_linear": (Shared, lambda b: torch.randn(b, 5)),
@@ -148,7 +151,7 @@ def test_same_decisions_and_direction_as_sequential(name, rule):
             assert torch.allclose(a.to(DT), b.to(DT), rtol=1e-12, atol=1e-12)  # ghost BN stats
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv2d_groupnorm", "conv1d", "tokens"])
+@pytest.mark.parametrize("name", ["mlp", "conv2d_groupnorm", "conv1d", "conv3d", "tokens"])
 @pytest.mark.parametrize("batch_per_micro", [1, 4, 20])
 def test_every_path_agrees_with_sequential(name, batch_per_micro):
     """Equal micro-batches (the batched kernels) and no keep budget (recomputed weights:
