@@ -244,3 +244,36 @@ def test_lightning_checkpoint_carries_the_gaf_state(tmp_path):
     assert resumed.collector.threshold.state_dict() == whole.collector.threshold.state_dict()
     assert_same_tensors(resumed_module.net.parameters(), whole_module.net.parameters(),
                         "parameters")
+
+
+class SkippingModule(Module):
+    """Returns None (Lightning: no backward) for the batches in ``skip``."""
+
+    def __init__(self, net, make_optimizer, skip):
+        super().__init__(net, make_optimizer)
+        self.skip = skip
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx in self.skip else super().training_step(batch, batch_idx)
+
+
+def test_lightning_window_whose_last_batch_runs_no_backward(tmp_path):
+    # Batch 3 closes the second window without a backward: that window holds one
+    # micro-gradient, which cannot agree with another, so it is skipped and nothing of it
+    # reaches the next window.
+    x, y = make_data(64)
+
+    def make_optimizer(p):
+        return torch.optim.SGD(p, lr=0.1, momentum=0.9)
+
+    module = SkippingModule(make_net(), make_optimizer, skip={3})
+    callback = GAFCallback(tau=TAU)
+    fit(module, x, y, callback, tmp_path)
+    assert callback.stats.steps == 8 and callback.stats.micro_batches == 15
+
+    net = make_net()
+    keep = torch.cat([torch.arange(0, 8), torch.arange(16, 64)])  # without the second window
+    ref = reference_run(net, make_optimizer(net.parameters()), x[keep], y[keep],
+                        micro_batch=MICRO, num_micro_batches=M, tau=TAU)
+    assert callback.stats.skipped_steps == ref.stats.skipped_steps + 1
+    assert_same_tensors(module.net.parameters(), net.parameters(), "parameters")

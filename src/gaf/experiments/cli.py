@@ -24,6 +24,7 @@ from gaf.core import RULES
 from gaf.experiments.checkpoint import CheckpointError, CheckpointMismatchError
 from gaf.experiments.config import TrainConfig
 from gaf.experiments.data import DatasetNotFoundError
+from gaf.experiments.methods import CONTROLS
 from gaf.experiments.options import (
     METHODS_HELP,
     add_common_options,
@@ -111,6 +112,9 @@ def cmd_train(args, parser) -> int:
         if v is not None:
             setattr(base, k, v)
     cfg = apply_options(args, base, parser)
+    if cfg.method in CONTROLS and cfg.control_rate is None:
+        parser.error(f"{cfg.method} needs --control-rate in gaf train (gaf compare matches it "
+                     "to the GAF run of the same setting and seed)")
     _check_resume(args, parser)
     from gaf.experiments.compare import run_comparison
     from gaf.experiments.report import format_table, summary_rows

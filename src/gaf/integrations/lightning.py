@@ -172,6 +172,8 @@ class GAFCallback(Callback):
                 f"to 2 or more (got {m} on {trainer.world_size} process)"
             )
         optimizer = trainer.optimizers[0]
+        self._pending = self._to_log = None
+        self._held, self._step_schedulers = set(), set()
         if ddp:
             disable_ddp_allreduce(trainer.strategy.model)
         if self.collector is None:
@@ -231,8 +233,11 @@ class GAFCallback(Callback):
         def optimizer_step(optimizer, model, closure, **kwargs):
             closure_result = closure()  # the window's last training_step and backward
             outcome, self._pending = self._pending, None
-            if outcome is None:  # Lightning skipped the backward (training_step gave None)
-                return plugin_step(optimizer, model, lambda: closure_result, **kwargs)
+            if outcome is None:  # the last training_step returned None: Lightning ran no backward
+                if self.collector.num_collected == 0:
+                    return closure_result  # nor did any batch of the window: nothing to apply
+                outcome = self.window.finish(loss_divisor=model.trainer.accumulate_grad_batches,
+                                             scaler=self._scaler)
             self.last_outcome = self._to_log = outcome
             self.overflow_steps += int(outcome.overflow)
             if outcome.skipped:
