@@ -426,3 +426,28 @@ def test_distributed_rows_from_one_pass(tmp_path):
     from test_distributed import spawn
 
     spawn(_distributed_one_pass, 2, tmp_path)
+
+
+def test_trainer_with_grad_scaler_and_adaptive_threshold_matches_sequential():
+    """Scaled losses (the scaler's factor reaches δ, hence G and the direction, as it
+    reaches the sequential rows) and a threshold that adapts to the observed distances."""
+    finals = []
+    for micro_gradients in ("sequential", "one-pass"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        trainer = gaf.GAFTrainer(model, opt, F.cross_entropy, 4,
+                                 tau=gaf.make_threshold("quantile", target_acceptance=0.6,
+                                                        window=16, initial=0.99),
+                                 scaler=scaler, micro_gradients=micro_gradients)
+        gen = torch.Generator().manual_seed(5)
+        skips = []
+        for _ in range(20):
+            x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            skips.append(trainer.step(x, y).skipped)
+        finals.append((skips, [p.detach().clone() for p in model.parameters()]))
+    (skips_seq, seq), (skips_one, one) = finals
+    assert skips_one == skips_seq and 0 < sum(skips_seq) < 20
+    for a, b in zip(seq, one, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
