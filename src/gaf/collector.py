@@ -296,6 +296,7 @@ class GradientCollector:
         self.threshold.load_state_dict(state["threshold"])
         if self.control is not None and "control" in state:
             self.control.load_state_dict(state["control"])
+        self._step_tau = self.threshold.value()  # the next step tests the restored tau
 
     def _draw_verdicts(self, micro_batches: int) -> None:
         """The control's verdicts for this step's rows, drawn once per step."""

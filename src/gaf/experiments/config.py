@@ -106,6 +106,11 @@ class TrainConfig:
     record_distances: bool = True
     progress: bool = True
     name: str | None = None  # label in tables and plots
+    # long runs (gaf.experiments.speed, gaf.experiments.checkpoint)
+    amp: str | None = None  # "bf16" or "fp16" autocast (fp16 with a GradScaler)
+    channels_last: bool = False  # NHWC layout for model and step inputs
+    compile: bool = False  # torch.compile the model for the training steps
+    checkpoint_every: int | None = None  # steps between checkpoints (each epoch end: always)
 
     @property
     def batch_size(self) -> int:
@@ -228,6 +233,11 @@ class TrainConfig:
             _positive_int("width", self.width)
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
+        from gaf.experiments.speed import check_amp
+
+        self.amp = check_amp(self.amp)
+        if self.checkpoint_every is not None:
+            _positive_int("checkpoint_every", self.checkpoint_every)
         if self.device == "auto":
             import torch
 

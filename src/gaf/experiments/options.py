@@ -184,6 +184,22 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
                         "(default: run every epoch, keep the best)")
 
 
+def add_long_run_options(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("speed and long runs")
+    s.add_argument("--amp", choices=("bf16", "fp16", "none"),
+                   help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler")
+    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout for the model and its inputs")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (the first steps pay the compilation)")
+    s.add_argument("--checkpoint-every", type=positive, metavar="STEPS",
+                   help="checkpoint every STEPS steps too (with --out, every run checkpoints "
+                        "at each epoch's end into OUT/checkpoints)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the runs checkpointed in --out (finished ones are skipped); "
+                        "the settings must be those of the interrupted command")
+
+
 def add_threshold_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", help="adaptive or scheduled threshold for the GAF runs, "
                    "replacing --tau, e.g. null-tail, 'quantile:target_acceptance=0.7' "

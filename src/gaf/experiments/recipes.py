@@ -138,8 +138,8 @@ def _noisy_baselines() -> Recipe:
             "cores)."
         ),
         base=TrainConfig(micro_batch_size=16, num_micro_batches=4, holdout_fraction=0.1),
-        methods=("average", "gaf", "random-drop", ("gaf", {"rule": "consensus"}),
-                 "small-loss", "gce", "early-stop"),
+        methods=("average", "gaf", ("random-drop", {"matched_to": "gaf"}),
+                 ("gaf", {"rule": "consensus"}), "small-loss", "gce", "early-stop"),
         seeds=(0, 1, 2),
         settings=(
             {"noise": "symmetric", "noise_rate": 0.4},
