@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gaf
+import gaf.one_pass_layers
 from gaf.core import RULES, pairwise_distances
 from gaf.experiments.models import build_model
 from gaf.one_pass import OnePassFilter
@@ -74,6 +75,9 @@ MODELS = {
                                      nn.Conv1d(4, 2, 2, stride=2, dilation=1, groups=2),
                                      nn.BatchNorm1d(2), nn.Flatten(), nn.Linear(2 * 4, 3)),
                lambda b: torch.randn(b, 3, 8)),
+    "conv3d": (lambda: nn.Sequential(nn.Conv3d(2, 3, 2, padding=1, dilation=2), nn.Tanh(),
+                                     nn.Flatten(), nn.Linear(3 * 3 * 3 * 3, 3)),
+               lambda b: torch.randn(b, 2, 3, 3, 3)),
     "tokens": (Tokens, lambda b: torch.randint(0, 11, (b, 4))),
     "tokens_padding": (lambda: Tokens(padding_idx=0), lambda b: torch.randint(0, 11, (b, 4))),
     "shared_linear": (Shared, lambda b: torch.randn(b, 5)),
@@ -147,16 +151,21 @@ def test_same_decisions_and_direction_as_sequential(name, rule):
             assert torch.allclose(a.to(DT), b.to(DT), rtol=1e-12, atol=1e-12)  # ghost BN stats
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv2d_groupnorm", "conv1d", "tokens"])
+@pytest.mark.parametrize("name", ["mlp", "conv2d_groupnorm", "conv1d", "conv3d", "tokens"])
 @pytest.mark.parametrize("batch_per_micro", [1, 4, 20])
 def test_every_path_agrees_with_sequential(name, batch_per_micro):
-    """Equal micro-batches (the batched kernels) and no keep budget (recomputed weights)."""
+    """Equal micro-batches (the batched kernels) and no keep budget (recomputed weights:
+    the kept plain sum corrected by the micro-batches off the most common weight)."""
     m = 4
     for budget in (0, None):
-        model, x, y = setup(name, m, seed=3, batch=m * batch_per_micro)
-        ref, rows, ref_grads = sequential(copy.deepcopy(model), x, y, m, 2.0, "mean")
-        res, grads = one_pass(model, x, y, m, 2.0, "mean", keep_budget=budget)
-        assert_same(ref, rows, ref_grads, res, grads)
+        for rule in RULES:
+            model, x, y = setup(name, m, seed=3, batch=m * batch_per_micro)
+            _, rows, _ = sequential(copy.deepcopy(model), x, y, m, 2.0, rule)
+            for tau in (2.0, tau_for(rows, m)):
+                ref, rows, ref_grads = sequential(copy.deepcopy(model), x, y, m, tau, rule)
+                res, grads = one_pass(copy.deepcopy(model), x, y, m, tau, rule,
+                                      keep_budget=budget)
+                assert_same(ref, rows, ref_grads, res, grads)
 
 
 @pytest.mark.parametrize(("layer", "m", "per_micro", "budget", "expected"), [
@@ -176,8 +185,23 @@ def test_linear_path_choice(layer, m, per_micro, budget, expected):
     assert_same(ref, rows, ref_grads, res, grads)
 
 
+def test_recomputed_linear_in_chunks_of_output_features(monkeypatch):
+    monkeypatch.setattr(gaf.one_pass_layers, "CHUNK_NUMBERS", 3 * 4 * 16)  # 3 features a chunk
+    for rule in RULES:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).to(DT)
+        x, y = torch.randn(16, 16, dtype=DT), torch.randint(0, 3, (16,))
+        _, rows, _ = sequential(copy.deepcopy(model), x, y, 4, 2.0, rule)
+        tau = tau_for(rows, 4)
+        ref, rows, ref_grads = sequential(copy.deepcopy(model), x, y, 4, tau, rule)
+        res, grads = one_pass(model, x, y, 4, tau, rule, keep_budget=0)
+        assert res.extra["plan"]["0.weight"] == "recomputed"
+        assert_same(ref, rows, ref_grads, res, grads)
+
+
 @pytest.mark.parametrize(("vocab", "m", "tokens", "expected"), [
-    (5, 4, 8, "dense"),        # vocabulary smaller than the rows
+    (5, 4, 8, "kept"),         # dense [M, V, D] blocks smaller than the rows: kept
+    (40, 4, 4, "dense"),       # dense blocks, larger than the rows: rows held instead
     (1000, 8, 1, "ghost"),     # few rows, many micro-batches: R² < M²·R
     (1000, 4, 40, "compact"),  # many rows over a large vocabulary
 ])
@@ -201,11 +225,26 @@ def test_batchnorm_eval_mode_uses_running_statistics():
     assert_same(ref, rows, ref_grads, res, grads)
 
 
-def test_non_finite_micro_batch_is_rejected_and_does_not_leak():
-    model, x, y = setup("mlp", 4, batch=12)
+def test_resnet_with_batchnorm_matches_sequential():
+    """The experiments' ResNet-18: ghost batch norm, in-place ReLU, strided shortcuts."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 1, 16, width=4).to(DT)
+    x, y = torch.randn(12, 1, 16, 16, dtype=DT), torch.randint(0, 10, (12,))
+    ref_model = copy.deepcopy(model)
+    ref, rows, ref_grads = sequential(ref_model, x, y, 4, 2.0, "mean")
+    res, grads = one_pass(model, x, y, 4, 2.0, "mean")
+    assert_same(ref, rows, ref_grads, res, grads)
+    for a, b in zip(ref_model.buffers(), model.buffers(), strict=True):
+        assert torch.allclose(a.to(DT), b.to(DT), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv2d_groupnorm"])
+@pytest.mark.parametrize("budget", [0, None])
+def test_non_finite_micro_batch_is_rejected_and_does_not_leak(name, budget):
+    model, x, y = setup(name, 4, batch=12)
     x[4] = float("inf")  # micro-batch 1
     ref, rows, ref_grads = sequential(copy.deepcopy(model), x, y, 4, 2.0, "mean")
-    res, grads = one_pass(model, x, y, 4, 2.0, "mean")
+    res, grads = one_pass(model, x, y, 4, 2.0, "mean", keep_budget=budget)
     assert res.num_nonfinite == ref.num_nonfinite == 1
     assert torch.equal(res.accepted, ref.accepted)
     for a, b in zip(ref_grads, grads, strict=True):
@@ -327,3 +366,63 @@ def test_trainer_refuses_one_pass_with_collector_options():
         gaf.GAFTrainer(model, opt, F.cross_entropy, 2, micro_gradients="one-pass", mode="stacked")
     with pytest.raises(ValueError, match="unknown micro_gradients"):
         gaf.GAFTrainer(model, opt, F.cross_entropy, 2, micro_gradients="vmap")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_micro_gradient_rows_equal_the_stacked_rows(name):
+    m = 5
+    model, x, y = setup(name, m, seed=2)
+    _, rows, _ = sequential(copy.deepcopy(model), x, y, m, 2.0, "mean")
+    engine = OnePassFilter(model)
+    got, losses = engine.micro_gradients(x, y, F.cross_entropy, m)
+    assert torch.allclose(got, rows, rtol=1e-10, atol=1e-12 * float(rows.abs().max()))
+    assert losses.shape == (m,)
+    assert all(p.grad is None for p in model.parameters())  # .grad untouched
+
+
+def test_collect_one_pass_feeds_any_collector():
+    m = 4
+    model, x, y = setup("conv2d_groupnorm", m, seed=4)
+    _, rows, _ = sequential(copy.deepcopy(model), x, y, m, 2.0, "anchor")
+    tau = tau_for(rows, m)
+    ref, _, ref_grads = sequential(copy.deepcopy(model), x, y, m, tau, "anchor")
+    collector = gaf.GradientCollector(model.parameters(), tau=tau, rule="anchor", mode="stacked")
+    gaf.collect_one_pass(collector, model, F.cross_entropy, x, y, m)
+    res = collector.finish()
+    assert torch.equal(res.accepted, ref.accepted)
+    for a, p in zip(ref_grads, model.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, rtol=1e-10, atol=1e-14)
+
+
+def _distributed_one_pass(rank, world_size):
+    """Each rank's m rows from one pass feed the sharded protocol; the decision and the
+    direction equal those of the same ranks feeding it one micro-batch at a time."""
+    from gaf.distributed import DistributedGradientCollector
+
+    m = 3
+    model, _, _ = setup("mlp", m, seed=0)  # same parameters on every rank
+    gen = torch.Generator().manual_seed(10 + rank)
+    x, y = torch.randn(4 * m, 7, generator=gen, dtype=DT), torch.randint(0, 3, (4 * m,),
+                                                                         generator=gen)
+    results = []
+    for one in (False, True):
+        replica = copy.deepcopy(model)
+        collector = DistributedGradientCollector(replica.parameters(), tau=1.0, rule="mean")
+        if one:
+            gaf.collect_one_pass(collector, replica, F.cross_entropy, x, y, m)
+        else:
+            for xs, ys in zip(x.tensor_split(m), y.tensor_split(m), strict=True):
+                F.cross_entropy(replica(xs), ys).backward()
+                collector.collect()
+        results.append((collector.finish(), [p.grad.clone() for p in replica.parameters()]))
+    (seq, seq_grads), (one, one_grads) = results
+    assert seq.num_micro_batches == one.num_micro_batches == world_size * m
+    assert torch.equal(seq.accepted, one.accepted)
+    for a, b in zip(seq_grads, one_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_distributed_rows_from_one_pass(tmp_path):
+    from test_distributed import spawn
+
+    spawn(_distributed_one_pass, 2, tmp_path)
