@@ -401,29 +401,6 @@ def _training_checks(rank: int, n: int) -> None:
             for p, q in zip(model.parameters(), models[2].parameters(), strict=True):
                 assert torch.equal(p, q), step
 
-    # The consensus rule with one micro-batch per rank, and a blind control seeded alike on
-    # every rank: the same decisions and bits as one process over all N·m rows.
-    for mm, kwargs in ((1, {"rule": "consensus", "tau": 0.97}),
-                       (m, {"control": gaf.RandomDrop(0.5, seed=4)})):
-        torch.manual_seed(0)
-        base = Net()
-        dist_model, one_model = copy.deepcopy(base), copy.deepcopy(base)
-        single_kwargs = dict(kwargs)
-        if "control" in kwargs:
-            single_kwargs["control"] = gaf.RandomDrop(0.5, seed=4)
-        trainer = DistributedGAFTrainer(dist_model, torch.optim.SGD(dist_model.parameters(),
-                                        lr=0.1), loss_fn, mm, **kwargs)
-        one = gaf.GAFTrainer(one_model, torch.optim.SGD(one_model.parameters(), lr=0.1),
-                             loss_fn, n * mm, mode="stacked", **single_kwargs)
-        for step in range(6):
-            xs, ys = zip(*(batch(70 + step, i, mm * b) for i in range(n)), strict=True)
-            out = trainer.step(xs[rank], ys[rank])
-            ref_out = one.step(torch.cat(xs), torch.cat(ys))
-            same_decision(out.result, ref_out.result)
-            assert state_equal_across_ranks(dist_model)
-            for p, q in zip(dist_model.parameters(), one_model.parameters(), strict=True):
-                assert torch.equal(p, q), (kwargs, step)
-
     # A different model on one rank: a clear error on every rank at construction.
     other = Net(hidden=14 if rank == n - 1 else 13)
     expect_error(lambda: DistributedGradientCollector(other.parameters()), "parameter shapes",
