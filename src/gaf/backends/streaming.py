@@ -149,7 +149,9 @@ class StreamingBackend:
             grad.zero_()  # nothing was accepted; the buffer may hold an older step's sum
         if not self.halving:
             grad.div_(max(accepted_count, 1))
-        weights = fold_weights(self.halving, accepted)
+        # "mean": every accepted row weighs 1/count, no fold needed to say so.
+        weights = (fold_weights(True, accepted) if self.halving
+                   else accepted / max(accepted_count, 1))
         anchor = int(np.argmax(accepted)) if accepted_count else -1
         decision = Decision(accepted, weights, distances, anchor, valid, finite)
         return make_result(decision, grad, tau, self.rule)

@@ -138,7 +138,7 @@ def decide_with(oracle: DistanceOracle, tau: float, rule: str = "mean",
     """
     tau = check_tau(tau)
     entry = get_rule(rule)
-    options = entry.options(options)
+    options = entry.options(options) if options else {}  # no options: nothing to check
     if entry.gram_only and oracle.gram is None:
         raise ValueError(f"rule {entry.name!r} needs the Gram matrix: use measure='cosine'")
     valid = np.asarray(oracle.valid, dtype=bool)

@@ -16,7 +16,7 @@ products from G and the weights so far, exact), the streaming collector on the h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from torch import Tensor
@@ -46,10 +46,10 @@ def _not(flag):
     return ~flag if isinstance(flag, Tensor) else not flag
 
 
-@dataclass(frozen=True)
-class FoldStep:
+class FoldStep(NamedTuple):
     """One row of a sequential rule: whether it was accepted, its reported distance,
-    whether it became the anchor (s ← g), and the state after it."""
+    whether it became the anchor (s ← g), and the state after it. (A tuple: the fold runs
+    once per micro-batch, and a tuple is the cheapest record to build.)"""
 
     accept: object  # bool or 0-d bool tensor
     distance: object  # float or 0-d tensor
@@ -133,7 +133,9 @@ def sequential(oracle: DistanceOracle, tau: float, valid: np.ndarray,
             weights *= a
             weights[k] += b
             if step.anchor:
-                anchor, one_hot = k, np.eye(m)[k]
+                anchor = k
+                if compare_with_anchor:
+                    one_hot = np.eye(m)[k]
         have_anchor = step.have_anchor
     if not halving:
         weights /= weights.sum()
