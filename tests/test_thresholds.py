@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from gaf.collector import GradientCollector
-from gaf.core import FilterResult, filter_gradients
+from gaf.core import FilterResult
+from gaf.filter import filter_gradients
 from gaf.thresholds import (
     THRESHOLDS,
     FixedThreshold,
@@ -192,6 +193,16 @@ def test_adaptive_threshold_in_a_collector():
                                                                          min_samples=5))
     clone.load_state_dict(copy.deepcopy(col.state_dict()))
     assert clone.tau == col.tau and clone.stats.steps == 15
+    # The clone's next step tests the restored tau, not the one it was built with.
+    restored = col.tau
+    assert restored != 1.0  # the tau the clone was built with
+    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+    for c in (col, clone):
+        for k in range(2):
+            xs, ys = x[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4]
+            nn.functional.cross_entropy(model(xs), ys).backward()
+            c.collect()
+    assert clone.finish().tau == col.finish().tau == restored
 
 
 # -- state and determinism ----------------------------------------------------------------------

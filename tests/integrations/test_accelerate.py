@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
+import gaf
 from gaf.integrations.accelerate import GAFAccumulator
 
-from .test_lightning import run_two_ranks
 from .tiny import (
     assert_same_tensors,
+    check_two_rank_run,
     make_data,
     make_net,
     optimizer_state_tensors,
@@ -87,11 +88,27 @@ def test_accelerate_step_without_after_backward_is_refused():
 
 
 def test_accelerate_two_processes_gloo_matches_distributed_gaftrainer(tmp_path):
-    reports = run_two_ranks("accelerate", tmp_path)
-    for report in reports:
-        assert all(report["same_as_reference"]), report
-        assert report["stats"] == report["reference_stats"]
-        assert report["ranks_agree"]
-    stats = reports[0]["stats"]
-    assert 0 < stats["skipped_steps"] < stats["steps"]
-    assert stats["micro_batches"] == 2 * M * stats["steps"]
+    check_two_rank_run("accelerate", tmp_path, micro_batches_per_rank=M)
+
+
+def test_accelerate_save_state_carries_the_gaf_state(tmp_path):
+    x, y = make_data(64)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=M)
+    net = make_net()
+    model, optimizer = accelerator.prepare(net, make_optimizer(net.parameters()))
+    gaf_step = GAFAccumulator(accelerator, model, optimizer, tau=TAU)
+    accelerator.register_for_checkpointing(gaf_step)
+    for xb, yb in zip(x.split(MICRO), y.split(MICRO), strict=True):
+        with accelerator.accumulate(model):
+            accelerator.backward(F.cross_entropy(model(xb), yb))
+            gaf_step.after_backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert gaf_step.stats.steps == 8 and gaf_step.stats.skipped_steps > 0
+    accelerator.save_state(str(tmp_path / "state"))
+    saved = gaf_step.stats.state_dict()
+    gaf_step.load_state_dict({"collector": {**gaf_step.collector.state_dict(),
+                                            "stats": gaf.FilterStats().state_dict()}})
+    assert gaf_step.stats.steps == 0
+    accelerator.load_state(str(tmp_path / "state"))
+    assert gaf_step.stats.state_dict() == saved

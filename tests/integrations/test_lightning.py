@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import gaf
 from gaf.integrations.lightning import GAFCallback
 
 from .tiny import (
     assert_same_tensors,
+    check_two_rank_run,
     make_data,
     make_net,
     optimizer_state_tensors,
@@ -46,14 +43,16 @@ class Module(pl.LightningModule):
                                                          "interval": "step"}}
 
 
-def fit(module, x, y, callback, tmp_path, **trainer_kwargs):
-    trainer = pl.Trainer(
+def fit(module, x, y, callback, tmp_path, ckpt_path=None, **trainer_kwargs):
+    settings = dict(
         accelerator="cpu", devices=1, max_epochs=1, accumulate_grad_batches=M,
         callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, logger=False, num_sanity_val_steps=0,
-        default_root_dir=tmp_path, **trainer_kwargs,
+        default_root_dir=tmp_path,
     )
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=MICRO, shuffle=False))
+    trainer = pl.Trainer(**{**settings, **trainer_kwargs})
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=MICRO, shuffle=False),
+                ckpt_path=ckpt_path)
     return trainer
 
 
@@ -163,25 +162,118 @@ def test_lightning_16_mixed_grad_scaler_matches_gaftrainer_with_overflows(tmp_pa
     assert_same_tensors(module.net.parameters(), net.parameters(), "parameters")
 
 
-def run_two_ranks(framework: str, tmp_path: Path) -> list[dict]:
-    """Two gloo processes under torchrun, each writing what it found (see ddp_worker.py)."""
-    import json
-
-    worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(worker), framework, str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-
-
 def test_lightning_ddp_two_processes_matches_distributed_gaftrainer(tmp_path):
-    reports = run_two_ranks("lightning", tmp_path)
-    for report in reports:
-        assert all(report["same_as_reference"]), report
-        assert report["stats"] == report["reference_stats"]
-        assert report["ranks_agree"]
-    stats = reports[0]["stats"]
-    assert 0 < stats["skipped_steps"] < stats["steps"]
-    assert stats["micro_batches"] == 2 * M * stats["steps"]  # every rank's micro-gradients
+    check_two_rank_run("lightning", tmp_path, micro_batches_per_rank=M)
+
+
+class ManualModule(pl.LightningModule):
+    """The manual-optimisation recipe of gaf.integrations.lightning's docstring."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def on_fit_start(self):
+        self.collector = gaf.GradientCollector(self.optimizers().optimizer.param_groups,
+                                               tau=TAU)
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        for x, y in zip(*(t.chunk(M) for t in batch), strict=True):
+            self.manual_backward(F.cross_entropy(self.net(x), y))
+            self.collector.collect()
+        result = self.collector.finish()
+        if not result.skipped:
+            self.clip_gradients(opt, gradient_clip_val=0.5)
+            opt.step()
+        opt.zero_grad()
+
+
+def test_lightning_manual_optimisation_recipe_matches_gaftrainer(tmp_path):
+    x, y = make_data(64)
+    module = ManualModule(make_net())
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=MICRO * M, shuffle=False))
+
+    net = make_net()
+    ref = reference_run(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), x, y,
+                        micro_batch=MICRO, num_micro_batches=M, tau=TAU, max_grad_norm=0.5)
+    assert 0 < ref.stats.skipped_steps < ref.stats.steps
+    assert module.collector.stats == ref.stats
+    assert_same_tensors(module.net.parameters(), net.parameters(), "parameters")
+
+
+def test_lightning_refuses_a_single_micro_batch_and_manual_optimisation(tmp_path):
+    x, y = make_data(16)
+    loader = DataLoader(TensorDataset(x, y), batch_size=MICRO)
+
+    def trainer():
+        return pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                          callbacks=[GAFCallback()], enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False,
+                          default_root_dir=tmp_path)
+
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        trainer().fit(Module(make_net(), lambda p: torch.optim.SGD(p, lr=0.1)), loader)
+    with pytest.raises(ValueError, match="manual optimisation"):
+        trainer().fit(ManualModule(make_net()), loader)
+
+
+def test_lightning_checkpoint_carries_the_gaf_state(tmp_path):
+    # An adaptive threshold has state of its own: a resumed run must pick it up too.
+    x, y = make_data(32)
+
+    def run(epochs, ckpt_path=None):
+        module = Module(make_net(), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+        callback = GAFCallback(tau=gaf.MovingAverageThreshold(k=0.5, window=8, initial=0.9))
+        trainer = fit(module, x, y, callback, tmp_path, ckpt_path=ckpt_path, max_epochs=epochs)
+        return module, callback, trainer
+
+    whole_module, whole, _ = run(2)
+    _, first, first_trainer = run(1)
+    first_trainer.save_checkpoint(tmp_path / "one-epoch.ckpt")
+    resumed_module, resumed, _ = run(2, ckpt_path=tmp_path / "one-epoch.ckpt")
+    assert 0 < whole.stats.skipped_steps < whole.stats.steps
+    assert resumed.stats == whole.stats and resumed.stats.steps == 2 * first.stats.steps
+    assert resumed.collector.threshold.state_dict() == whole.collector.threshold.state_dict()
+    assert_same_tensors(resumed_module.net.parameters(), whole_module.net.parameters(),
+                        "parameters")
+
+
+class SkippingModule(Module):
+    """Returns None (Lightning: no backward) for the batches in ``skip``."""
+
+    def __init__(self, net, make_optimizer, skip):
+        super().__init__(net, make_optimizer)
+        self.skip = skip
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx in self.skip else super().training_step(batch, batch_idx)
+
+
+def test_lightning_window_whose_last_batch_runs_no_backward(tmp_path):
+    # Batch 3 closes the second window without a backward: that window holds one
+    # micro-gradient, which cannot agree with another, so it is skipped and nothing of it
+    # reaches the next window.
+    x, y = make_data(64)
+
+    def make_optimizer(p):
+        return torch.optim.SGD(p, lr=0.1, momentum=0.9)
+
+    module = SkippingModule(make_net(), make_optimizer, skip={3})
+    callback = GAFCallback(tau=TAU)
+    fit(module, x, y, callback, tmp_path)
+    assert callback.stats.steps == 8 and callback.stats.micro_batches == 15
+
+    net = make_net()
+    keep = torch.cat([torch.arange(0, 8), torch.arange(16, 64)])  # without the second window
+    ref = reference_run(net, make_optimizer(net.parameters()), x[keep], y[keep],
+                        micro_batch=MICRO, num_micro_batches=M, tau=TAU)
+    assert callback.stats.skipped_steps == ref.stats.skipped_steps + 1
+    assert_same_tensors(module.net.parameters(), net.parameters(), "parameters")

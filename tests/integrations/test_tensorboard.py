@@ -59,3 +59,5 @@ def test_stats_logger_csv_only_and_clear_errors(tmp_path):
         logger.log_epoch(0, {"name": "gaf"})
     logger.close()
     assert not list(tmp_path.glob("events.*"))
+    with pytest.raises(RuntimeError, match="closed"):
+        logger.log_step(2, result)

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainingArguments
 
+import gaf
 from gaf.integrations.transformers import GAFHFTrainer
 
 from .tiny import (
     assert_same_tensors,
+    check_two_rank_run,
     make_data,
     make_net,
     optimizer_state_tensors,
@@ -56,12 +58,13 @@ def make_scheduler(optimizer):
 
 
 def training_args(tmp_path, **kwargs):
-    return TrainingArguments(
+    settings = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=M, num_train_epochs=1, max_grad_norm=0.5, logging_steps=4,
         report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, **kwargs,
+        train_sampling_strategy="sequential", dataloader_num_workers=0,
     )
+    return TrainingArguments(**{**settings, **kwargs})
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
@@ -96,13 +99,28 @@ def test_transformers_trainer_matches_gaftrainer_and_holds_scheduler(bf16, tmp_p
 
 
 def test_transformers_trainer_two_processes_gloo_matches_distributed_gaftrainer(tmp_path):
-    from .test_lightning import run_two_ranks
 
-    reports = run_two_ranks("transformers", tmp_path)
-    for report in reports:
-        assert all(report["same_as_reference"]), report
-        assert report["stats"] == report["reference_stats"]
-        assert report["ranks_agree"]
-    stats = reports[0]["stats"]
-    assert 0 < stats["skipped_steps"] < stats["steps"]
-    assert stats["micro_batches"] == 2 * M * stats["steps"]
+    check_two_rank_run("transformers", tmp_path, micro_batches_per_rank=M)
+
+
+def test_transformers_resume_from_checkpoint_carries_the_gaf_state(tmp_path):
+    x, y = make_data(64)
+
+    def run(out, **kwargs):
+        model = Classifier(make_net())
+        optimizer = make_optimizer(model.parameters())
+        args = training_args(out, save_strategy="steps", save_steps=4)
+        trainer = GAFHFTrainer(model=model, args=args, train_dataset=Rows(x, y),
+                               optimizers=(optimizer, make_scheduler(optimizer)),
+                               tau=gaf.MovingAverageThreshold(k=0.5, window=8, initial=0.9))
+        trainer.train(**kwargs)
+        return model, trainer
+
+    whole_model, whole = run(tmp_path / "whole")
+    resumed_model, resumed = run(tmp_path / "whole",
+                                 resume_from_checkpoint=str(tmp_path / "whole/checkpoint-4"))
+    assert 0 < whole.gaf_stats.skipped_steps < whole.gaf_stats.steps
+    assert resumed.gaf_stats == whole.gaf_stats
+    assert (resumed.gaf.collector.threshold.state_dict()
+            == whole.gaf.collector.threshold.state_dict())
+    assert_same_tensors(resumed_model.parameters(), whole_model.parameters(), "parameters")

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,3 +57,23 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
             value = optimizer.state[p][key]
             out.append(value if isinstance(value, torch.Tensor) else torch.tensor(value))
     return out
+
+
+def check_two_rank_run(framework: str, tmp_path: Path, micro_batches_per_rank: int) -> None:
+    """Run ddp_worker.py for ``framework`` in two gloo processes under torchrun; every rank
+    must end bit-identical to DistributedGAFTrainer, with the same counters, skipped and
+    taken steps both present, and the decisions covering both ranks' micro-gradients."""
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(worker), framework, str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for report in reports:
+        assert all(report["same_as_reference"]), report
+        assert report["stats"] == report["reference_stats"]
+        assert report["ranks_agree"]
+    stats = reports[0]["stats"]
+    assert 0 < stats["skipped_steps"] < stats["steps"]
+    assert stats["micro_batches"] == 2 * micro_batches_per_rank * stats["steps"]

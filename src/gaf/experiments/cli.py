@@ -21,11 +21,14 @@ import time
 from collections.abc import Sequence
 
 from gaf.core import RULES
+from gaf.experiments.checkpoint import CheckpointError, CheckpointMismatchError
 from gaf.experiments.config import TrainConfig
 from gaf.experiments.data import DatasetNotFoundError
+from gaf.experiments.methods import CONTROLS
 from gaf.experiments.options import (
     METHODS_HELP,
     add_common_options,
+    add_long_run_options,
     add_method_options,
     add_threshold_options,
     apply_options,
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_options(t)
     t.add_argument("--noise-rate", type=fraction, help="fraction of wrong labels, e.g. 0.4")
     t.add_argument("--seed", type=nonneg_int)
+    add_long_run_options(t)
 
     c = sub.add_parser("compare", help="several methods/settings/seeds side by side")
     add_common_options(c)
@@ -69,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--noise-rate", nargs="+", type=fraction,
                    help="fractions of wrong labels, e.g. 0.2 0.4")
     c.add_argument("--seed", nargs="+", type=nonneg_int)
+    add_long_run_options(c)
     c.add_argument("--jobs", type=positive, default=None,
                    help="runs in parallel processes (default: 2 when there are 2+ CPUs and "
                         "the device is cpu, else 1)")
@@ -107,11 +112,15 @@ def cmd_train(args, parser) -> int:
         if v is not None:
             setattr(base, k, v)
     cfg = apply_options(args, base, parser)
+    if cfg.method in CONTROLS and cfg.control_rate is None:
+        parser.error(f"{cfg.method} needs --control-rate in gaf train (gaf compare matches it "
+                     "to the GAF run of the same setting and seed)")
+    _check_resume(args, parser)
     from gaf.experiments.compare import run_comparison
     from gaf.experiments.report import format_table, summary_rows
 
     comp = run_comparison([cfg], args.out, jobs=1, title=f"gaf train: {cfg.label}",
-                          plots=args.plots)
+                          plots=args.plots, resume=args.resume)
     print(format_table(summary_rows(comp.runs), markdown=False))
     _print_method_tables(comp.runs)
     _print_outputs(comp.outputs)
@@ -129,8 +138,8 @@ def _print_method_tables(runs) -> None:
     )
 
     for title, rows, header in (
-        ("what each method kept (noise fraction, means over epochs)", selection_rows(runs),
-         SELECTION_COLUMNS),
+        ("what each method kept (noise fraction %: last epoch, range over epochs)",
+         selection_rows(runs), SELECTION_COLUMNS),
         ("GAF − other, paired by seed (mean ± 95% interval)", difference_rows(runs),
          DIFFERENCE_COLUMNS),
     ):
@@ -172,8 +181,9 @@ def cmd_compare(args, parser) -> int:
           f" on {cfg.dataset}, {cfg.device}, {jobs} at a time", flush=True)
     paper = recipe.paper if recipe.paper else None
     title = f"GAF against averaging ({recipe.name if args.recipe else cfg.dataset})"
+    _check_resume(args, parser)
     comp = run_comparison(configs, args.out, jobs=jobs, title=title, paper=paper,
-                          plots=args.plots)
+                          plots=args.plots, resume=args.resume)
     from gaf.experiments.report import format_table, gaf_vs_average, summary_rows
 
     print()
@@ -191,6 +201,11 @@ def cmd_compare(args, parser) -> int:
             return 1
         print("check passed: GAF >= averaging + 5 points, memorised <= half")
     return 0
+
+
+def _check_resume(args, parser) -> None:
+    if args.resume and not args.out:
+        parser.error("--resume continues the runs checkpointed in --out: give --out")
 
 
 def _default_jobs(configs) -> int:
@@ -245,6 +260,7 @@ def cmd_report(args, parser) -> int:
     outputs = write_outputs(runs, out, doc.get("wall_seconds"),
                             title=doc.get("title", "GAF against averaging"), paper=paper or None)
     print(format_table(summary_rows(runs), markdown=False))
+    _print_method_tables(runs)
     _print_outputs(outputs)
     return 0
 
@@ -271,12 +287,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         return commands[args.command](args, parser)
-    except DatasetNotFoundError as e:
+    except (DatasetNotFoundError, CheckpointError, CheckpointMismatchError) as e:
         print(f"gaf {args.command}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"gaf {args.command}: interrupted after {time.perf_counter() - t0:.0f} s",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:
+        finished, out = getattr(e, "finished", None), getattr(args, "out", None)
+        done = f"; {len(finished)} finished run(s) written" if finished and out else ""  # compare
+        hint = "; rerun the same command with --resume to continue" if out else ""
+        print(f"gaf {args.command}: interrupted after {time.perf_counter() - t0:.0f} s"
+              f"{done}{hint}", file=sys.stderr)
         return 130
 
 

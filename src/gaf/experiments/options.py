@@ -20,6 +20,7 @@ from gaf.experiments.data import DATASETS, canonical_name
 from gaf.experiments.methods import canonical_method
 from gaf.experiments.models import MODELS
 from gaf.experiments.noise import NOISE_KINDS, check_rate
+from gaf.faults import FAULT_KINDS
 from gaf.measures import MEASURES
 
 
@@ -182,6 +183,27 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patience", type=positive,
                    help="early-stop: stop after this many epochs without improvement "
                         "(default: run every epoch, keep the best)")
+
+
+def add_long_run_options(p: argparse.ArgumentParser) -> None:
+    f = p.add_argument_group("fault injection (gaf.faults)")
+    f.add_argument("--fault", choices=FAULT_KINDS,
+                   help="corrupt the last --faulty-rows micro-batches of every step")
+    f.add_argument("--faulty-rows", type=positive, metavar="F",
+                   help="how many micro-batches per step are faulty (default 1)")
+    s = p.add_argument_group("speed and long runs")
+    s.add_argument("--amp", choices=("bf16", "fp16", "none"),
+                   help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler")
+    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout for the model and its inputs")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (the first steps pay the compilation)")
+    s.add_argument("--checkpoint-every", type=positive, metavar="STEPS",
+                   help="checkpoint every STEPS steps too (with --out, every run checkpoints "
+                        "at each epoch's end into OUT/checkpoints)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the runs checkpointed in --out (finished ones are skipped); "
+                        "the settings must be those of the interrupted command")
 
 
 def add_threshold_options(p: argparse.ArgumentParser) -> None:

@@ -38,7 +38,9 @@ from gaf.experiments.methods import MethodStep, build_step
 from gaf.experiments.models import build_model
 from gaf.experiments.prepare import PreparedData, prepare_data
 from gaf.experiments.results import FILTERING_METHODS, RunResult
+from gaf.experiments.resume import PartialEpoch, RunCheckpoints
 from gaf.experiments.selection import EpochLog
+from gaf.experiments.speed import autocast, prepare_model, step_input
 
 # --------------------------------------------------------------------------------------
 # Augmentation
@@ -178,6 +180,8 @@ def train(
     data: PreparedData | None = None,
     epoch_hook: Callable[[int, nn.Module], None] | None = None,
     progress_bar: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Train one model as ``cfg`` says and return its per-epoch history.
 
@@ -185,6 +189,11 @@ def train(
     model)`` is called before training (epoch 0) and after each epoch's evaluation.
     With ``cfg.progress``, a tqdm bar shows progress on a terminal (``progress_bar``), else
     one line per epoch is printed.
+
+    ``checkpoint_dir``: checkpoint there at every epoch's end and every
+    ``cfg.checkpoint_every`` steps (:mod:`gaf.experiments.resume`); with ``resume``,
+    continue from its newest usable checkpoint (the hooks of epochs already done are not
+    called again), else start afresh.
     """
     cfg.validate()
     if cfg.threads is not None:
@@ -204,7 +213,9 @@ def train(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, model)
-    method = build_step(cfg, model, opt, data.noise_fraction)
+    # The trainer calls `forward` (maybe compiled); weights, optimizer, checkpoints: `model`.
+    forward = prepare_model(model, cfg.channels_last, cfg.compile)
+    method = build_step(cfg, forward, opt, data.noise_fraction)
     state = LoopState(order_rng=_generator(stream_seed(cfg.seed, "order")),
                       augment_rng=_generator(stream_seed(cfg.seed, "augment")))
     m = cfg.num_micro_batches
@@ -222,17 +233,23 @@ def train(
     result = RunResult(config=cfg.to_dict(), label=cfg.label,
                        num_params=sum(p.numel() for p in params),
                        noise_fraction=data.noise_fraction)
-    if epoch_hook is not None:
+    ckpt, partial = _checkpoints(checkpoint_dir, resume, cfg, model, opt, method, state, result)
+    if epoch_hook is not None and state.step == 0:
         epoch_hook(0, model)
     bar = _progress(steps_per_epoch * cfg.epochs, cfg) if progress_bar else None
+    if bar is not None and state.step:
+        bar.update(state.step)
     while state.epoch < cfg.epochs and not state.stopped:
-        row = run_epoch(cfg, data, model, opt, method, state, steps_per_epoch, bar)
+        row = run_epoch(cfg, data, model, opt, method, state, steps_per_epoch, bar,
+                        partial, ckpt)
+        partial = None
         result.distance_trace.extend(row.pop("_distances"))
         result.skipped_steps += row.pop("_skipped")
         t0 = time.perf_counter()
-        row.update(evaluate(model, data, cfg.eval_batch_size))
-        if heldout is not None:
-            row["heldout_acc"] = heldout_accuracy(model, *heldout, cfg.eval_batch_size)
+        with autocast(cfg.amp, dev):  # evaluate in the precision the model trains in
+            row.update(evaluate(model, data, cfg.eval_batch_size))
+            if heldout is not None:
+                row["heldout_acc"] = heldout_accuracy(model, *heldout, cfg.eval_batch_size)
             if cfg.method == "early-stop":
                 _early_stop(cfg, model, state, row["heldout_acc"])
         state.eval_seconds += time.perf_counter() - t0
@@ -248,6 +265,8 @@ def train(
                             mem=f"{row['memorised']:.3f}", skip=f"{row['skip_rate']:.2f}")
         elif cfg.progress:
             print(_epoch_line(cfg.label, row), flush=True)
+        if ckpt is not None:
+            ckpt.save()
     if bar is not None:
         bar.close()
     if state.best_weights is not None:
@@ -261,9 +280,11 @@ def train(
 
 def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
               opt: torch.optim.Optimizer, method: MethodStep, state: LoopState,
-              steps_per_epoch: int, bar=None) -> dict[str, Any]:
+              steps_per_epoch: int, bar=None, partial: PartialEpoch | None = None,
+              ckpt: RunCheckpoints | None = None) -> dict[str, Any]:
     """One epoch of steps through the method's trainer; returns the epoch's history row
-    (without the evaluation)."""
+    (without the evaluation). ``partial`` continues an epoch a checkpoint interrupted;
+    ``ckpt`` takes the mid-epoch checkpoints."""
     t0 = time.perf_counter()
     dev = data.train_x.device
     m, b = cfg.num_micro_batches, cfg.micro_batch_size
@@ -271,12 +292,19 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
     base_lrs = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
     for g, base in zip(opt.param_groups, base_lrs, strict=True):
         g.setdefault("initial_lr", base)
-    batches = epoch_batches(data.train_y, data.num_classes, b, m, cfg.class_balanced,
-                            state.order_rng, batch_sources(cfg, data))[:steps_per_epoch].to(dev)
+    if partial is None:
+        batches = epoch_batches(data.train_y, data.num_classes, b, m, cfg.class_balanced,
+                                state.order_rng, batch_sources(cfg, data))[:steps_per_epoch]
+        log, start = EpochLog(m, torch.zeros((), device=dev)), 0
+    else:
+        batches, log, start = partial.batches, partial.log, partial.next_step
+        t0 -= partial.seconds
+    batches = batches.to(dev)
     method.begin_epoch(state.epoch)
-    log = EpochLog(m, torch.zeros((), device=dev))
+    if partial is not None and partial.kept is not None:
+        method.small_loss.kept[:] = partial.kept
     record = cfg.record_distances and m >= 2
-    for s in range(batches.shape[0]):
+    for s in range(start, batches.shape[0]):
         f = lr_factor(cfg, state.step, total_steps, steps_per_epoch)
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = base * f
@@ -284,16 +312,19 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
         x = data.train_x[idx]
         if cfg.augment:
             x = augment_batch(x, state.augment_rng)
-        out = method.step(x, data.train_y[idx])
+        out, gram = method.step(step_input(x, cfg.channels_last), data.train_y[idx])
         res = out.result
-        if res is None:
-            log.record(out.loss, out.skipped)
-        else:
-            log.record(out.loss, out.skipped, res.accepted.numpy(),
-                       res.distances.numpy() if record else None, res.anchor)
+        log.record(out.loss, out.skipped, res.accepted.numpy(),
+                   res.distances.numpy() if record and gram is None else None, res.anchor)
+        if gram is not None:  # averaging: distances measured on the side
+            log.grams.append(gram)
         state.step += 1
         if bar is not None:
             bar.update(1)
+        if ckpt is not None:
+            kept = method.small_loss.kept if method.small_loss is not None else None
+            ckpt.step_done(state.step, batches, s + 1, log, kept, time.perf_counter() - t0)
+    log.resolve_grams()
     state.epoch += 1
     n_steps = batches.shape[0]
     selects = cfg.method in FILTERING_METHODS
@@ -325,6 +356,23 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
     if method.small_loss is not None:
         row["forget_rate"] = method.small_loss.rate
     return row
+
+
+def _checkpoints(directory, resume: bool, cfg: TrainConfig, model, opt, method, state,
+                 result) -> tuple[RunCheckpoints | None, PartialEpoch | None]:
+    """The run's checkpointer (None without a directory) and, when resuming inside an
+    epoch, where that epoch stopped."""
+    if directory is None:
+        if resume:
+            raise ValueError("resume needs the run's checkpoint directory (--out)")
+        return None, None
+    ckpt = RunCheckpoints(directory, cfg.to_dict(), cfg.checkpoint_every)
+    ckpt.bind(model, opt, method, state, result)
+    if not resume:
+        ckpt.clear()
+        return ckpt, None
+    partial = ckpt.restore()
+    return ckpt, (partial or None)
 
 
 @torch.no_grad()

@@ -172,6 +172,15 @@ class GAFAccumulator:
         out[prefix + "skip_rate"] = float(self.stats.skip_rate)
         return out
 
+    def state_dict(self) -> dict:
+        """Counters and threshold state; ``accelerator.register_for_checkpointing(gaf_step)``
+        puts them in ``accelerator.save_state()``."""
+        return {"collector": self.collector.state_dict(), "overflow_steps": self.overflow_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.collector.load_state_dict(state["collector"])
+        self.overflow_steps = int(state.get("overflow_steps", 0))
+
     def _guard_step(self, optimizer: AcceleratedOptimizer) -> None:
         original = optimizer.step
 

@@ -124,6 +124,11 @@ class MicroGradientWindow:
         self.collector.collect()
         if not last:
             return None
+        return self.finish(loss_divisor=loss_divisor, scaler=scaler)
+
+    def finish(self, *, loss_divisor: float, scaler: bool) -> WindowOutcome:
+        """Filter what the window collected (e.g. when its last micro-batch ran no
+        backward) and leave the step's direction in ``.grad``; see :meth:`after_backward`."""
         result = self.collector.finish()
         overflow = scaler and result.num_nonfinite > 0
         if overflow:

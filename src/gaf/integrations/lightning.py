@@ -34,8 +34,9 @@ data, so DDP's all-reduce never averages the micro-gradients, and filters throug
 micro-gradients of the step, and every rank applies the same direction.
 
 Statistics go to ``self.log`` under ``gaf/`` each step (``skipped``, ``accepted``,
-``acceptance``, ``distance``, ``tau``, ``skip_rate``...; epoch means too, so ``gaf/skipped``
-per epoch is the epoch's skip rate).
+``acceptance``, ``distance``, ``tau``, ``overflow``, and the running ``skip_rate`` and
+``acceptance_rate``), and their epoch means as ``gaf/<name>_epoch`` (``gaf/skipped_epoch``
+is the epoch's skip rate).
 
 Pitfalls:
 
@@ -52,11 +53,14 @@ Pitfalls:
 Manual optimisation needs no callback: use a :class:`gaf.GradientCollector` in
 ``training_step``::
 
-    def training_step(self, batch, batch_idx):          # self.automatic_optimization = False
+    def on_fit_start(self):                              # self.automatic_optimization = False
+        self.collector = gaf.GradientCollector(self.optimizers().optimizer.param_groups, tau=0.97)
+
+    def training_step(self, batch, batch_idx):           # one batch: M micro-batches
         opt = self.optimizers()
         for x, y in zip(*(t.chunk(M) for t in batch)):
             self.manual_backward(F.cross_entropy(self(x), y))
-            self.collector.collect()                    # built in on_fit_start
+            self.collector.collect()
         result = self.collector.finish()
         if not result.skipped:
             self.clip_gradients(opt, gradient_clip_val=1.0)
@@ -168,6 +172,8 @@ class GAFCallback(Callback):
                 f"to 2 or more (got {m} on {trainer.world_size} process)"
             )
         optimizer = trainer.optimizers[0]
+        self._pending = self._to_log = None
+        self._held, self._step_schedulers = set(), set()
         if ddp:
             disable_ddp_allreduce(trainer.strategy.model)
         if self.collector is None:
@@ -227,8 +233,11 @@ class GAFCallback(Callback):
         def optimizer_step(optimizer, model, closure, **kwargs):
             closure_result = closure()  # the window's last training_step and backward
             outcome, self._pending = self._pending, None
-            if outcome is None:  # Lightning skipped the backward (training_step gave None)
-                return plugin_step(optimizer, model, lambda: closure_result, **kwargs)
+            if outcome is None:  # the last training_step returned None: Lightning ran no backward
+                if self.collector.num_collected == 0:
+                    return closure_result  # nor did any batch of the window: nothing to apply
+                outcome = self.window.finish(loss_divisor=model.trainer.accumulate_grad_batches,
+                                             scaler=self._scaler)
             self.last_outcome = self._to_log = outcome
             self.overflow_steps += int(outcome.overflow)
             if outcome.skipped:
@@ -257,12 +266,16 @@ class GAFCallback(Callback):
             return
         row = step_statistics(outcome.result, self.collector.stats, outcome.overflow)
         row["overflow"] = float(outcome.overflow)
-        running = {k: row.pop(k) for k in ("skip_rate", "acceptance_rate")}
         prefix = self.log_prefix
         pl_module.log_dict({prefix + k: v for k, v in row.items()}, on_step=True,
-                           on_epoch=True, batch_size=1)
-        pl_module.log_dict({prefix + k: v for k, v in running.items()}, on_step=True,
                            on_epoch=False, batch_size=1)
+        # Epoch means under their own names, synchronised once an epoch: every rank holds
+        # the same values, so the mean over ranks changes nothing, and per-step
+        # synchronisation would cost a collective per value and step.
+        per_step = {k: v for k, v in row.items() if k not in ("skip_rate", "acceptance_rate")}
+        pl_module.log_dict({f"{prefix}{k}_epoch": v for k, v in per_step.items()},
+                           on_step=False, on_epoch=True, batch_size=1,
+                           sync_dist=trainer.world_size > 1)
 
     # -- checkpoints ----------------------------------------------------------------------
 

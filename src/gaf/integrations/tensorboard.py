@@ -22,6 +22,8 @@ writes the CSV files alone, with no extra package.
 from __future__ import annotations
 
 import csv
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from gaf.collector import FilterStats
@@ -29,7 +31,7 @@ from gaf.core import FilterResult
 from gaf.integrations.common import WindowOutcome, step_statistics
 from gaf.training import StepResult
 
-__all__ = ["STEP_COLUMNS", "StatsLogger"]
+__all__ = ["STEP_COLUMNS", "StatsLogger", "write_runs"]
 
 STEP_COLUMNS = ("step", "loss", "skipped", "overflow", "accepted", "acceptance", "distance",
                 "tau", "invalid", "skip_rate", "acceptance_rate")
@@ -62,12 +64,9 @@ class StatsLogger:
             self.writer = SummaryWriter(log_dir=str(self.log_dir))
         self._steps_file = None
         self._steps_csv = None
-        if csv_files:
-            self._steps_file = open(self.log_dir / "steps.csv", "w", newline="")  # noqa: SIM115
-            self._steps_csv = csv.DictWriter(self._steps_file, STEP_COLUMNS)
-            self._steps_csv.writeheader()
         self.csv_files = csv_files
         self._epoch_rows: list[dict] = []
+        self._closed = False
 
     def log_step(
         self,
@@ -76,6 +75,7 @@ class StatsLogger:
         stats: FilterStats | None = None,
     ) -> dict[str, float]:
         """Record one step's statistics; returns the row written (without ``step``)."""
+        self._check_open()
         loss = None
         overflow = False
         if isinstance(outcome, StepResult):
@@ -96,12 +96,17 @@ class StatsLogger:
         if self.writer is not None:
             for key, value in row.items():
                 self.writer.add_scalar(self.prefix + key, value, step)
-        if self._steps_csv is not None:
+        if self.csv_files:
+            if self._steps_csv is None:  # opened at the first step: no empty file otherwise
+                self._steps_file = open(self.log_dir / "steps.csv", "w", newline="")  # noqa: SIM115
+                self._steps_csv = csv.DictWriter(self._steps_file, STEP_COLUMNS)
+                self._steps_csv.writeheader()
             self._steps_csv.writerow({"step": step, **row})
         return row
 
     def log_epoch(self, epoch: int, row: dict[str, float]) -> None:
         """Record scalars once an epoch (e.g. accuracies, the epoch's skip rate)."""
+        self._check_open()
         clean = {}
         for key, value in row.items():
             try:
@@ -116,6 +121,10 @@ class StatsLogger:
         if self.csv_files:
             self._epoch_rows.append({"epoch": epoch, **clean})
             self._write_epochs()
+
+    def _check_open(self) -> None:
+        if self._closed:  # reopening steps.csv would truncate what was written
+            raise RuntimeError(f"StatsLogger for {self.log_dir} is closed")
 
     def _write_epochs(self) -> None:
         # Epoch rows are few and may gain columns: the file is rewritten with every column.
@@ -140,9 +149,40 @@ class StatsLogger:
         if self._steps_file is not None:
             self._steps_file.close()
             self._steps_file = self._steps_csv = None
+        self._closed = True
 
     def __enter__(self) -> StatsLogger:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def write_runs(log_dir: str | Path, runs: Iterable, *, tensorboard: bool = True) -> list[Path]:
+    """Write finished experiment runs (``gaf train/compare`` results) as one log directory
+    each under ``log_dir``, named after the run's label and seed: every numeric field of
+    each epoch's history row as ``epoch/<field>``, and the per-step mean micro-gradient
+    distance, where the run recorded it, as ``gaf/distance``. Returns the directories.
+
+    ``runs``: objects with ``label``, ``config`` (a dict with ``seed``), ``history`` (a list
+    of per-epoch dicts holding ``epoch``) and ``distance_trace`` (floats per step), such as
+    :class:`gaf.experiments.results.RunResult`.
+    """
+    root = Path(log_dir)
+    written: list[Path] = []
+    for run in runs:
+        name = re.sub(r"[^A-Za-z0-9._=-]+", "_", f"{run.label}_seed{run.config.get('seed', 0)}")
+        path, k = root / name, 1
+        while path in written:
+            k += 1
+            path = root / f"{name}_{k}"
+        with StatsLogger(path, tensorboard=tensorboard) as logger:
+            for row in run.history:
+                numbers = {key: value for key, value in row.items() if key != "epoch"
+                           and isinstance(value, (int, float)) and not isinstance(value, bool)}
+                logger.log_epoch(int(row["epoch"]), numbers)
+            if logger.writer is not None:
+                for step, distance in enumerate(run.distance_trace):
+                    logger.writer.add_scalar(logger.prefix + "distance", float(distance), step)
+        written.append(path)
+    return written

@@ -28,6 +28,9 @@ Several processes (``torchrun`` / ``accelerate launch``): the Trainer wraps the 
 DDP through accelerate; :class:`gaf.integrations.accelerate.GAFAccumulator` turns DDP's
 all-reduce off and filters every rank's micro-gradients together.
 
+Checkpoints: each checkpoint folder gets ``gaf_state.pt`` (counters, threshold state);
+``train(resume_from_checkpoint=...)`` restores it.
+
 Pitfalls: ``state.global_step`` and ``max_steps`` count windows, skipped ones included;
 DeepSpeed, FSDP and optimizers the Trainer steps outside ``self.optimizer.step()`` are not
 supported.
@@ -35,16 +38,20 @@ supported.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gaf.collector import FilterStats
 from gaf.integrations.accelerate import GAFAccumulator
 from gaf.thresholds import Threshold
 
-__all__ = ["GAFHFTrainer"]
+__all__ = ["GAF_STATE_NAME", "GAFHFTrainer"]
+
+GAF_STATE_NAME = "gaf_state.pt"  # beside the Trainer's own files in each checkpoint folder
 
 
 class GAFHFTrainer(Trainer):
@@ -70,6 +77,7 @@ class GAFHFTrainer(Trainer):
         self.gaf_options = dict(tau=tau, rule=rule, mode=mode, measure=measure, method=method,
                                 timeout=timeout)
         self.gaf: GAFAccumulator | None = None
+        self._gaf_resume: dict | None = None
 
     @property
     def gaf_stats(self) -> FilterStats:
@@ -90,6 +98,9 @@ class GAFHFTrainer(Trainer):
         self.gaf = GAFAccumulator(self.accelerator, model, self.optimizer,
                                   num_micro_batches=self.args.gradient_accumulation_steps,
                                   **self.gaf_options)
+        if self._gaf_resume is not None:
+            self.gaf.load_state_dict(self._gaf_resume)
+            self._gaf_resume = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.gaf is None or self.gaf.optimizer is not self.optimizer:
@@ -98,6 +109,22 @@ class GAFHFTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.gaf.after_backward(loss_divisor=self.current_gradient_accumulation_steps)
         return loss
+
+    # Checkpoints: the GAF counters and the threshold's state (an adaptive threshold learns)
+    # go with the Trainer's own checkpoint files and come back on resume_from_checkpoint.
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.gaf is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self.gaf.state_dict(), os.path.join(folder, GAF_STATE_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, GAF_STATE_NAME)
+        if os.path.isfile(path):
+            # Written by _save_checkpoint above: counters and threshold state, no code.
+            self._gaf_resume = torch.load(path, weights_only=False)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.gaf is not None and "loss" in logs:  # the training logs, not eval's
