@@ -58,7 +58,7 @@ def test_grid_matches_controls_to_every_gaf_variant():
     assert len(controls) == 4  # 2 GAF variants x 2 seeds
     assert {c.matched_to for c in controls} == {"gaf (tau=0.9)", "gaf (tau=0.97)"}
     assert all(c.control_rate is None and "matched to" in c.label for c in controls)
-    with pytest.raises(ValueError, match="no gaf run in the comparison to match"):
+    with pytest.raises(ValueError, match="a gaf run is not in the comparison to match"):
         expand_grid(base, ["average", "random-drop"])
     gaf = _run("gaf", 0, [0.8, 0.9])
     skip = match_control(TrainConfig(method="random-skip", matched_to=gaf.label), gaf)
@@ -67,6 +67,12 @@ def test_grid_matches_controls_to_every_gaf_variant():
                                      match_per_epoch=True), gaf)
     assert drop.control_rates == pytest.approx([0.25, 0.35])
     assert setting_key(skip.to_dict()) == setting_key(gaf.config)
+
+
+def test_train_asks_a_control_for_its_rate(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "random-skip", "--quiet"])
+    assert "random-skip needs --control-rate" in capsys.readouterr().err
 
 
 def test_compare_baselines_write_per_epoch_kept_noise(tmp_path, capsys):
@@ -93,3 +99,34 @@ def test_compare_baselines_write_per_epoch_kept_noise(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "What each method kept" in report and "forget rate 0.4" in report
     assert (out / "selection.png").exists() and (out / "differences.png").exists()
+
+
+def test_noisy_baselines_recipe_runs_every_method_and_setting_at_tiny_scale(tmp_path):
+    from gaf.experiments.recipes import get_recipe
+
+    recipe = get_recipe("noisy-baselines")
+    assert recipe.seeds == (0, 1, 2) and len(recipe.settings) == 4
+    data = write_idx_dataset(tmp_path / "fashion-mnist", n_train=400, n_test=50)
+    out = tmp_path / "out"
+    assert main(["compare", "--recipe", "noisy-baselines", "--data-dir", str(data),
+                 "--train-size", "400", "--epochs", "1", "--max-steps", "2", "--seed", "0",
+                 "--width", "4", "--jobs", "1", "--threads", "1", "--quiet", "--no-plots",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    runs = doc["runs"]
+    assert len(runs) == 7 * 4
+    labels = {r["label"] for r in runs}
+    assert labels == {"average", "gaf (tau=0.97)", "random-drop (matched)",
+                      "gaf (tau=0.97, consensus)", "small-loss", "gce", "early-stop"}
+    settings = {(r["config"]["noise"], r["config"]["noise_rate"], r["config"]["noise_sources"])
+                for r in runs}
+    assert settings == {("symmetric", 0.4, None), ("symmetric", 0.6, None),
+                        ("asymmetric", 0.4, None), ("symmetric", 0.4, 10)}
+    for r in runs:
+        assert r["config"]["holdout_fraction"] == 0.1  # every run trains on the same 90%
+        if r["config"]["method"] == "random-drop":
+            assert r["config"]["control_rate"] is not None
+            assert r["config"]["matched_to"] == "gaf (tau=0.97)"
+    kinds = sorted(d["kind"] for d in doc["paired_differences"])
+    # per setting: gaf vs average and vs its control; consensus vs average
+    assert kinds == ["average"] * 8 + ["control"] * 4

@@ -245,3 +245,48 @@ def test_collapse_is_announced_once_per_streak():
     # averaging has no acceptance to starve
     avg = TrainConfig(method="average").validate()
     assert collapse_warnings(avg, [{"epoch": 1, "update_fraction": 0.0}], 10) == []
+
+
+# -- blind controls ---------------------------------------------------------------------
+
+
+def _same_bits(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(),
+                                                 strict=True))
+
+
+def test_control_path_gives_gafs_bits_at_tau_two_and_tau_zero():
+    data = synthetic_data(n=128)
+    gaf2 = train(config(method="gaf", tau=2.0), data)
+    for method in ("random-skip", "random-drop"):
+        keep_all = train(config(method=method, control_rate=0.0), data)
+        assert keep_all.skipped_steps == 0 and _same_bits(keep_all, gaf2), method
+    gaf0 = train(config(method="gaf", tau=0.0), data)
+    assert gaf0.skip_rate == 1.0
+    for method in ("random-skip", "random-drop"):
+        drop_all = train(config(method=method, control_rate=1.0), data)
+        assert drop_all.skip_rate == 1.0 and _same_bits(drop_all, gaf0), method
+    # the control decides blind, but the distances it reports are GAF's at tau 2
+    assert keep_all.distance_trace == pytest.approx(gaf2.distance_trace, abs=1e-12)
+
+
+def test_matched_controls_take_gafs_skip_rate():
+    from gaf.experiments.compare import match_control
+
+    data = synthetic_data(n=1200, noise=0.4)
+    cfg = config(method="gaf", tau=0.97, epochs=2, micro_batch_size=1, lr=0.01,
+                 record_distances=False)
+    gaf = train(cfg, data)
+    assert 0.05 < gaf.skip_rate < 0.95
+    for per_epoch in (False, True):
+        ctl_cfg = match_control(cfg.replace(method="random-skip", matched_to=gaf.label,
+                                            match_per_epoch=per_epoch), gaf)
+        ctl = train(ctl_cfg, data)
+        assert abs(ctl.skip_rate - gaf.skip_rate) < 0.02, per_epoch
+        if per_epoch:
+            for h, g in zip(ctl.history, gaf.history, strict=True):
+                assert abs(h["skip_rate"] - g["skip_rate"]) < 0.03
+        # blind: what it keeps is as noisy as the rest, within the chance spread
+        h = ctl.history[-1]
+        assert abs(h["kept_noise_fraction"] - h["dropped_noise_fraction"]) < 4 * (
+            h["kept_noise_chance_std"] + h["dropped_noise_chance_std"])

@@ -63,7 +63,9 @@ def expand_grid(
     by default one per noise rate. A method is a name or ``(name, config changes)``, e.g.
     ``("gaf", {"rule": "consensus"})``. Only ``gaf`` runs once per tau. A blind control
     without its rate is matched to the GAF runs of the same setting and seed: one control
-    per GAF variant, its rate filled in by :func:`run_grid` once that GAF run is done.
+    per GAF variant (or only to the one its ``matched_to`` names; ``"gaf"`` names the
+    plain GAF runs, not the variants), its rate filled in by
+    :func:`run_grid` once that GAF run is done.
     """
     if not methods:
         raise ValueError("no methods to compare")
@@ -86,16 +88,22 @@ def expand_grid(
                         controls.append(cfg)
                         continue
                     if cfg.method == "gaf":
-                        gaf_runs.append(cfg)
+                        gaf_runs.append((cfg, bool(changes)))
                     out.append(cfg)
             for cfg in controls:
-                if not gaf_runs:
+                # A control that names its GAF run is matched to that one only; "gaf"
+                # names the plain GAF method(s) of the grid, not its variants.
+                targets = [g for g, variant in gaf_runs if cfg.matched_to is None
+                           or g.label == cfg.matched_to
+                           or (cfg.matched_to == "gaf" and not variant)]
+                if not targets:
+                    wanted = f"the gaf run {cfg.matched_to!r}" if cfg.matched_to else "a gaf run"
                     raise ValueError(
-                        f"{cfg.method} has no rate (control_rate) and no gaf run in the "
-                        "comparison to match: add gaf to the methods or give the rate")
-                for g in gaf_runs:
+                        f"{cfg.method} has no rate (control_rate) and {wanted} is not in the "
+                        "comparison to match: add it to the methods or give the rate")
+                for g in targets:
                     matched = cfg.replace(matched_to=g.label)
-                    if len(gaf_runs) > 1:
+                    if len(targets) > 1:
                         matched.name = f"{cfg.method} (matched to {g.label})"
                     out.append(matched.validate())
     labels = [(c.label, setting_key(c.to_dict())) for c in out]

@@ -4,7 +4,7 @@ One step takes M micro-batches. All methods run the same forward/backward loop o
 trainer over the same micro-batches; they differ only in what decides the update:
 
 ``average``      plain averaging of the M micro-gradients (data-parallel SGD), through the
-                 trainer's averaging path.
+                 trainer's averaging path (``GAFTrainer(..., average=True)``).
 ``gaf``          the agreement filter (``tau`` or an adaptive ``threshold``, ``rule``,
                  ``measure``): micro-gradients that disagree are dropped, and the step is
                  skipped when fewer than two agree.
@@ -31,8 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
-from gaf import GAFTrainer
+from gaf import GAFTrainer, RandomDrop, RandomSkip, StepResult
+from gaf.controls import Control
+from gaf.core import gram_matrix
 from gaf.experiments.speed import trainer_options
+from gaf.faults import FaultInjector
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "average": "plain averaging of the micro-gradients",
@@ -119,6 +122,31 @@ class SmallLossLoss:
 # The step
 
 
+class AccumulationSnapshots:
+    """Averaging's side measurement of the distances GAF would have seen (at tau = 2).
+
+    After micro-batch k's backward the averaging path's ``.grad`` holds Σ_{i<=k} g_i / M,
+    so consecutive differences of the snapshots are the micro-gradients (up to 1/M, which
+    no cosine sees). :meth:`close_step` returns their Gram matrix
+    (:func:`gaf.core.gram_matrix`), left on the device; the epoch's log turns the stacked
+    matrices into distances once per epoch (:meth:`EpochLog.resolve_grams`). The update is
+    untouched.
+    """
+
+    def __init__(self, params: list[Tensor], num_micro_batches: int):
+        from gaf import FlatGradients
+
+        self.flat = FlatGradients(params)
+        self.rows = self.flat.new_buffer(num_micro_batches)
+
+    def take(self, k: int) -> None:
+        self.flat.gather(self.rows[k])
+
+    def close_step(self) -> Tensor:
+        micro = torch.diff(self.rows, dim=0, prepend=torch.zeros_like(self.rows[:1]))
+        return gram_matrix(micro)
+
+
 @dataclass
 class MethodStep:
     """A method bound to one run: the trainer every step goes through, and what the method
@@ -129,19 +157,53 @@ class MethodStep:
     small_loss: SmallLossLoss | None = None
     forget_rate: float | None = None
     ramp_epochs: int = 10
+    control: Control | None = None
     control_rates: list[float] | None = None  # per epoch; None: one rate for the run
+    snapshots: AccumulationSnapshots | None = None  # averaging methods' side distances
+    fault: FaultInjector | None = None  # corrupts some micro-batches of every step
+    fault_hook: Callable[[int], None] | None = None
+    num_classes: int = 0  # for a wrong-labels fault
 
     def begin_epoch(self, epoch_index: int) -> None:
         """Set what depends on the epoch (0-based: epochs completed so far)."""
         if self.small_loss is not None:
             self.small_loss.rate = forget_rate_at(epoch_index, self.forget_rate or 0.0,
                                                   self.ramp_epochs)
-        if self.control_rates is not None:
+        if self.control is not None and self.control_rates is not None:
             rate = self.control_rates[min(epoch_index, len(self.control_rates) - 1)]
-            self.trainer.control.rate = rate
+            setattr(self.control, self.control.rate_name, rate)
 
-    def step(self, x: Tensor, y: Tensor):
-        return self.trainer.step(x, y)
+    def step(self, x: Tensor, y: Tensor) -> tuple[StepResult, Tensor | None]:
+        """One trainer step; with side distances, also the step's Gram matrix (device)."""
+        hooks = []
+        if self.fault is not None:  # before the snapshot: what the update really sees
+            y = self.fault.corrupt_labels(y, self.trainer.num_micro_batches, self.num_classes)
+            hooks.append(self.fault_hook)
+        if self.snapshots is not None:
+            hooks.append(self.snapshots.take)
+        if not hooks:
+            return self.trainer.step(x, y), None
+
+        def on_micro_gradient(k: int) -> None:
+            for hook in hooks:
+                hook(k)
+
+        out = self.trainer.step(x, y, on_micro_gradient=on_micro_gradient)
+        return out, self.snapshots.close_step() if self.snapshots is not None else None
+
+
+def attach_fault(step: MethodStep, cfg, params: list[Tensor]) -> MethodStep:
+    """Give ``step`` the fault ``cfg`` asks for (the last ``cfg.faulty_rows`` micro-batches,
+    seeded from the run's seed); averaging methods' hook works on the accumulated .grad."""
+    from gaf.experiments.config import stream_seed
+    from gaf.experiments.data import DATASETS
+
+    m = cfg.num_micro_batches
+    step.fault = FaultInjector.make(cfg.fault, range(m - cfg.faulty_rows, m),
+                                    seed=stream_seed(cfg.seed, "fault") % (2**31))
+    step.fault_hook = step.fault.gradient_hook(params, m, accumulated=step.trainer.average)
+    step.num_classes = DATASETS[cfg.dataset].num_classes
+    return step
 
 
 def gaf_threshold(cfg):
@@ -161,8 +223,17 @@ def make_collector(params: list[Tensor], cfg):
 
 def build_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
                noise_rate: float) -> MethodStep:
-    """The :class:`MethodStep` of ``cfg.method``. ``noise_rate`` is the training set's known
-    noise fraction: small-loss's forget rate when ``cfg.forget_rate`` is None."""
+    """The :class:`MethodStep` of ``cfg.method``, with ``cfg.fault`` attached if set.
+    ``noise_rate`` is the training set's known noise fraction: small-loss's forget rate
+    when ``cfg.forget_rate`` is None."""
+    step = _method_step(cfg, model, optimizer, noise_rate)
+    if cfg.fault is not None:
+        attach_fault(step, cfg, [p for p in model.parameters() if p.requires_grad])
+    return step
+
+
+def _method_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 noise_rate: float) -> MethodStep:
     method = cfg.method
     m = cfg.num_micro_batches
     common = dict(num_micro_batches=m, max_grad_norm=cfg.max_grad_norm,
@@ -173,7 +244,6 @@ def build_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
                              collector=make_collector(params, cfg), **common)
         return MethodStep(method, trainer)
     if method in CONTROLS:
-        from gaf.controls import RandomDrop, RandomSkip
         from gaf.experiments.config import stream_seed
 
         rates = cfg.control_rates
@@ -186,7 +256,8 @@ def build_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
         kind = RandomSkip if method == "random-skip" else RandomDrop
         control = kind(rate, seed=stream_seed(cfg.seed, "control"))
         trainer = GAFTrainer(model, optimizer, F.cross_entropy, control=control, **common)
-        return MethodStep(method, trainer, control_rates=list(rates) if rates else None)
+        return MethodStep(method, trainer, control=control,
+                          control_rates=list(rates) if rates else None)
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
     small = None
     if method == "small-loss":
@@ -197,15 +268,8 @@ def build_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
         def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
             return generalized_cross_entropy(logits, targets, q)
 
-    trainer = averaging_trainer(model, optimizer, loss_fn, **common)
+    trainer = GAFTrainer(model, optimizer, loss_fn, average=True, **common)
     forget = cfg.forget_rate if cfg.forget_rate is not None else noise_rate
+    snapshots = AccumulationSnapshots(params, m) if cfg.record_distances and m >= 2 else None
     return MethodStep(method, trainer, small_loss=small, forget_rate=forget,
-                      ramp_epochs=cfg.forget_epochs)
-
-
-def averaging_trainer(model, optimizer, loss_fn, num_micro_batches, max_grad_norm, **amp):
-    """Averaging: the trainer at tau = 2, which accepts every valid micro-gradient and so
-    takes their plain mean (bit for bit the accumulated mean at M = 2). ``amp``: the
-    trainer's ``autocast_dtype`` and ``scaler``."""
-    return GAFTrainer(model, optimizer, loss_fn, num_micro_batches=num_micro_batches,
-                      tau=2.0, max_grad_norm=max_grad_norm, **amp)
+                      ramp_epochs=cfg.forget_epochs, snapshots=snapshots)

@@ -65,6 +65,7 @@ def _log_state(log: EpochLog) -> dict[str, Any]:
         "anchors": list(log.anchors),
         "skipped": list(log.skipped),
         "step_distance": [float(d) for d in log.step_distance],
+        "grams": [g.detach().cpu() for g in log.grams],
     }
 
 
@@ -75,6 +76,7 @@ def _log_from_state(state: dict[str, Any], device: torch.device) -> EpochLog:
         distances=[d.numpy() for d in state["distances"]],
         anchors=list(state["anchors"]), skipped=list(state["skipped"]),
         step_distance=list(state["step_distance"]),
+        grams=[g.to(device) for g in state.get("grams", [])],
     )
 
 

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gaf.core import decide
+
 NAN = float("nan")
 PRECISION_FIELDS = (
     "kept_noise_fraction", "dropped_noise_fraction", "kept_noise_chance_std",
@@ -128,6 +130,7 @@ class EpochLog:
     anchors: list[int] = field(default_factory=list)
     skipped: list[bool] = field(default_factory=list)
     step_distance: list[Tensor | float] = field(default_factory=list)
+    grams: list[Tensor] = field(default_factory=list)  # averaging: per step, on the device
 
     def record(self, loss: Tensor, skipped: bool, accepted: np.ndarray | None = None,
                distances: np.ndarray | None = None, anchor: int = 0) -> None:
@@ -136,11 +139,26 @@ class EpochLog:
         if accepted is not None:
             self.accepted.append(np.asarray(accepted, dtype=bool))
         if distances is not None:
-            d = np.asarray(distances, dtype=np.float64)
-            self.distances.append(d)
-            rest = [v for i, v in enumerate(d.tolist()) if i != anchor]
-            self.step_distance.append(float(np.mean(rest)) if rest else NAN)
-            self.anchors.append(anchor)
+            self.add_distances(distances, anchor)
+
+    def resolve_grams(self) -> None:
+        """Averaging's per-step Gram matrices become distances: one transfer for the epoch,
+        then :func:`gaf.core.decide` at tau = 2 (every valid row accepted) reports each
+        row's distance to the running sum of the earlier ones, as GAF would test it."""
+        if not self.grams:
+            return
+        host = torch.stack(self.grams).cpu()
+        self.grams.clear()
+        for g in host:
+            self.add_distances(decide(g, 2.0, "mean").distances)
+
+    def add_distances(self, distances: np.ndarray, anchor: int = 0) -> None:
+        """One step's distances (rows in order; the anchor's is 0 and left out of means)."""
+        d = np.asarray(distances, dtype=np.float64)
+        self.distances.append(d)
+        rest = [v for i, v in enumerate(d.tolist()) if i != anchor]
+        self.step_distance.append(float(np.mean(rest)) if rest else NAN)
+        self.anchors.append(anchor)
 
     def precision(self, is_noisy_batches: Tensor | None, selects_steps: bool,
                   kept_samples: list[Tensor] | None = None) -> dict[str, float]:

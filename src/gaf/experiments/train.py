@@ -312,19 +312,19 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
         x = data.train_x[idx]
         if cfg.augment:
             x = augment_batch(x, state.augment_rng)
-        out = method.step(step_input(x, cfg.channels_last), data.train_y[idx])
+        out, gram = method.step(step_input(x, cfg.channels_last), data.train_y[idx])
         res = out.result
-        if res is None:
-            log.record(out.loss, out.skipped)
-        else:
-            log.record(out.loss, out.skipped, res.accepted.numpy(),
-                       res.distances.numpy() if record else None, res.anchor)
+        log.record(out.loss, out.skipped, res.accepted.numpy(),
+                   res.distances.numpy() if record and gram is None else None, res.anchor)
+        if gram is not None:  # averaging: distances measured on the side
+            log.grams.append(gram)
         state.step += 1
         if bar is not None:
             bar.update(1)
         if ckpt is not None:
             kept = method.small_loss.kept if method.small_loss is not None else None
             ckpt.step_done(state.step, batches, s + 1, log, kept, time.perf_counter() - t0)
+    log.resolve_grams()
     state.epoch += 1
     n_steps = batches.shape[0]
     selects = cfg.method in FILTERING_METHODS
