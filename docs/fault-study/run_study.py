@@ -36,9 +36,9 @@ import gaf
 from gaf.controls import RandomDrop
 from gaf.coordinatewise import aggregate_coordinatewise
 from gaf.core import gram_matrix, weighted_sum
+from gaf.core.robust import geometric_median, multi_krum
 from gaf.experiments.data import load_dataset
 from gaf.faults import FAULT_KINDS, FaultInjector
-from gaf.robust import geometric_median, multi_krum
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"

@@ -24,6 +24,12 @@ from torch import Tensor
 
 from gaf.core.decision import Decision, DistanceOracle, GramOracle, check_verdicts, nothing_valid
 from gaf.core.distance import check_tau
+from gaf.core.robust import (
+    check_krum_options,
+    check_median_options,
+    geometric_median_rule,
+    multi_krum_rule,
+)
 from gaf.core.rules import (
     anchor_rule,
     consensus_rule,
@@ -82,6 +88,13 @@ _BUILTIN = (
          "the row with most neighbours within tau, and its neighbours"),
     Rule("consensus", consensus_rule,
          "each row against the sum of all the others; no anchor", anchored=False),
+    # Robust aggregators (gaf.core.robust): Gram rules with options, no tau test.
+    Rule("multi-krum", multi_krum_rule,
+         "the m rows closest to their M - f - 2 nearest neighbours (Krum: m = 1)",
+         anchored=False, gram_only=True, uses_tau=False, check_options=check_krum_options),
+    Rule("geometric-median", geometric_median_rule,
+         "weights of the geometric median (smoothed Weiszfeld)",
+         anchored=False, gram_only=True, uses_tau=False, check_options=check_median_options),
 )
 
 REGISTRY: dict[str, Rule] = {rule.name: rule for rule in _BUILTIN}
