@@ -62,6 +62,8 @@ def _aggregation_checks(rank: int, n: int) -> None:
     x = torch.randn(2, 50, dtype=torch.float64)
     expect_error(lambda: filter_gradients_distributed(
         x, rule="multi-krum", rule_options={"f": 1 + (rank == 0)}), "rule options")
+    expect_error(lambda: filter_gradients_distributed(x, rule=gaf.ROBUST_RULES[rank % 2]),
+                 "rule differs")
     for m, p in ((1, 33), (2, 101)):
         x = micro_gradients(7 * m, n * m, p, torch.float32)
         x[m] = float("nan")  # rank 1's first row: invalid, excluded everywhere

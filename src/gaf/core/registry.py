@@ -88,7 +88,9 @@ _BUILTIN = (
          "the row with most neighbours within tau, and its neighbours"),
     Rule("consensus", consensus_rule,
          "each row against the sum of all the others; no anchor", anchored=False),
-    # Robust aggregators (gaf.core.robust): Gram rules with options, no tau test.
+)
+# Robust aggregators (gaf.core.robust): Gram rules with options, no tau test.
+_ROBUST = (
     Rule("multi-krum", multi_krum_rule,
          "the m rows closest to their M - f - 2 nearest neighbours (Krum: m = 1)",
          anchored=False, gram_only=True, uses_tau=False, check_options=check_krum_options),
@@ -97,10 +99,14 @@ _BUILTIN = (
          anchored=False, gram_only=True, uses_tau=False, check_options=check_median_options),
 )
 
-REGISTRY: dict[str, Rule] = {rule.name: rule for rule in _BUILTIN}
+REGISTRY: dict[str, Rule] = {rule.name: rule for rule in _BUILTIN + _ROBUST}
 
-# The built-in rules' names, in a fixed order (the distributed check encodes a rule by it).
-RULES: tuple[str, ...] = tuple(REGISTRY)
+# The agreement rules (each row tested against tau), in a fixed order.
+RULES: tuple[str, ...] = tuple(r.name for r in _BUILTIN)
+# The robust aggregators over the Gram matrix (gaf.core.robust); tau is not used.
+ROBUST_RULES: tuple[str, ...] = tuple(r.name for r in _ROBUST)
+# Every built-in rule, in a fixed order (the distributed check encodes a rule by it).
+ALL_RULES: tuple[str, ...] = RULES + ROBUST_RULES
 # Rules with an anchor row that is always accepted (with one valid row they accept one).
 ANCHORED_RULES: tuple[str, ...] = tuple(r.name for r in _BUILTIN if r.anchored)
 # Rules the streaming collector runs as a fold, with one running sum.

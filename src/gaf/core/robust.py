@@ -69,8 +69,6 @@ from torch import Tensor
 
 from gaf.core.decision import Decision
 
-ROBUST_RULES: tuple[str, ...] = ("multi-krum", "geometric-median")
-
 
 def _count(value: object, name: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
