@@ -122,7 +122,7 @@ def train(rank: int, n: int, method: str, fault: FaultInjector | None) -> nn.Mod
     opt = torch.optim.SGD(params, lr=0.2)
     x_all, y_all = blobs(rank, STEPS * BATCH)
     trainer = hook = None
-    if method in gaf.RULES:
+    if method in gaf.ALL_RULES:
         trainer = DistributedGAFTrainer(model, opt, nn.functional.cross_entropy, MICRO,
                                         tau=TAU, rule=method, buffer_sync=None,
                                         rule_options=RULE_OPTIONS.get(method))
