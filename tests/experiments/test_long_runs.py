@@ -146,3 +146,12 @@ def test_sigint_to_compare_writes_finished_runs_and_leaves_no_workers(fmnist_dir
                                        "--resume")]) == 0
     assert len(runs_of(out)) == 4
     assert all(p.stat().st_mtime_ns == t for p, t in records.items())
+
+
+def test_train_with_bf16_and_channels_last_from_the_command_line(fmnist_dir, tmp_path):
+    out = tmp_path / "fast"
+    assert main(["train", *tiny_args(fmnist_dir, out, "--epochs", "1", "--amp", "bf16",
+                                     "--channels-last")]) == 0
+    (run,) = runs_of(out)
+    assert run["config"]["amp"] == "bf16" and run["config"]["channels_last"] is True
+    assert len(run["history"]) == 1 and run["history"][0]["test_acc"] > 0
