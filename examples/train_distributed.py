@@ -13,7 +13,9 @@ parameters.
 Data: Fashion-MNIST if its IDX files are found (``--data-dir``, ``$GAF_DATA_DIR`` or Debian's
 ``/usr/share/datasets/fashion-mnist``), otherwise a synthetic 10-class problem; symmetric
 label noise (``--noise``, default 40%) is applied to the training labels, identically on
-every rank. ``--tau 2`` turns the filter into plain averaging for comparison; ``--ddp``
+every rank. ``--fault KIND --faulty-ranks F`` corrupts the rows of the last F ranks every
+step with :mod:`gaf.faults` (each rank corrupts its own). ``--tau 2`` turns the filter into
+plain averaging for comparison; ``--ddp``
 wraps the model in DistributedDataParallel to show that recipe (GAF runs DDP's forward and
 backward under ``no_sync()``).
 """
@@ -32,7 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gaf import RULES
 from gaf.distributed import DistributedGAFTrainer
+from gaf.faults import FAULT_KINDS, FaultInjector
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batches", type=int, default=2, help="m, micro-batches per rank")
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--tau", type=float, default=0.97, help="cosine-distance threshold (2: mean)")
-    p.add_argument("--rule", default="mean", choices=["mean", "halving", "anchor", "neighbours"])
+    p.add_argument("--rule", default="mean", choices=list(RULES))
     p.add_argument("--method", default="sharded", choices=["sharded", "allgather"])
     p.add_argument("--noise", type=float, default=0.4, help="symmetric label-noise rate")
     p.add_argument("--lr", type=float, default=0.05)
@@ -50,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ddp", action="store_true", help="wrap the model in DDP (no_sync recipe)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds before a stuck collective raises (a rank died)")
+    p.add_argument("--fault", default=None, choices=list(FAULT_KINDS),
+                   help="corrupt the rows of the last --faulty-ranks ranks (gaf.faults)")
+    p.add_argument("--faulty-ranks", type=int, default=1, help="how many ranks are faulty")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
     return p.parse_args()
@@ -153,6 +160,14 @@ def main() -> None:
         net, optimizer, nn.functional.cross_entropy, m, tau=args.tau, rule=args.rule,
         method=args.method, buffer_sync="broadcast",
     )
+    fault = hook = None
+    if args.fault:
+        if not 0 < args.faulty_ranks <= world:
+            raise SystemExit(f"--faulty-ranks must be in 1..{world}, got {args.faulty_ranks}")
+        bad = range((world - args.faulty_ranks) * m, world * m)  # rows of the last ranks
+        fault = FaultInjector.make(args.fault, bad, seed=args.seed)
+        hook = fault.gradient_hook(model.parameters(), m, first_row=rank * m)
+        log(f"fault: {args.fault} on ranks {world - args.faulty_ranks}..{world - 1}")
 
     start = time.perf_counter()
     order = torch.empty(0, dtype=torch.long)
@@ -162,7 +177,11 @@ def main() -> None:
             order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(step))
         take, order = order[:per_step], order[per_step:]
         mine = take[rank * m * b : (rank + 1) * m * b]  # this rank's shard of the step
-        out = trainer.step(x_train[mine].to(device), y_noisy[mine].to(device))
+        targets = y_noisy[mine]
+        if fault is not None:  # a no-op unless the fault is "wrong-labels"
+            targets = fault.corrupt_labels(targets, m, classes, first_row=rank * m)
+        out = trainer.step(x_train[mine].to(device), targets.to(device),
+                           on_micro_gradient=hook)
         losses.append(out.loss)
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             loss = torch.stack(losses).mean().item()

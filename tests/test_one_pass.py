@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gaf
+import gaf.one_pass_layers
 from gaf.core import RULES, pairwise_distances
 from gaf.experiments.models import build_model
 from gaf.one_pass import OnePassFilter
@@ -74,6 +75,9 @@ MODELS = {
                                      nn.Conv1d(4, 2, 2, stride=2, dilation=1, groups=2),
                                      nn.BatchNorm1d(2), nn.Flatten(), nn.Linear(2 * 4, 3)),
                lambda b: torch.randn(b, 3, 8)),
+    "conv3d": (lambda: nn.Sequential(nn.Conv3d(2, 3, 2, padding=1, dilation=2), nn.Tanh(),
+                                     nn.Flatten(), nn.Linear(3 * 3 * 3 * 3, 3)),
+               lambda b: torch.randn(b, 2, 3, 3, 3)),
     "tokens": (Tokens, lambda b: torch.randint(0, 11, (b, 4))),
     "tokens_padding": (lambda: Tokens(padding_idx=0), lambda b: torch.randint(0, 11, (b, 4))),
     "shared_linear": (Shared, lambda b: torch.randn(b, 5)),
@@ -147,16 +151,21 @@ def test_same_decisions_and_direction_as_sequential(name, rule):
             assert torch.allclose(a.to(DT), b.to(DT), rtol=1e-12, atol=1e-12)  # ghost BN stats
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv2d_groupnorm", "conv1d", "tokens"])
+@pytest.mark.parametrize("name", ["mlp", "conv2d_groupnorm", "conv1d", "conv3d", "tokens"])
 @pytest.mark.parametrize("batch_per_micro", [1, 4, 20])
 def test_every_path_agrees_with_sequential(name, batch_per_micro):
-    """Equal micro-batches (the batched kernels) and no keep budget (recomputed weights)."""
+    """Equal micro-batches (the batched kernels) and no keep budget (recomputed weights:
+    the kept plain sum corrected by the micro-batches off the most common weight)."""
     m = 4
     for budget in (0, None):
-        model, x, y = setup(name, m, seed=3, batch=m * batch_per_micro)
-        ref, rows, ref_grads = sequential(copy.deepcopy(model), x, y, m, 2.0, "mean")
-        res, grads = one_pass(model, x, y, m, 2.0, "mean", keep_budget=budget)
-        assert_same(ref, rows, ref_grads, res, grads)
+        for rule in RULES:
+            model, x, y = setup(name, m, seed=3, batch=m * batch_per_micro)
+            _, rows, _ = sequential(copy.deepcopy(model), x, y, m, 2.0, rule)
+            for tau in (2.0, tau_for(rows, m)):
+                ref, rows, ref_grads = sequential(copy.deepcopy(model), x, y, m, tau, rule)
+                res, grads = one_pass(copy.deepcopy(model), x, y, m, tau, rule,
+                                      keep_budget=budget)
+                assert_same(ref, rows, ref_grads, res, grads)
 
 
 @pytest.mark.parametrize(("layer", "m", "per_micro", "budget", "expected"), [
@@ -176,8 +185,23 @@ def test_linear_path_choice(layer, m, per_micro, budget, expected):
     assert_same(ref, rows, ref_grads, res, grads)
 
 
+def test_recomputed_linear_in_chunks_of_output_features(monkeypatch):
+    monkeypatch.setattr(gaf.one_pass_layers, "CHUNK_NUMBERS", 3 * 4 * 16)  # 3 features a chunk
+    for rule in RULES:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).to(DT)
+        x, y = torch.randn(16, 16, dtype=DT), torch.randint(0, 3, (16,))
+        _, rows, _ = sequential(copy.deepcopy(model), x, y, 4, 2.0, rule)
+        tau = tau_for(rows, 4)
+        ref, rows, ref_grads = sequential(copy.deepcopy(model), x, y, 4, tau, rule)
+        res, grads = one_pass(model, x, y, 4, tau, rule, keep_budget=0)
+        assert res.extra["plan"]["0.weight"] == "recomputed"
+        assert_same(ref, rows, ref_grads, res, grads)
+
+
 @pytest.mark.parametrize(("vocab", "m", "tokens", "expected"), [
-    (5, 4, 8, "dense"),        # vocabulary smaller than the rows
+    (5, 4, 8, "kept"),         # dense [M, V, D] blocks smaller than the rows: kept
+    (40, 4, 4, "dense"),       # dense blocks, larger than the rows: rows held instead
     (1000, 8, 1, "ghost"),     # few rows, many micro-batches: R² < M²·R
     (1000, 4, 40, "compact"),  # many rows over a large vocabulary
 ])
@@ -201,11 +225,26 @@ def test_batchnorm_eval_mode_uses_running_statistics():
     assert_same(ref, rows, ref_grads, res, grads)
 
 
-def test_non_finite_micro_batch_is_rejected_and_does_not_leak():
-    model, x, y = setup("mlp", 4, batch=12)
+def test_resnet_with_batchnorm_matches_sequential():
+    """The experiments' ResNet-18: ghost batch norm, in-place ReLU, strided shortcuts."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 1, 16, width=4).to(DT)
+    x, y = torch.randn(12, 1, 16, 16, dtype=DT), torch.randint(0, 10, (12,))
+    ref_model = copy.deepcopy(model)
+    ref, rows, ref_grads = sequential(ref_model, x, y, 4, 2.0, "mean")
+    res, grads = one_pass(model, x, y, 4, 2.0, "mean")
+    assert_same(ref, rows, ref_grads, res, grads)
+    for a, b in zip(ref_model.buffers(), model.buffers(), strict=True):
+        assert torch.allclose(a.to(DT), b.to(DT), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv2d_groupnorm"])
+@pytest.mark.parametrize("budget", [0, None])
+def test_non_finite_micro_batch_is_rejected_and_does_not_leak(name, budget):
+    model, x, y = setup(name, 4, batch=12)
     x[4] = float("inf")  # micro-batch 1
     ref, rows, ref_grads = sequential(copy.deepcopy(model), x, y, 4, 2.0, "mean")
-    res, grads = one_pass(model, x, y, 4, 2.0, "mean")
+    res, grads = one_pass(model, x, y, 4, 2.0, "mean", keep_budget=budget)
     assert res.num_nonfinite == ref.num_nonfinite == 1
     assert torch.equal(res.accepted, ref.accepted)
     for a, b in zip(ref_grads, grads, strict=True):
@@ -277,53 +316,3 @@ def test_memory_held_is_below_the_stacked_rows():
     res = gaf.one_pass_filter(model, F.cross_entropy, x, y, 8, tau=2.0)
     p = sum(q.numel() for q in model.parameters())
     assert 0 < res.extra["held"] < p  # the stacked mode holds (M + 1)·P = 9·P
-
-
-def trainer_run(micro_gradients, model_name, steps, seed=0):
-    torch.manual_seed(seed)
-    if model_name == "mlp":
-        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).to(DT)
-        data = torch.randn(512, 8, dtype=DT)
-    else:
-        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(),
-                              nn.Flatten(), nn.Linear(4 * 4 * 4, 4)).to(DT)
-        data = torch.randn(512, 1, 6, 6, dtype=DT)
-    teacher = torch.randn(data[0].numel(), 4, dtype=DT, generator=torch.Generator().manual_seed(1))
-    labels = (data.flatten(1) @ teacher).argmax(1)
-    noisy = labels.clone()
-    flip = torch.rand(512, generator=torch.Generator().manual_seed(2)) < 0.2
-    noisy[flip] = torch.randint(0, 4, (int(flip.sum()),),
-                                generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    trainer = gaf.GAFTrainer(model, opt, F.cross_entropy, 4, tau=0.99,
-                             micro_gradients=micro_gradients)
-    order = torch.randperm(512, generator=torch.Generator().manual_seed(4))
-    skipped = []
-    for step in range(steps):
-        idx = order[(step * 32) % 512:][:32]
-        skipped.append(trainer.step(data[idx], noisy[idx]).skipped)
-    with torch.no_grad():
-        accuracy = float((model(data).argmax(1) == labels).double().mean())
-    return accuracy, skipped, [p.detach().clone() for p in model.parameters()], trainer
-
-
-@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
-def test_training_run_matches_sequential(model_name):
-    acc_seq, skips_seq, params_seq, _ = trainer_run("sequential", model_name, 300)
-    acc_one, skips_one, params_one, trainer = trainer_run("one-pass", model_name, 300)
-    assert skips_one == skips_seq
-    assert 0 < sum(skips_seq) < 300  # the filter did decide something
-    assert acc_one == acc_seq and acc_one > 0.5
-    for a, b in zip(params_seq, params_one, strict=True):
-        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
-    assert trainer.stats.steps == 300
-    assert trainer.state_dict()["collector"]["mode"] == "one-pass"
-
-
-def test_trainer_refuses_one_pass_with_collector_options():
-    model = nn.Linear(3, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="takes no collector, mode or measure"):
-        gaf.GAFTrainer(model, opt, F.cross_entropy, 2, micro_gradients="one-pass", mode="stacked")
-    with pytest.raises(ValueError, match="unknown micro_gradients"):
-        gaf.GAFTrainer(model, opt, F.cross_entropy, 2, micro_gradients="vmap")

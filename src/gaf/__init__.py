@@ -19,7 +19,7 @@ from gaf.core import (
     gram_matrix,
 )
 from gaf.flat import FlatGradients
-from gaf.one_pass import OnePassFilter, one_pass_filter
+from gaf.one_pass import OnePassFilter, collect_one_pass, one_pass_filter
 from gaf.thresholds import (
     FixedThreshold,
     MovingAverageThreshold,
@@ -56,6 +56,7 @@ __all__ = [
     "StepResult",
     "StepThreshold",
     "Threshold",
+    "collect_one_pass",
     "cosine_distance",
     "decide",
     "filter_gradients",

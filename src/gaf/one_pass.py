@@ -38,12 +38,19 @@ Requirements:
   statistics and updates the running statistics once per micro-batch, in order: the same
   computation as M sequential forwards, so decisions and direction match it.
 
-Memory beyond a plain step: the inputs and output gradients of the layers whose weighted
-gradient is recomputed (ghost or over budget) and of embeddings, held until the decision;
-the kept [M, P_l] blocks, at most ``keep_budget`` numbers for weights (default P, one
-gradient's worth) plus M numbers per bias and norm parameter; one [M, P_l] or [R, R]
-work buffer at a time. Never the stacked mode's [M + 1, P]. ``result.extra["held"]``
-counts what was held at the decision.
+Memory beyond a plain step, held until the decision: per layer the smaller of its
+[M, P_l] micro-gradient blocks and its rows (the inputs and output gradients the direction
+is recomputed from), plus kept blocks up to ``keep_budget`` numbers (default P, one
+gradient's worth); one [M, P_l] chunk or [R, R] product at a time as work space. That is
+never more than M·P beyond the budget and usually far less; the stacked mode holds
+(M + 1)·P. ``result.extra["held"]`` counts it, ``result.extra["plan"]`` says per
+parameter how its pieces were computed (:mod:`gaf.one_pass_layers`).
+
+Distributed: the sharded protocol (design.md §4) pairs rows of different ranks, so the
+Gram pieces of one rank do not serve it; it needs every rank's rows. :func:`collect_one_pass`
+gives any collector (a :class:`~gaf.distributed.DistributedGradientCollector` included)
+the rank's m rows from one forward and backward (:meth:`OnePassFilter.micro_gradients`,
+which materialises [m, P] like the stacked mode) instead of m passes.
 """
 
 from __future__ import annotations
@@ -58,26 +65,31 @@ from torch import Tensor, nn
 from gaf.collector import FilterStats
 from gaf.core import FilterResult, check_rule, decide, result_from_decision
 from gaf.flat import FlatGradients
+from gaf.one_pass_conv import (
+    GhostBatchNorm,
+    conv_direction,
+    conv_pieces,
+    norm_pieces,
+    normalised,
+)
 from gaf.one_pass_layers import (
     Budget,
     Captured,
-    GhostBatchNorm,
     MicroBatches,
-    conv_direction,
-    conv_pieces,
+    Weights,
     embedding_direction,
     embedding_pieces,
     linear_direction,
     linear_pieces,
-    norm_pieces,
-    normalised,
-    weighted_rows,
 )
 from gaf.thresholds import Threshold, as_threshold
 
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 PIECES = {"linear": linear_pieces, "conv": conv_pieces, "embedding": embedding_pieces,
           "norm": norm_pieces, "batchnorm": norm_pieces}
+# Plans whose direction is computed from held rows (not from kept blocks), by layer kind.
+DIRECTIONS = {"linear": linear_direction, "embedding": embedding_direction,
+              "conv": conv_direction}
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -173,7 +185,9 @@ class OnePassFilter:
         self.keep_budget = self.flat.numel if keep_budget is None else int(keep_budget)
         self.stats = FilterStats()
         self._index = {id(p): i for i, p in enumerate(self.flat.params)}
+        self._owner = {id(p): (c, n) for c in self.captures for n, p in c.params.items()}
         self._out: Tensor | None = None
+        self._micro_batches: tuple | None = None  # (B, M, device) → MicroBatches, reused
 
     @property
     def tau(self) -> float:
@@ -189,7 +203,10 @@ class OnePassFilter:
         """
         tau = self.threshold.value()
         first = inputs if isinstance(inputs, Tensor) else inputs[0]
-        mb = MicroBatches(first.shape[0], num_micro_batches, first.device)
+        key = (first.shape[0], num_micro_batches, first.device)
+        if self._micro_batches is None or self._micro_batches[0] != key:
+            self._micro_batches = (key, MicroBatches(*key))
+        mb = self._micro_batches[1]
         if targets.shape[0] != mb.total:
             raise ValueError(f"inputs have {mb.total} samples but targets {targets.shape[0]}")
         losses = self._backward(inputs, targets, loss_fn, mb, scale, autocast)
@@ -228,8 +245,38 @@ class OnePassFilter:
 
     # -- the pass ---------------------------------------------------------------------------
 
-    def _backward(self, inputs, targets, loss_fn, mb, scale, autocast) -> Tensor:
-        budget = Budget(self.keep_budget)
+    def micro_gradients(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
+                        loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
+                        out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(rows [M, P], micro losses [M]): every micro-gradient, from one pass.
+
+        Rows in the order of ``flat`` (as the collectors stack them). Holds [M, P], like the
+        stacked mode, but costs one forward and backward: the way to feed a collector that
+        needs the rows themselves, e.g. the distributed protocol (see
+        :func:`collect_one_pass`). ``.grad`` is left untouched.
+        """
+        first = inputs if isinstance(inputs, Tensor) else inputs[0]
+        mb = MicroBatches(first.shape[0], num_micro_batches, first.device)
+        losses = self._backward(inputs, targets, loss_fn, mb, None, nullcontext,
+                                materialise=True)
+        rows = self.flat.new_buffer(mb.m) if out is None else out
+        with torch.no_grad():
+            offset = 0
+            for p, n in zip(self.flat.params, self.flat.numels, strict=True):
+                cap, name = self._owner[id(p)]
+                block = cap.kept.get(name)
+                if block is None:
+                    rows[:, offset:offset + n].zero_()  # the layer never reached the loss
+                else:
+                    rows[:, offset:offset + n].copy_(block.reshape(mb.m, n))
+                offset += n
+        for cap in self.captures:
+            cap.gram, cap.kept, cap.extra, cap.plan = None, {}, {}, {}
+        return rows, losses
+
+    def _backward(self, inputs, targets, loss_fn, mb, scale, autocast,
+                  materialise: bool = False) -> Tensor:
+        budget = Budget(self.keep_budget, materialise)
         anchor = torch.zeros((), requires_grad=True)
         by_module = {id(c.module): c for c in self.captures}
         pending: dict[int, int] = {}
@@ -259,7 +306,7 @@ class OnePassFilter:
                     f"module {cap.name} ({type(module).__name__}) sees {x.shape[0]} rows along "
                     f"dim 0, not the batch's {mb.total} samples: one-pass micro-gradients "
                     "need every activation sample-major")
-            saved = normalised(module, x) if cap.kind in ("norm", "batchnorm") else x.detach()
+            saved = normalised(module, x) if cap.kind in ("norm", "batchnorm") else x
             return capture(cap, saved, out)
 
         handles, ghosts = [], []
@@ -280,7 +327,8 @@ class OnePassFilter:
                     self.model(inputs)
                 micro = [loss_fn(o, y) for o, y in zip(out.split(mb.sizes),
                                                        targets.split(mb.sizes), strict=True)]
-            total = torch.stack(micro).sum()
+            micro = torch.stack(micro)
+            total = micro.sum()
             if not total.requires_grad:
                 raise ValueError("the loss does not depend on any filtered parameter")
             for cap in self.captures:
@@ -298,31 +346,20 @@ class OnePassFilter:
                 if pending.get(id(cap), 0) and any(d is not None for d in cap.deltas):
                     PIECES[cap.kind](cap, mb, budget)
                 cap.release()
-        return torch.stack([loss.detach().float() for loss in micro])
+        return micro.detach().float()
 
     @torch.no_grad()
     def _direction(self, decision, mb: MicroBatches) -> None:
-        device = self._out.device
-        weights = torch.from_numpy(decision.weights).to(device)
-        use = torch.from_numpy(decision.weights != 0)
-        w_samples = weights[mb.sample_ids]
-        # Rows of rejected micro-batches can hold inf/NaN (e.g. an AMP overflow): zero them
-        # before any product, since their zero weight would turn inf into NaN.
-        clean = bool(np.all(decision.finite if decision.finite is not None else True))
+        finite = bool(np.all(decision.finite if decision.finite is not None else True))
+        weights = Weights(decision.weights, finite, self._out.device)
         views = self.flat.views(self._out, cache=True)
         for cap in self.captures:
-            if not clean:
-                _zero_rejected(cap, weights, w_samples)
-            directions = {"linear": linear_direction, "embedding": embedding_direction,
-                          "conv": conv_direction}
-            pieces = cap.extra.get("rows", cap.extra.get("calls"))
             for name, p in cap.params.items():
                 view = views[self._index[id(p)]]
                 if name in cap.kept:
-                    weighted_rows(cap.kept[name], weights, use, view)
-                elif name == "weight" and pieces is not None:
-                    # Row-wise layers index micro-batch weights by row; convs by sample.
-                    directions[cap.kind](cap, w_samples if cap.kind == "conv" else weights, view)
+                    weights.kept(cap.kept[name], view)
+                elif name == "weight" and ("rows" in cap.extra or "calls" in cap.extra):
+                    DIRECTIONS[cap.kind](cap, weights, view)
                 else:
                     view.zero_()  # the layer never reached the loss
 
@@ -339,20 +376,23 @@ class OnePassFilter:
         self.threshold.load_state_dict(state["threshold"])
 
 
-def _zero_rejected(cap: Captured, weights: Tensor, w_samples: Tensor) -> None:
-    """Replace the rows of zero-weight micro-batches by zeros in what the direction reads."""
-    def clean(t: Tensor, row_weights: Tensor) -> Tensor:
-        if not t.is_floating_point():
-            return t
-        keep = (row_weights != 0).reshape(-1, *([1] * (t.dim() - 1)))
-        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+def collect_one_pass(collector, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                     inputs: Tensor | Sequence[Tensor], targets: Tensor,
+                     num_micro_batches: int, engine: OnePassFilter | None = None) -> Tensor:
+    """Hand ``collector`` the M micro-gradients of one pass, as M ``collect()`` calls would.
 
-    if "rows" in cap.extra:
-        x, d, ids = cap.extra["rows"]
-        cap.extra["rows"] = (clean(x, weights[ids]), clean(d, weights[ids]), ids)
-    if "calls" in cap.extra:
-        cap.extra["calls"] = [(clean(x, w_samples), clean(d, w_samples))
-                              for x, d in cap.extra["calls"]]
+    For collectors that need the rows themselves: a
+    :class:`~gaf.distributed.DistributedGradientCollector` shards every rank's rows for
+    its protocol (the cross-rank Gram entries pair rows of different ranks, so the per-rank
+    Gram pieces alone cannot serve it). Each rank then runs one forward and backward
+    instead of m. Returns the micro-batch losses; call ``collector.finish()`` after.
+    """
+    engine = engine or OnePassFilter(model, collector.flat.params)
+    rows, losses = engine.micro_gradients(inputs, targets, loss_fn, num_micro_batches)
+    for row in rows:
+        collector.flat.write(row)
+        collector.collect()
+    return losses
 
 
 def one_pass_filter(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],

@@ -15,36 +15,46 @@ Per layer kind (R: rows = samples × positions, in/out: feature sizes, P_l = in�
 Linear      g_i = Δ_iᵀ X_i (rows of micro-batch i). Two ways to its Gram piece:
             "ghost":        G[i, j] = Σ_{a∈i, b∈j} (x_a·x_b)(δ_a·δ_b), i.e. the block sums
                             of (X Xᵀ) ∘ (Δ Δᵀ): R²·(in + out) flops, never forms a g_i;
-                            the direction is then (w-scaled Δ)ᵀ X, one weight-gradient
-                            product (R·P_l).
-            "materialised": all g_i at once as [M, out, in] (one bmm, R·P_l), their Gram
-                            (M²·P_l), and either kept for the direction (M·P_l numbers
-                            held until the decision, direction M·P_l) or dropped and the
-                            direction recomputed (R·P_l).
-            The cheaper by flop count is taken, layer by layer; keeping needs room in the
-            keep budget (see :class:`Budget`).
-Conv1/2/3d  materialised, as Linear: the framework's weight-gradient kernel, once for all
-            micro-batches (index folded into the channel groups) or once per slice. The ghost form
-            would cost R² with R = samples × output positions: far too much for images.
-Embedding   g_i scatters micro-batch i's rows of Δ into the used vocabulary rows: compact
-            [M, U, D] over the U distinct indices of the batch (M²·U·D for the Gram), or
-            ghost ([idx_a = idx_b] ∘ Δ Δᵀ), whichever is cheaper. The direction is one
-            index_add of w-scaled rows (R·D), so nothing is kept.
-LayerNorm,  affine parameters: g_i(γ) = Σ_{s∈i} Σ_positions δ_s ∘ x̂_s, g_i(β) = Σ δ_s, with
-GroupNorm,  x̂ the normalised input (recomputed from x in the forward hook, or, for ghost
-BatchNorm   batch norm, the per-micro-batch normalisation itself). Always kept: M·C numbers.
-Biases      of any of these: Σ of micro-batch i's rows of δ; always kept ([M, out]).
+                            the direction is then (w-scaled Δ)ᵀ X over the rows with
+                            w ≠ 0 (at most R·P_l).
+            "materialised": all g_i as [M, out, in] blocks (bmm, R·P_l) and their Gram
+                            (M²·P_l). The blocks are kept for the direction (M·P_l held
+                            until the decision, direction M·P_l) when they are smaller
+                            than the layer's rows or fit the keep budget; otherwise
+                            ("recomputed") only their sum is kept, the blocks pass through
+                            the cache a chunk of output features at a time, and the
+                            direction recomputes the micro-batches whose weight is not the
+                            most common one (:class:`Weights`; at most R/2 rows, none when
+                            all agree).
+            The cheaper by flop count is taken, layer by layer.
+Conv1/2/3d  materialised, as Linear (:mod:`gaf.one_pass_conv`).
+Embedding   g_i scatters micro-batch i's rows of Δ into the vocabulary: dense [M, V, D]
+            blocks when V ≤ R (kept if smaller than the rows), compact [M, U, D] blocks
+            over the U distinct indices of the batch (a sort, then M²·U·D), or ghost
+            ([idx_a = idx_b] ∘ Δ Δᵀ, R²·D), whichever is cheaper. Unless kept, the
+            direction is one index_add of w-scaled rows (R·D).
+Norms       LayerNorm, GroupNorm, BatchNorm affine parameters (:mod:`gaf.one_pass_conv`).
+Biases      Σ of micro-batch i's rows of δ; always kept ([M, out]).
+
+Memory: per layer the smaller of its [M, P_l] blocks and its rows (inputs and output
+gradients), plus what the keep budget allows: never more than the stacked mode's M·P
+beyond the budget, usually far less.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gaf.core import gram_dtype
+
+# Numbers in one chunk of [M, c, in] blocks of a Linear layer that is not kept (about 4 MB
+# in float32: a few chunks fit the caches of current CPUs).
+CHUNK_NUMBERS = 1 << 20
 
 
 class MicroBatches:
@@ -94,8 +104,14 @@ class Budget:
     M numbers per parameter entry, are always kept and not counted).
     """
 
-    def __init__(self, numbers: int):
+    def __init__(self, numbers: int, materialise: bool = False):
         self.left = numbers
+        # Every layer's [M, P_l] blocks, for callers that want the micro-gradients
+        # themselves (e.g. to feed the distributed protocol): no ghost products.
+        self.materialise = materialise
+
+    def fits(self, numbers: int) -> bool:
+        return numbers <= self.left
 
     def take(self, numbers: int) -> bool:
         if numbers <= self.left:
@@ -107,21 +123,69 @@ class Budget:
 def gram(rows: Tensor) -> Tensor:
     """[M, ...] micro-gradient blocks → their [M, M] Gram matrix in the accumulation dtype."""
     flat = rows.reshape(rows.shape[0], -1)
-    flat = flat.to(gram_dtype(flat.dtype))
+    acc = gram_dtype(flat.dtype)
+    flat = flat if flat.dtype == acc else flat.to(acc)
     return flat @ flat.T
 
 
-def weighted_rows(blocks: Tensor, weights: Tensor, use: Tensor, out: Tensor) -> Tensor:
-    """out = Σ_i weights[i] · blocks[i] over the micro-batches in ``use`` only, so an inf/NaN
-    in a rejected block never meets its zero weight (0 · inf = NaN)."""
-    rows = blocks.reshape(blocks.shape[0], -1)
-    if not bool(use.all()):
-        idx = torch.nonzero(use).flatten().to(blocks.device)
-        rows, weights = rows.index_select(0, idx), weights[use]
-    w = weights.to(blocks.device, blocks.dtype).reshape(1, -1)
-    if out.dtype == rows.dtype and out.is_contiguous():
-        return torch.mm(w, rows, out=out.view(1, -1))
-    return out.copy_((w @ rows).reshape(out.shape))
+class Weights:
+    """The decision's weights w [M] in the forms the direction needs, made once a step.
+
+    ``base`` is the most frequent weight c (the mean rule's 1/|S| when most micro-batches
+    agree, else 0): a layer that kept the plain sum g = Σ_i g_i of its micro-gradients
+    gets Σ_i w_i g_i = c·g + Σ_i (w_i - c) g_i, and recomputes only the micro-batches with
+    w_i ≠ c, at most half of them (none when all agree). With a non-finite micro-batch
+    c is 0: the sum would carry its inf.
+    """
+
+    def __init__(self, weights: np.ndarray, finite: bool, device: torch.device):
+        self.host = weights
+        self.used = weights != 0
+        self.all_used = bool(self.used.all())
+        values, counts = np.unique(weights, return_counts=True)
+        self.base = float(values[np.argmax(counts)]) if finite else 0.0
+        self.device = device
+        self._tensors: dict = {}
+
+    def tensor(self, dtype: torch.dtype, base: float = 0.0) -> Tensor:
+        """w - base [M] as a device tensor of ``dtype``."""
+        key = (dtype, base)
+        if key not in self._tensors:
+            self._tensors[key] = torch.from_numpy(self.host - base).to(self.device, dtype)
+        return self._tensors[key]
+
+    def kept(self, blocks: Tensor, out: Tensor) -> Tensor:
+        """out = Σ_i w_i · blocks[i] over the micro-batches with w_i ≠ 0 only, so an inf/NaN
+        in a rejected block never meets its zero weight (0 · inf = NaN)."""
+        rows = blocks.reshape(blocks.shape[0], -1)
+        w = self.tensor(blocks.dtype)
+        if not self.all_used:
+            idx = torch.from_numpy(np.flatnonzero(self.used)).to(blocks.device)
+            rows, w = rows.index_select(0, idx), w.index_select(0, idx)
+        if out.dtype == rows.dtype and out.is_contiguous():
+            return torch.mm(w.reshape(1, -1), rows, out=out.view(1, -1))
+        return out.copy_((w @ rows).reshape(out.shape))
+
+    def products(self, x: Tensor, d: Tensor, ids: Tensor, total: Tensor | None, product,
+                 out: Tensor) -> Tensor:
+        """out = Σ_i w_i g_i where g_i = Σ over the rows of micro-batch i of a product that
+        is linear in d; ``product(x, d, out, add)`` writes (or with ``add`` adds) it.
+
+        ``ids``: micro-batch of each row of x and d; ``total``: Σ_i g_i if kept, else None.
+        Only rows whose coefficient is non-zero are read.
+        """
+        base = self.base if total is not None else 0.0
+        coef_host = self.host - base
+        if base != 0.0:
+            torch.mul(total, base, out=out)
+        if not coef_host.any():
+            return out if base != 0.0 else out.zero_()
+        coef = self.tensor(d.dtype, base)[ids]
+        if not coef_host.all():
+            rows = torch.nonzero(coef).flatten()
+            x, d, coef = x.index_select(0, rows), d.index_select(0, rows), coef[rows]
+        product(x, d * coef.reshape(-1, *([1] * (d.dim() - 1))), out, base != 0.0)
+        return out
 
 
 @dataclass
@@ -140,17 +204,18 @@ class Captured:
     extra: dict = field(default_factory=dict)
 
     def add(self, g: Tensor) -> None:
-        self.gram = g if self.gram is None else self.gram + g
+        self.gram = g if self.gram is None else self.gram.add_(g)
 
     def release(self) -> None:
         self.saved, self.deltas = [], []
 
 
-def _dtype(*tensors: Tensor) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def _common(x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """x and d in one dtype (under autocast they may differ): the wider of the two."""
+    if x.dtype == d.dtype or not x.is_floating_point():
+        return x, d
+    dtype = torch.promote_types(x.dtype, d.dtype)
+    return x.to(dtype), d.to(dtype)
 
 
 # -- Linear and Embedding: row-wise layers -----------------------------------------------------
@@ -177,9 +242,8 @@ def _rows(cap: Captured, mb: MicroBatches) -> tuple[Tensor, Tensor, Tensor, bool
 
 def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     x, d, ids, regular = _rows(cap, mb)
-    dtype = _dtype(x, d)
-    x, d = x.to(dtype), d.to(dtype)
-    m, r = mb.m, x.shape[0]
+    x, d = _common(x, d)
+    dtype, m, r = d.dtype, mb.m, x.shape[0]
     if "bias" in cap.params:
         if regular:
             bias = d.reshape(m, r // m, d.shape[1]).sum(1)
@@ -192,40 +256,61 @@ def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
         return
     n_in, n_out = x.shape[1], d.shape[1]
     p_l = n_in * n_out
+    # Keep the blocks when they are smaller than the rows a recomputation would hold
+    # until the decision, or when the budget has room for them.
+    keep = m * p_l <= r * (n_in + n_out) or budget.fits(m * p_l) or budget.materialise
     ghost = r * r * (n_in + n_out) + r * p_l
-    materialised = r * p_l + m * m * p_l
-    if ghost < materialised + m * p_l:  # even the cheapest materialised form costs more
+    # Blocks, their Gram, then the direction: from the kept blocks, or by recomputing at
+    # most half of the rows (see Weights).
+    materialised = r * p_l + m * m * p_l + (m * p_l if keep else r * p_l // 2)
+    if ghost < materialised and not budget.materialise:
         acc = gram_dtype(dtype)
         prod = (x @ x.T).to(acc) * (d @ d.T).to(acc)
         cap.add(mb.block_sum(prod, ids, regular))
         cap.plan["weight"] = "ghost"
         cap.extra["rows"] = (x, d, ids)
-        cap.release()
-        return
-    if regular:
-        blocks = torch.bmm(d.reshape(m, r // m, n_out).transpose(1, 2), x.reshape(m, r // m, n_in))
-    else:
-        blocks = torch.stack([d[ids == i].T @ x[ids == i] for i in range(m)])
-    cap.add(gram(blocks))
-    # Keep the blocks when the budget allows, or when they are smaller than the rows a
-    # recomputation would have to hold until the decision.
-    if m * p_l <= r * (n_in + n_out) or budget.take(m * p_l):
+    elif keep:
+        if not m * p_l <= r * (n_in + n_out):
+            budget.take(m * p_l)
+        blocks = _linear_blocks(x, d, ids, regular, m, slice(None))
+        cap.add(gram(blocks))
         cap.kept["weight"], cap.plan["weight"] = blocks, "kept"
-        cap.release()
     else:
+        # Output features a chunk at a time, so that each chunk's [M, c, in] blocks stay in
+        # cache for their Gram and their sum: the blocks as a whole are M times the layer.
+        step = max(1, CHUNK_NUMBERS // (m * n_in))
+        total = torch.empty(n_out, n_in, dtype=dtype, device=d.device)
+        for start in range(0, n_out, step):
+            blocks = _linear_blocks(x, d, ids, regular, m, slice(start, start + step))
+            cap.add(gram(blocks))
+            torch.sum(blocks, 0, out=total[start:start + step])
+        # The direction recomputes only the micro-batches off the most common weight.
         cap.plan["weight"] = "recomputed"
-        cap.extra["rows"] = (x, d, ids)
-        cap.release()
+        cap.extra.update(rows=(x, d, ids), total=total)
+    cap.release()
 
 
-def linear_direction(cap: Captured, weights: Tensor, out: Tensor) -> None:
+def _linear_blocks(x: Tensor, d: Tensor, ids: Tensor, regular: bool, m: int,
+                   features: slice) -> Tensor:
+    """[M, out', in]: each micro-batch's weight gradient for the output ``features``."""
+    d = d[:, features]
+    if regular:
+        r = x.shape[0]
+        return torch.bmm(d.reshape(m, r // m, -1).transpose(1, 2), x.reshape(m, r // m, -1))
+    return torch.stack([d[ids == i].T @ x[ids == i] for i in range(m)])
+
+
+def _outer(x: Tensor, d: Tensor, out: Tensor, add: bool) -> None:
+    if add:
+        out.addmm_(d.T, x)
+    else:
+        torch.mm(d.T, x, out=out)
+
+
+def linear_direction(cap: Captured, weights: Weights, out: Tensor) -> None:
     """out = Σ_rows w_{micro-batch(row)} δ_row x_rowᵀ: the gradient of Σ_i w_i L_i."""
     x, d, ids = cap.extra.pop("rows")
-    scaled = d * weights[ids].to(d.dtype)[:, None]
-    if out.dtype == x.dtype:
-        torch.mm(scaled.T, x, out=out)
-    else:
-        out.copy_(scaled.T @ x)
+    weights.products(x, d, ids, cap.extra.pop("total", None), _outer, out)
 
 
 def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
@@ -240,10 +325,14 @@ def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     # Three ways, by cost: dense [M, V, D] blocks (M²·V·D; no sort) when the vocabulary is
     # no larger than the rows, else compact blocks over the U distinct indices (a sort,
     # then M²·U·D), or the ghost product [idx_a = idx_b] ∘ Δ Δᵀ (R²·D).
-    if vocab <= r and m * m * vocab <= r * r:
+    if budget.materialise or (vocab <= r and m * m * vocab <= r * r):
         blocks = torch.zeros(m * vocab, dim, dtype=d.dtype, device=d.device)
         blocks.index_add_(0, ids * vocab + idx, d)
         cap.add(gram(blocks.reshape(m, vocab * dim)))
+        if blocks.numel() <= d.numel() + idx.numel() or budget.materialise:
+            cap.kept["weight"], cap.plan["weight"] = blocks.reshape(m, vocab, dim), "kept"
+            cap.release()
+            return
         cap.plan["weight"] = "dense"
     elif r * r < m * m * min(vocab, r):
         same = (idx[:, None] == idx[None, :]).to(acc)
@@ -260,171 +349,10 @@ def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     cap.release()
 
 
-def embedding_direction(cap: Captured, weights: Tensor, out: Tensor) -> None:
+def embedding_direction(cap: Captured, weights: Weights, out: Tensor) -> None:
     idx, d, ids = cap.extra.pop("rows")
-    out.zero_().index_add_(0, idx, (d * weights[ids].to(d.dtype)[:, None]).to(out.dtype))
 
+    def scatter(rows: Tensor, deltas: Tensor, out: Tensor, add: bool) -> None:
+        (out if add else out.zero_()).index_add_(0, rows, deltas)
 
-# -- Convolutions ------------------------------------------------------------------------------
-
-
-def conv_input(module: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, list[int]]:
-    """The input as the convolution kernel sees it, and its remaining zero padding."""
-    dims = len(module.kernel_size)
-    if module.padding_mode != "zeros":
-        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), \
-            [0] * dims
-    if module.padding == "valid":
-        return x, [0] * dims
-    if module.padding == "same":
-        pads = []
-        for k, dil in zip(reversed(module.kernel_size), reversed(module.dilation), strict=True):
-            total = dil * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return F.pad(x, pads), [0] * dims
-    return x, list(module.padding)
-
-
-def _conv_weight_grad(module, x: Tensor, d: Tensor, padding: list[int]) -> Tensor:
-    dims = len(module.kernel_size)
-    return torch.ops.aten.convolution_backward(
-        d, x, module.weight, None, list(module.stride), padding, list(module.dilation), False,
-        [0] * dims, module.groups, [False, True, False])[1]
-
-
-def _conv_blocks(module, x: Tensor, d: Tensor, padding: list[int], mb: MicroBatches) -> Tensor:
-    """[M, *weight.shape]: each micro-batch's weight gradient.
-
-    Small equal micro-batches: one grouped weight-gradient kernel call, the micro-batch
-    index folded into the channels ([n, M·C, ...] with M·groups groups), instead of M
-    calls whose fixed cost dominates at a few samples each. Otherwise one call per slice.
-    """
-    m, n = mb.m, mb.size
-    if mb.equal and m > 1 and n < 16:
-        def fold(t: Tensor) -> Tensor:
-            return t.reshape(m, n, *t.shape[1:]).transpose(0, 1).reshape(n, -1, *t.shape[2:])
-        weight = module.weight.detach().to(d.dtype)
-        grouped = weight.repeat(m, *([1] * (weight.dim() - 1)))
-        dims = len(module.kernel_size)
-        blocks = torch.ops.aten.convolution_backward(
-            fold(d), fold(x), grouped, None, list(module.stride), padding,
-            list(module.dilation), False, [0] * dims, m * module.groups,
-            [False, True, False])[1]
-        return blocks.reshape(m, *weight.shape)
-    return torch.stack([_conv_weight_grad(module, xi, di, padding)
-                        for xi, di in zip(x.split(mb.sizes), d.split(mb.sizes), strict=True)])
-
-
-def conv_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
-    module = cap.module
-    weights, biases = [], []
-    for x, d in zip(cap.saved, cap.deltas, strict=True):
-        if d is None:
-            continue
-        dtype = _dtype(x, d)
-        x, d = x.to(dtype), d.to(dtype)
-        if "bias" in cap.params:
-            biases.append(mb.segment_sum(d.reshape(d.shape[0], d.shape[1], -1).sum(2)))
-        if "weight" in cap.params:
-            xp, padding = conv_input(module, x)
-            weights.append(_conv_blocks(module, xp, d, padding, mb))
-    if biases:
-        cap.kept["bias"], cap.plan["bias"] = sum(biases), "kept"
-        cap.add(gram(cap.kept["bias"]))
-    if weights:
-        blocks = sum(weights)
-        cap.add(gram(blocks))
-        rows = sum(x.numel() + d.numel() for x, d in zip(cap.saved, cap.deltas, strict=True)
-                   if d is not None)
-        if blocks.numel() <= rows or budget.take(blocks.numel()):
-            cap.kept["weight"], cap.plan["weight"] = blocks, "kept"
-        else:
-            cap.plan["weight"] = "recomputed"
-            cap.extra["calls"] = [(x, d) for x, d in zip(cap.saved, cap.deltas, strict=True)
-                                  if d is not None]
-    cap.release()
-
-
-def conv_direction(cap: Captured, w_samples: Tensor, out: Tensor) -> None:
-    module, total = cap.module, None
-    for x, d in cap.extra.pop("calls"):
-        dtype = _dtype(x, d)
-        scale = w_samples.to(d.device, dtype).reshape(-1, *([1] * (d.dim() - 1)))
-        xp, padding = conv_input(module, x.to(dtype))
-        g = _conv_weight_grad(module, xp, d.to(dtype) * scale, padding)
-        total = g if total is None else total + g
-    out.copy_(total)
-
-
-# -- Normalisation layers ----------------------------------------------------------------------
-
-
-def normalised(module: nn.Module, x: Tensor) -> Tensor:
-    """x̂: the module's output before its affine parameters (eval-mode batch norm uses the
-    running statistics; training-mode batch norm is normalised per micro-batch elsewhere)."""
-    with torch.no_grad():
-        if isinstance(module, nn.LayerNorm):
-            return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        if isinstance(module, nn.GroupNorm):
-            return F.group_norm(x, module.num_groups, None, None, module.eps)
-        return F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0,
-                            module.eps)
-
-
-def norm_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
-    module = cap.module
-    sums: dict[str, Tensor] = {}
-    for xhat, d in zip(cap.saved, cap.deltas, strict=True):
-        if d is None:
-            continue
-        dtype = _dtype(xhat, d)
-        for name in cap.params:
-            piece = d.to(dtype) if name == "bias" else d.to(dtype) * xhat.to(dtype)
-            # LayerNorm's parameters span the trailing dims; the others' the channel dim.
-            if isinstance(module, nn.LayerNorm):
-                piece = piece.reshape(d.shape[0], -1, cap.params[name].numel()).sum(1)
-            else:
-                piece = piece.reshape(d.shape[0], d.shape[1], -1).sum(2)
-            piece = mb.segment_sum(piece)
-            sums[name] = piece if name not in sums else sums[name] + piece
-    for name, blocks in sums.items():
-        cap.kept[name], cap.plan[name] = blocks, "kept"
-        cap.add(gram(blocks))
-    cap.release()
-
-
-class GhostBatchNorm:
-    """Training-mode batch norm normalised per micro-batch, as the sequential path does.
-
-    Replaces the module's forward for one step: each micro-batch is normalised with its
-    own statistics and updates the running statistics in turn (M updates a step, as M
-    sequential forwards make), so the micro-gradients stay independent and equal to the
-    sequential ones. The normalised input x̂ is what the affine parameters' pieces need.
-    """
-
-    def __init__(self, module: nn.modules.batchnorm._BatchNorm, mb: MicroBatches, capture):
-        self.module, self.mb, self.capture = module, mb, capture
-
-    def __call__(self, x: Tensor) -> Tensor:
-        bn = self.module
-        bn._check_input_dim(x)
-        parts = []
-        for xi in x.split(self.mb.sizes):
-            factor = 0.0 if bn.momentum is None else bn.momentum
-            if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                if bn.momentum is None:
-                    factor = 1.0 / float(bn.num_batches_tracked)
-            use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-            stats = not bn.training or bn.track_running_stats
-            parts.append(F.batch_norm(xi, bn.running_mean if stats else None,
-                                      bn.running_var if stats else None, None, None,
-                                      use_batch, factor, bn.eps))
-        xhat = torch.cat(parts)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        out = xhat
-        if bn.weight is not None:
-            out = out * bn.weight.reshape(shape)
-        if bn.bias is not None:
-            out = out + bn.bias.reshape(shape)
-        return self.capture(bn, xhat.detach(), out)
+    weights.products(idx, d, ids, None, scatter, out)

@@ -56,7 +56,6 @@ Deliberate choices:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,23 +64,6 @@ from torch import Tensor
 from gaf.core import Decision
 
 ROBUST_RULES: tuple[str, ...] = ("multi-krum", "geometric-median")
-
-
-@dataclass(frozen=True)
-class KrumOptions:
-    """``f``: faulty rows tolerated; ``m``: rows kept (None: M - f; Krum is m = 1)."""
-
-    f: int = 1
-    m: int | None = None
-
-
-@dataclass(frozen=True)
-class MedianOptions:
-    """Smoothed Weiszfeld: ``nu`` relative smoothing, ``max_iter`` cap, ``tol`` on weights."""
-
-    nu: float = 1e-3
-    max_iter: int = 100
-    tol: float = 1e-7
 
 
 def _count(value: object, name: str, low: int) -> int:
@@ -101,25 +83,34 @@ def _positive(value: object, name: str) -> float:
     return value
 
 
+def check_krum_options(f: object = 1, m: object = None) -> dict:
+    """Krum's options checked on their own (the row count is checked at decision time)."""
+    f = _count(f, "multi-krum's f (faulty rows tolerated)", 0)
+    m = None if m is None else _count(m, "multi-krum's m (rows kept)", 1)
+    return {"f": f, "m": m}
+
+
 def check_krum(rows: int, f: object = 1, m: object = None) -> tuple[int, int]:
     """Validate Krum's options for ``rows`` micro-gradients; returns (f, m)."""
-    f = _count(f, "multi-krum's f (faulty rows tolerated)", 0)
+    options = check_krum_options(f, m)
+    f, m = options["f"], options["m"]
     if rows <= 2 * f + 2:
         raise ValueError(
             f"multi-krum with f = {f} needs more than 2f + 2 = {2 * f + 2} micro-gradients, "
             f"got M = {rows}: lower f or use more micro-batches / ranks"
         )
-    m = rows - f if m is None else _count(m, "multi-krum's m (rows kept)", 1)
+    m = rows - f if m is None else m
     if m > rows - f:
         raise ValueError(f"multi-krum keeps at most M - f = {rows - f} rows, got m = {m}")
     return f, m
 
 
-def check_median(nu: object = 1e-3, max_iter: object = 100, tol: object = 1e-7):
-    """Validate the geometric median's options; returns (nu, max_iter, tol)."""
-    return (_positive(nu, "geometric-median's nu (smoothing)"),
-            _count(max_iter, "geometric-median's max_iter", 1),
-            _positive(tol, "geometric-median's tol"))
+def check_median_options(nu: object = 1e-3, max_iter: object = 100,
+                         tol: object = 1e-7) -> dict:
+    """The geometric median's options, checked."""
+    return {"nu": _positive(nu, "geometric-median's nu (smoothing)"),
+            "max_iter": _count(max_iter, "geometric-median's max_iter", 1),
+            "tol": _positive(tol, "geometric-median's tol")}
 
 
 def _host_gram(gram: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -183,7 +174,7 @@ def geometric_median(
 ) -> Decision:
     """Smoothed Weiszfeld geometric median over the Gram matrix (see the module docstring)."""
     g, valid, finite = _host_gram(gram)
-    nu, max_iter, tol = check_median(nu, max_iter, tol)
+    nu, max_iter, tol = check_median_options(nu, max_iter, tol).values()
     if not valid.any():
         return _empty(valid, finite)
     diag = np.diag(g)
@@ -200,3 +191,27 @@ def geometric_median(
             break
     distances = _distances_to_direction(g, w, valid)
     return Decision(w > 0, w, distances, int(np.argmax(w)), valid, finite)
+
+
+# -- as rules of the registry: rule(oracle, tau, valid, verdicts, **options) -------------
+
+
+def _no_control(verdicts, name: str) -> None:
+    if verdicts is not None:
+        raise ValueError(f"rule {name!r} decides by distances alone: blind controls "
+                         "(verdicts) apply to the agreement rules")
+
+
+def multi_krum_rule(oracle, tau: float, valid: np.ndarray, verdicts, *, f: int = 1,
+                    m: int | None = None) -> Decision:
+    """:func:`multi_krum` over the oracle's Gram matrix; tau is not used."""
+    _no_control(verdicts, "multi-krum")
+    return multi_krum(oracle.gram, f=f, m=m)
+
+
+def geometric_median_rule(oracle, tau: float, valid: np.ndarray, verdicts, *,
+                          nu: float = 1e-3, max_iter: int = 100, tol: float = 1e-7
+                          ) -> Decision:
+    """:func:`geometric_median` over the oracle's Gram matrix; tau is not used."""
+    _no_control(verdicts, "geometric-median")
+    return geometric_median(oracle.gram, nu=nu, max_iter=max_iter, tol=tol)

@@ -87,6 +87,10 @@ class TrainConfig:
     # collapse warnings: chance accuracy within this margin; GAF acceptance floor
     collapse_margin: float = 0.02
     acceptance_floor: float = 0.25
+    # fault injection (gaf.faults): the last faulty_rows micro-batches of every step are
+    # corrupted as `fault` says (sign-flip, scale, noise, nonfinite, stale, wrong-labels)
+    fault: str | None = None
+    faulty_rows: int = 1
     # optimisation
     epochs: int = 12
     max_steps: int | None = None  # cap on optimizer steps per epoch (quick checks)
@@ -185,6 +189,7 @@ class TrainConfig:
         if self.method in ("gaf", *CONTROLS) and self.num_micro_batches < 2:
             raise ValueError(f"{self.method} needs at least 2 micro-batches per step "
                              "(num_micro_batches >= 2)")
+        self._validate_fault()
         _positive_int("epochs", self.epochs)
         _positive_int("eval_batch_size", self.eval_batch_size)
         for name in ("train_size", "test_size"):
@@ -243,6 +248,18 @@ class TrainConfig:
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         return self
+
+    def _validate_fault(self) -> None:
+        if self.fault is None:
+            return
+        from gaf.faults import FAULT_KINDS
+
+        if self.fault not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {self.fault!r}; choose from {', '.join(FAULT_KINDS)}")
+        _positive_int("faulty_rows", self.faulty_rows)
+        if self.faulty_rows > self.num_micro_batches:
+            raise ValueError(f"faulty_rows {self.faulty_rows} exceeds the "
+                             f"{self.num_micro_batches} micro-batches of a step")
 
     def _validate_sources(self) -> None:
         if self.noise_sources is None:

@@ -35,6 +35,7 @@ from gaf import GAFTrainer, RandomDrop, RandomSkip, StepResult
 from gaf.controls import Control
 from gaf.core import gram_matrix
 from gaf.experiments.speed import trainer_options
+from gaf.faults import FaultInjector
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
     "average": "plain averaging of the micro-gradients",
@@ -159,6 +160,9 @@ class MethodStep:
     control: Control | None = None
     control_rates: list[float] | None = None  # per epoch; None: one rate for the run
     snapshots: AccumulationSnapshots | None = None  # averaging methods' side distances
+    fault: FaultInjector | None = None  # corrupts some micro-batches of every step
+    fault_hook: Callable[[int], None] | None = None
+    num_classes: int = 0  # for a wrong-labels fault
 
     def begin_epoch(self, epoch_index: int) -> None:
         """Set what depends on the epoch (0-based: epochs completed so far)."""
@@ -171,10 +175,35 @@ class MethodStep:
 
     def step(self, x: Tensor, y: Tensor) -> tuple[StepResult, Tensor | None]:
         """One trainer step; with side distances, also the step's Gram matrix (device)."""
-        if self.snapshots is None:
+        hooks = []
+        if self.fault is not None:  # before the snapshot: what the update really sees
+            y = self.fault.corrupt_labels(y, self.trainer.num_micro_batches, self.num_classes)
+            hooks.append(self.fault_hook)
+        if self.snapshots is not None:
+            hooks.append(self.snapshots.take)
+        if not hooks:
             return self.trainer.step(x, y), None
-        out = self.trainer.step(x, y, on_micro_gradient=self.snapshots.take)
-        return out, self.snapshots.close_step()
+
+        def on_micro_gradient(k: int) -> None:
+            for hook in hooks:
+                hook(k)
+
+        out = self.trainer.step(x, y, on_micro_gradient=on_micro_gradient)
+        return out, self.snapshots.close_step() if self.snapshots is not None else None
+
+
+def attach_fault(step: MethodStep, cfg, params: list[Tensor]) -> MethodStep:
+    """Give ``step`` the fault ``cfg`` asks for (the last ``cfg.faulty_rows`` micro-batches,
+    seeded from the run's seed); averaging methods' hook works on the accumulated .grad."""
+    from gaf.experiments.config import stream_seed
+    from gaf.experiments.data import DATASETS
+
+    m = cfg.num_micro_batches
+    step.fault = FaultInjector.make(cfg.fault, range(m - cfg.faulty_rows, m),
+                                    seed=stream_seed(cfg.seed, "fault") % (2**31))
+    step.fault_hook = step.fault.gradient_hook(params, m, accumulated=step.trainer.average)
+    step.num_classes = DATASETS[cfg.dataset].num_classes
+    return step
 
 
 def gaf_threshold(cfg):
@@ -194,8 +223,17 @@ def make_collector(params: list[Tensor], cfg):
 
 def build_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
                noise_rate: float) -> MethodStep:
-    """The :class:`MethodStep` of ``cfg.method``. ``noise_rate`` is the training set's known
-    noise fraction: small-loss's forget rate when ``cfg.forget_rate`` is None."""
+    """The :class:`MethodStep` of ``cfg.method``, with ``cfg.fault`` attached if set.
+    ``noise_rate`` is the training set's known noise fraction: small-loss's forget rate
+    when ``cfg.forget_rate`` is None."""
+    step = _method_step(cfg, model, optimizer, noise_rate)
+    if cfg.fault is not None:
+        attach_fault(step, cfg, [p for p in model.parameters() if p.requires_grad])
+    return step
+
+
+def _method_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 noise_rate: float) -> MethodStep:
     method = cfg.method
     m = cfg.num_micro_batches
     common = dict(num_micro_batches=m, max_grad_norm=cfg.max_grad_norm,

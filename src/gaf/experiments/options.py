@@ -20,6 +20,7 @@ from gaf.experiments.data import DATASETS, canonical_name
 from gaf.experiments.methods import canonical_method
 from gaf.experiments.models import MODELS
 from gaf.experiments.noise import NOISE_KINDS, check_rate
+from gaf.faults import FAULT_KINDS
 from gaf.measures import MEASURES
 
 
@@ -185,6 +186,11 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_long_run_options(p: argparse.ArgumentParser) -> None:
+    f = p.add_argument_group("fault injection (gaf.faults)")
+    f.add_argument("--fault", choices=FAULT_KINDS,
+                   help="corrupt the last --faulty-rows micro-batches of every step")
+    f.add_argument("--faulty-rows", type=positive, metavar="F",
+                   help="how many micro-batches per step are faulty (default 1)")
     s = p.add_argument_group("speed and long runs")
     s.add_argument("--amp", choices=("bf16", "fp16", "none"),
                    help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler")
