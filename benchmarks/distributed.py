@@ -38,9 +38,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from traffic import traffic  # benchmarks/traffic.py, beside this script
 
-from gaf.distributed import filter_gradients_distributed, traffic
-from gaf.distributed.protocol import Workspace
+from gaf.distributed import Workspace, filter_gradients_distributed
 
 METHODS = ("allreduce", "sharded", "allgather")
 

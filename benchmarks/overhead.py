@@ -144,9 +144,9 @@ def held_bytes(m: int, micro: int) -> dict:
         _, trainer = make_gaf(model, opt, m, mode)
         trainer.step(x, y)
         c = trainer.collector
-        buffers = [b for b in (c._current, c._sum, c._rows, c._out) if b is not None]
+        buffers = c.backend.buffers()
         # The buffer .grad is bound to would exist anyway as .grad: count it once less.
-        bound = c.flat.numel * c.flat.dtype.itemsize
+        bound = sum(p.numel() * p.element_size() for p in c.params)
         out[mode] = sum(b.numel() * b.element_size() for b in buffers) - bound
     return out
 

@@ -29,6 +29,7 @@ from gaf.distributed import (
     filter_gradients_distributed,
 )
 from gaf.distributed import protocol as protocol_module
+from gaf.distributed.comm import Comm, Workspace
 
 PG_TIMEOUT_S = 60
 # fork: the ranks inherit the imported torch instead of importing it again (seconds each on
@@ -133,23 +134,19 @@ def _protocol_checks(rank: int, n: int) -> None:
 
     # Many chunks (short last chunk, empty blocks), both gather paths, a reused workspace
     # and output buffer: still the one-process result, bit for bit.
-    workspace = protocol_module.Workspace()
-    comm = protocol_module.Comm()
+    workspace = Workspace()
+    comm = Comm()
     for gather in ("broadcast", "all_gather"):
-        protocol_module._FORCE_GATHER = gather
-        try:
-            for m, p, chunk in ((1, 1003, 64), (2, 1003, 7), (3, 50, 1), (1, 3, 2), (2, 64, 16)):
-                x = micro_gradients(31 + p, n * m, p, torch.float32)
-                single = gaf.filter_gradients(x, 0.97)
-                for method in ("sharded", "allgather"):
-                    out = torch.full((p,), float("nan"))
-                    res = protocol_module.run_protocol(
-                        x[rank * m : (rank + 1) * m], 0.97, "mean", comm, method=method,
-                        out=out, workspace=workspace, chunk_elements=chunk)
-                    same_decision(res, single)
-                    assert res.grad is out and torch.equal(out, single.grad), (gather, m, p)
-        finally:
-            protocol_module._FORCE_GATHER = None
+        for m, p, chunk in ((1, 1003, 64), (2, 1003, 7), (3, 50, 1), (1, 3, 2), (2, 64, 16)):
+            x = micro_gradients(31 + p, n * m, p, torch.float32)
+            single = gaf.filter_gradients(x, 0.97)
+            for method in ("sharded", "allgather"):
+                out = torch.full((p,), float("nan"))
+                res = protocol_module.run_protocol(
+                    x[rank * m : (rank + 1) * m], 0.97, "mean", comm, method=method,
+                    out=out, workspace=workspace, chunk_elements=chunk, gather=gather)
+                same_decision(res, single)
+                assert res.grad is out and torch.equal(out, single.grad), (gather, m, p)
     plan = protocol_module.ShardPlan.make(1003, n, 64)
     covered = sorted(i for c in range(plan.chunks)
                      for j, length in enumerate(plan.chunk(c)[1])

@@ -12,7 +12,8 @@ from torch import nn
 
 import gaf
 from gaf.collector import GradientCollector
-from gaf.core import decide, filter_gradients, gram_matrix
+from gaf.core import decide, gram_matrix
+from gaf.filter import filter_gradients
 from gaf.measures import (
     MEASURES,
     GramOracle,

@@ -100,7 +100,7 @@ def sequential(model, x, y, m, tau, rule):
     for xs, ys in zip(x.tensor_split(m), y.tensor_split(m), strict=True):
         F.cross_entropy(model(xs), ys).backward()
         collector.collect()
-    rows = collector._rows[:m].clone()
+    rows = collector.backend.rows[:m].clone()
     result = collector.finish()
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     return result, rows, grads

@@ -81,7 +81,7 @@ def test_streaming_holds_one_running_sum():
     x, y = batch(n=64)
     collect_with(collector, model, x, y, 16)
     assert collector.mode == "streaming"
-    assert collector._rows is None  # no [M, P] stack was ever allocated
+    assert collector.backend.rows is None  # no [M, P] stack was ever allocated
 
 
 def plain_accumulation(model, opt, x, y, m):

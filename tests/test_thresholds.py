@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from gaf.collector import GradientCollector
-from gaf.core import FilterResult, filter_gradients
+from gaf.core import FilterResult
+from gaf.filter import filter_gradients
 from gaf.thresholds import (
     THRESHOLDS,
     FixedThreshold,

@@ -15,9 +15,9 @@ from gaf.core import (
     FilterResult,
     cosine_distance,
     decide,
-    filter_gradients,
     gram_matrix,
 )
+from gaf.filter import filter_gradients
 from gaf.flat import FlatGradients
 from gaf.one_pass import OnePassFilter, collect_one_pass, one_pass_filter
 from gaf.thresholds import (

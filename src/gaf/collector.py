@@ -20,6 +20,11 @@ Two modes:
 ``"stacked"`` (every rule): keeps all M micro-gradients as rows of an [M, P] buffer and
     decides from their Gram matrix with :func:`gaf.core.decide`. Extra memory O(M·P).
 
+The collector holds a backend chosen at construction (:mod:`gaf.backends`: streaming,
+stacked, or the distributed one of :mod:`gaf.distributed`); what is common to all of them
+(the step's threshold, a control's verdicts, ``.grad`` on a skip, statistics and state)
+lives here. See docs/design.md, "Front ends".
+
 ``mode="auto"`` picks streaming where the rule allows it. Both modes make the same
 decisions (tests check this in float64).
 
@@ -47,29 +52,19 @@ Semantics:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
+from gaf.backends import StackedBackend, StreamingBackend
 from gaf.controls import Control
-from gaf.core import (
-    Decision,
-    FilterResult,
-    check_rule,
-    distance_from_products,
-    filter_gradients,
-    gram_dtype,
-    result_from_decision,
-)
+from gaf.core import STREAMING_RULES, FilterResult, get_rule
 from gaf.flat import FlatGradients
 from gaf.measures import check_measure
 from gaf.thresholds import Threshold, as_threshold
 
-STREAMING_RULES = ("mean", "halving")
 MODES = ("auto", "streaming", "stacked")
 
 
@@ -110,19 +105,25 @@ class FilterStats:
             setattr(self, key, int(value))
 
 
-def _halving_weights(accepted: np.ndarray) -> np.ndarray:
-    """Weights of the halving rule from its accepted sequence (first accepted is the anchor)."""
-    weights = np.zeros(len(accepted))
-    first = True
-    for k, ok in enumerate(accepted):
-        if not ok:
-            continue
-        if first:
-            weights[k], first = 1.0, False
-        else:
-            weights *= 0.5
-            weights[k] = 0.5
-    return weights
+def choose_mode(mode: str, rule: str, measure: str) -> str:
+    """The backend a rule and measure allow: "auto" streams where it can."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    # Other measures (gaf.measures) need every row at once: the streaming path computes
+    # cosine against the running sum only.
+    if mode == "streaming" and measure != "cosine":
+        raise ValueError(
+            f"measure {measure!r} needs every micro-gradient at once; use mode='stacked' "
+            "(streaming supports the cosine measure only)"
+        )
+    if mode == "auto":
+        return "streaming" if rule in STREAMING_RULES and measure == "cosine" else "stacked"
+    if mode == "streaming" and rule not in STREAMING_RULES:
+        raise ValueError(
+            f"rule {rule!r} needs every micro-gradient at once; use mode='stacked' "
+            f"(streaming supports {', '.join(STREAMING_RULES)})"
+        )
+    return mode
 
 
 class GradientCollector:
@@ -131,15 +132,19 @@ class GradientCollector:
     Args:
         params: the parameters the optimizer updates (or its ``param_groups``).
         tau: cosine-distance threshold in [0, 2], or a :class:`gaf.thresholds.Threshold`.
-        rule: "mean" (the paper's), "halving", "anchor" or "neighbours".
+        rule: a name in :data:`gaf.core.RULES` ("mean", the paper's, by default).
         mode: "auto", "streaming" or "stacked" (see the module docstring).
+        num_micro_batches: expected M, if known: the stacked buffer is sized for it once
+            instead of growing by doubling. Needed with a control in streaming mode.
         measure: agreement measure, "cosine" (default), "sign" or "layerwise"
             (:mod:`gaf.measures`); the latter two use the stacked mode. With "layerwise"
             the tensors are this collector's parameters.
-        num_micro_batches: expected M, if known: the stacked buffer is sized for it once
-            instead of growing by doubling. Needed with a control in streaming mode.
         control: a blind control (:mod:`gaf.controls`) whose verdicts replace the rule's
             test ``distance <= tau``; ``None`` (default) filters by agreement.
+        rule_options: keyword options of the rule (:mod:`gaf.core.registry`).
+        backend: ``backend(flat) -> backend``, building the collector's backend from its
+            :class:`~gaf.flat.FlatGradients` (the distributed collector passes one); then
+            ``mode`` is ignored.
     """
 
     def __init__(
@@ -151,50 +156,39 @@ class GradientCollector:
         num_micro_batches: int | None = None,
         measure: str = "cosine",
         control: Control | None = None,
+        rule_options: Mapping | None = None,
+        backend=None,
     ):
-        self.rule = check_rule(rule)
-        # Other measures (gaf.measures) need every row at once: the streaming path computes
-        # cosine against the running sum only.
+        entry = get_rule(rule)
+        self.rule = entry.name
+        self.rule_options = entry.options(rule_options)
         self.measure = check_measure(measure)
-        if mode == "auto" and self.measure != "cosine":
-            mode = "stacked"
-        if mode == "streaming" and self.measure != "cosine":
-            raise ValueError(
-                f"measure {measure!r} needs every micro-gradient at once; use mode='stacked' "
-                "(streaming supports the cosine measure only)"
-            )
-        self._capacity_hint = num_micro_batches
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "auto":
-            mode = "streaming" if rule in STREAMING_RULES else "stacked"
-        if mode == "streaming" and rule not in STREAMING_RULES:
-            raise ValueError(
-                f"rule {rule!r} needs every micro-gradient at once; use mode='stacked' "
-                f"(streaming supports {', '.join(STREAMING_RULES)})"
-            )
-        self.mode = mode
+        self.flat = FlatGradients(params)
+        if backend is None:
+            mode = choose_mode(mode, self.rule, self.measure)
+            if mode == "streaming":
+                backend = StreamingBackend(self.flat, self.rule, entry.halving)
+            else:
+                backend = StackedBackend(self.flat, self.rule, self.measure,
+                                         num_micro_batches, self.rule_options)
+        else:
+            backend = backend(self.flat)
+        self.backend = backend
+        self.mode = backend.mode
         if control is not None and not isinstance(control, Control):
             raise TypeError(
                 f"control must have draw(num_rows), state_dict() and load_state_dict() "
                 f"(see gaf.controls), got {type(control).__name__}"
             )
-        if control is not None and mode == "streaming" and not num_micro_batches:
+        if control is not None and self.mode == "streaming" and not num_micro_batches:
             raise ValueError(
                 "a control in streaming mode needs num_micro_batches= (its verdicts are "
                 "drawn before the step's micro-gradients arrive)"
             )
         self.control = control
+        self._expected = num_micro_batches
         self.threshold = as_threshold(tau)
-        self.flat = FlatGradients(params)
-        # Streaming decisions stay on the device (no host sync per micro-batch) except on
-        # the CPU, where a sync is free and branching avoids a full-size torch.where.
-        self.device_side = self.flat.device.type != "cpu"
         self.stats = FilterStats()
-        self._rows: Tensor | None = None  # stacked: [capacity, P]
-        self._current: Tensor | None = None  # streaming: the micro-gradient being filled
-        self._sum: Tensor | None = None  # streaming: running direction s
-        self._out: Tensor | None = None  # the filtered direction, reused across steps
         self._reset_step()
 
     # -- public interface -------------------------------------------------------------
@@ -210,7 +204,22 @@ class GradientCollector:
     @property
     def world_size(self) -> int:
         """Processes whose micro-gradients one decision covers (1 on one device)."""
-        return 1
+        return self.backend.world_size
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The trainable parameters whose ``.grad`` the collector reads and writes."""
+        return self.flat.params
+
+    @property
+    def device_side(self) -> bool:
+        """Streaming: whether the accept test runs on the device (no host sync)."""
+        return getattr(self.backend, "device_side", False)
+
+    @device_side.setter
+    def device_side(self, value: bool) -> None:
+        if hasattr(self.backend, "device_side"):
+            self.backend.device_side = bool(value)
 
     def begin(self) -> None:
         """Start a step: point every ``.grad`` at a zeroed buffer of the collector.
@@ -221,25 +230,16 @@ class GradientCollector:
         """
         if self._count:
             raise RuntimeError("begin() called in the middle of a step (after collect())")
-        if self.mode == "streaming":
-            if self._current is None:
-                self._allocate_streaming()
-            target = self._current
-        else:
-            if self._rows is None:
-                self._grow(1)
-            target = self._rows[0]
+        target = self.backend.begin()
         target.zero_()
         self.flat.bind(target)
 
     def collect(self) -> None:
         """Take the micro-gradient now in ``.grad`` and prepare ``.grad`` for the next one."""
-        if self._count == 0 and self.control is not None and self._capacity_hint:
-            self._draw_verdicts(self._capacity_hint)
-        if self.mode == "streaming":
-            self._collect_streaming()
-        else:
-            self._collect_stacked()
+        if self._count == 0 and self.control is not None and self._expected:
+            self._draw_verdicts(self._expected)
+        verdict = None if self._verdicts is None else bool(self._verdicts[self._count])
+        self.backend.collect(self._count, verdict)
         self._count += 1
 
     def finish(self) -> FilterResult:
@@ -249,7 +249,6 @@ class GradientCollector:
         """
         if self._count == 0:
             raise RuntimeError("finish() called before any collect(): no micro-gradients")
-        tau = self._step_tau
         if self.control is not None:
             if self._verdicts is None:
                 self._draw_verdicts(self._count)
@@ -257,21 +256,22 @@ class GradientCollector:
             if len(self._verdicts) != rows:
                 raise ValueError(
                     f"the control drew verdicts for {len(self._verdicts)} rows but this step "
-                    f"has {rows}: collect num_micro_batches={self._capacity_hint} "
+                    f"has {rows}: collect num_micro_batches={self._expected} "
                     "micro-batches per step"
                 )
-        if self.mode == "streaming":
-            result = self._finish_streaming(tau)
-        else:
-            result = self._finish_stacked(tau)
+        result = self.backend.finish(self._count, self._step_tau, self._verdicts)
         self.stats.update(result)
         self.threshold.observe(result)
         if result.skipped:
             self.flat.clear()
         else:
-            self.flat.write(result.grad, cache=result.grad is self._out)
+            self.flat.write(result.grad, cache=result.grad is self.backend.output.tensor)
         self._reset_step()
         return result
+
+    def signal_overflow(self) -> None:
+        """Write inf into every ``.grad``, so that a GradScaler sees an overflow."""
+        self.flat.write(self.flat.new_buffer().fill_(float("inf")))
 
     def state_dict(self) -> dict:
         state = {
@@ -283,6 +283,7 @@ class GradientCollector:
         }
         if self.control is not None:
             state["control"] = self.control.state_dict()
+        state.update(getattr(self.backend, "state", dict)())
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -297,184 +298,17 @@ class GradientCollector:
         if self.control is not None and "control" in state:
             self.control.load_state_dict(state["control"])
         self._step_tau = self.threshold.value()  # the next step tests the restored tau
+        self.backend.start_step(self._step_tau)
+
+    # -- the step's state -------------------------------------------------------------------
 
     def _draw_verdicts(self, micro_batches: int) -> None:
         """The control's verdicts for this step's rows, drawn once per step."""
         self._verdicts = np.asarray(self.control.draw(micro_batches * self.world_size),
                                     dtype=bool)
 
-    # -- streaming ------------------------------------------------------------------------
-
     def _reset_step(self) -> None:
         self._count = 0
         self._verdicts: np.ndarray | None = None
         self._step_tau = self.threshold.value()
-        # Per collected row: (accepted, distance, finite, valid), as host floats or as a
-        # device tensor [4] (device-side path), moved to the host once in finish().
-        self._stream_stats: list = []
-        self._host_sum_sq = 0.0
-        self._host_have_anchor = False
-        if self.mode == "streaming" and self._sum is not None and self.device_side:
-            # The device path adds the anchor to s; the host path copies it (no zeroing).
-            self._sum.zero_()
-            self._sum_sq.zero_()
-            self._have_anchor.zero_()
-
-    def _allocate_streaming(self) -> None:
-        flat = self.flat
-        self._current = flat.new_buffer()
-        self._sum = flat.new_buffer()
-        acc = gram_dtype(flat.dtype)
-        self._sum_sq = torch.zeros((), dtype=acc, device=flat.device)
-        self._have_anchor = torch.zeros((), dtype=torch.bool, device=flat.device)
-
-    def _output_buffer(self) -> Tensor:
-        """The buffer a step's direction is written to, reused across steps: a fresh P-sized
-        allocation every step costs page faults on the CPU and allocator work elsewhere."""
-        if self._out is None:
-            self._out = self.flat.new_buffer()
-        return self._out
-
-    def _collect_streaming(self) -> None:
-        flat = self.flat
-        if self._current is None:
-            self._allocate_streaming()
-        g = flat.gather(self._current)
-        acc = self._sum_sq.dtype
-        # Products in the Gram dtype (float64 for half precision) so that streaming and
-        # stacked see the same numbers.
-        g_acc = g if g.dtype == acc else g.to(acc)
-        if self.device_side:
-            self._stream_on_device(g, g_acc)
-        else:
-            self._stream_on_host(g, g_acc)
-        # The next backward accumulates into a zeroed buffer bound to .grad.
-        g.zero_()
-        flat.bind(g)
-
-    def _stream_on_host(self, g: Tensor, g_acc: Tensor) -> None:
-        """CPU: reading a scalar costs nothing, so decide in Python floats and branch;
-        a handful of scalar tensor ops and a P-sized torch.where would cost more."""
-        s = self._sum
-        norm_sq_g = float(g_acc @ g_acc)
-        finite = math.isfinite(norm_sq_g)
-        valid = finite and norm_sq_g > 0
-        if not valid:
-            self._stream_stats.append((0.0, 2.0, float(finite), 0.0))
-            return
-        if not self._host_have_anchor:
-            s.copy_(g)
-            self._host_sum_sq, self._host_have_anchor = norm_sq_g, True
-            self._stream_stats.append((1.0, 0.0, 1.0, 1.0))
-            return
-        s_acc = s if s.dtype == g_acc.dtype else s.to(g_acc.dtype)
-        dot = float(s_acc @ g_acc)
-        dist = distance_from_products(dot, self._host_sum_sq, norm_sq_g)
-        if self._verdicts is not None:
-            accept = bool(self._verdicts[self._count])
-        else:
-            accept = dist <= self._step_tau
-        if accept:
-            grown = self._host_sum_sq + 2 * dot + norm_sq_g
-            if self.rule == "halving":
-                s.mul_(0.5).add_(g, alpha=0.5)
-                grown /= 4
-            else:
-                s.add_(g)
-            self._host_sum_sq = grown
-        self._stream_stats.append((float(accept), dist, 1.0, 1.0))
-
-    def _stream_on_device(self, g: Tensor, g_acc: Tensor) -> None:
-        """Accelerators: the accept/reject test stays on the device, no host sync."""
-        s = self._sum
-        acc = g_acc.dtype
-        s_acc = s if s.dtype == acc else s.to(acc)
-        norm_sq_g = g_acc @ g_acc
-        dot = s_acc @ g_acc
-        valid = torch.isfinite(norm_sq_g) & (norm_sq_g > 0)
-        denom = self._sum_sq * norm_sq_g
-        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-        # A zero running sum agrees with nothing (cos = -1, D = 2), as in the core.
-        cos = torch.where(denom > 0, dot / torch.sqrt(safe), -torch.ones_like(denom))
-        dist = torch.clamp(1.0 - cos, 0.0, 2.0)
-        anchor = valid & ~self._have_anchor
-        if self._verdicts is not None:  # a host bool: no sync
-            accept = valid if self._verdicts[self._count] else valid & anchor
-        else:
-            accept = valid & (anchor | (dist <= self._step_tau))
-        dist = torch.where(anchor, torch.zeros_like(dist), dist)
-        dist = torch.where(valid, dist, torch.full_like(dist, 2.0))
-        # Anchor: s ← g. Later acceptances: s ← s + g ("mean") or (s + g) / 2 ("halving"),
-        # i.e. s ← a·s + b·g. Rejected rows are dropped with torch.where, never
-        # multiplied by zero (0 · inf = NaN).
-        if self.rule == "halving":
-            a = torch.where(anchor, 0.0, 0.5).to(acc)
-            b = torch.where(anchor, 1.0, 0.5).to(acc)
-            s.copy_(torch.where(accept, a.to(s.dtype) * s + b.to(s.dtype) * g, s))
-            grown = a * a * self._sum_sq + 2 * a * b * dot + b * b * norm_sq_g
-        else:
-            s.add_(torch.where(accept, g, torch.zeros((), dtype=g.dtype, device=g.device)))
-            grown = self._sum_sq + 2 * dot + norm_sq_g
-        self._sum_sq.copy_(torch.where(accept, grown, self._sum_sq))
-        self._have_anchor |= valid
-        finite = torch.isfinite(norm_sq_g)
-        self._stream_stats.append(torch.stack([accept.to(acc), dist.to(acc), finite.to(acc),
-                                               valid.to(acc)]))
-
-    def _finish_streaming(self, tau: float) -> FilterResult:
-        if self.device_side:
-            # The single device→host transfer of the step.
-            host = torch.stack(self._stream_stats).cpu().double().numpy()
-        else:
-            host = np.asarray(self._stream_stats, dtype=np.float64)
-        accepted = host[:, 0] > 0.5
-        distances = host[:, 1].copy()
-        finite, valid = host[:, 2] > 0.5, host[:, 3] > 0.5
-        count = int(accepted.sum())
-        # The running sum becomes the result in place, and the previous result buffer
-        # becomes the next step's running sum: no copy of P numbers per step.
-        grad, self._sum = self._sum, self._output_buffer()
-        self._out = grad
-        if count == 0:
-            grad.zero_()  # nothing was accepted; the buffer may hold an older step's sum
-        if self.rule == "halving":
-            weights = _halving_weights(accepted)
-        else:
-            weights = accepted / max(count, 1)
-            grad.div_(max(count, 1))
-        anchor = int(np.argmax(accepted)) if count else -1
-        decision = Decision(accepted, weights, distances, anchor, valid, finite)
-        return result_from_decision(decision, grad, tau, self.rule)
-
-    # -- stacked ---------------------------------------------------------------------------
-
-    def _collect_stacked(self) -> None:
-        k = self._count
-        if self._rows is None or k + 1 >= self._rows.shape[0]:
-            self._grow(k + 2)
-        self.flat.gather(self._rows[k])
-        self._rows[k + 1].zero_()
-        self.flat.bind(self._rows[k + 1])
-
-    def _grow(self, needed: int) -> None:
-        # Row k + 1 receives the next backward, so M micro-batches need M + 1 rows.
-        first = (self._capacity_hint or 3) + 1
-        capacity = max(needed, first if self._rows is None else 2 * self._rows.shape[0])
-        rows = self.flat.new_buffer(capacity)
-        self.flat.forget_views()  # cached views would keep the old buffer alive
-        if self._rows is not None:
-            rows[: self._count].copy_(self._rows[: self._count])
-            # .grad may be bound to the old buffer's row k: gather() copies it over.
-        self._rows = rows
-
-    def _finish_stacked(self, tau: float) -> FilterResult:
-        return self.filter_rows(self._rows[: self._count], tau)
-
-    def filter_rows(self, rows: Tensor, tau: float) -> FilterResult:
-        """Filter the step's stacked micro-gradients ``rows`` [m, P] at threshold ``tau``.
-
-        The extension point of the stacked mode: the distributed collector overrides it to
-        decide over the rows of every rank. Must return a result whose ``grad`` is [P].
-        """
-        return filter_gradients(rows, tau, self.rule, self.measure, self.flat.numels,
-                                out=self._output_buffer(), verdicts=self._verdicts)
+        self.backend.start_step(self._step_tau)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gaf.core import FilterResult, filter_gradients
+from gaf.core import FilterResult
+from gaf.filter import filter_gradients
 from gaf.flat import FlatGradients
 
 

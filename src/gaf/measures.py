@@ -11,7 +11,7 @@ Measures (``measure=``), all distances in [0, 2] with the same reading as cosine
 full agreement, 1 means no relation (what two independent random vectors give), 2 means
 opposed; a row is accepted when its distance is <= tau.
 
-``"cosine"``     D(a, b) = 1 - a·b / (|a| |b|). Gram-based (design.md §3).
+``"cosine"``     D(a, b) = 1 - a·b / (|a| |b|). Gram-based (docs/design.md, "The Gram idea").
 
 ``"sign"``       D_sign(a, b) = 1 - cos(sign a, sign b)
                             = 1 - Σ_i sign(a_i) sign(b_i) / sqrt(nnz(a) · nnz(b)).
@@ -33,7 +33,8 @@ opposed; a row is accepted when its distance is <= tau.
 Cost, M micro-gradients of P numbers split in L tensors:
 
 * cosine: one Gram matrix, O(M²P) flops; distributed: one all-reduce of (NM)² numbers on
-  top of the sharded exchange (design.md §4). Decision O(M³) on the host.
+  top of the sharded exchange (docs/design.md, "The distributed protocol"). Decision
+  O(M³) on the host.
 * layerwise: L Gram matrices [L, M, M], still O(M²P) flops in total (each coordinate is
   in one tensor); distributed: the same sharded protocol with an all-reduce of L·(NM)²
   numbers instead of (NM)². Decision O(L·M³) on the host. A shard boundary may cut a
@@ -238,6 +239,7 @@ def decide_measure(
     measure: str = "cosine",
     segments: Sequence[int] | None = None,
     verdicts: np.ndarray | None = None,
+    rule_options: dict | None = None,
 ) -> Decision:
     """The decision of ``rule`` over a stack [M, P] with distances of ``measure``."""
-    return decide_with(make_oracle(grads, measure, segments), tau, rule, verdicts)
+    return decide_with(make_oracle(grads, measure, segments), tau, rule, verdicts, rule_options)

@@ -46,7 +46,7 @@ without GAF; ``StepResult.overflow`` does not report it (that would cost a host 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -109,6 +109,7 @@ class GAFTrainer:
         collector: a ready collector (e.g. a distributed one) to use instead of building
             one from ``tau``, ``rule``, ``mode``, ``measure`` and ``control``.
         control: a blind control (:mod:`gaf.controls`) deciding in place of agreement.
+        rule_options: keyword options of the rule (:mod:`gaf.core.registry`).
         average: plain gradient averaging through the same loop, no filter (module
             docstring); ``tau``, ``rule``, ``mode``, ``measure``, ``control`` unused.
         micro_gradients: "sequential" (M forward/backward passes, the default) or
@@ -136,6 +137,7 @@ class GAFTrainer:
         control: Control | None = None,
         average: bool = False,
         micro_gradients: str = "sequential",
+        rule_options: Mapping | None = None,
     ):
         if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) \
                 or num_micro_batches < 1:
@@ -163,24 +165,25 @@ class GAFTrainer:
                                  "measure (nor control or average): it filters by cosine from "
                                  "its own Gram matrix")
             collector = OnePassFilter(model, optimizer.param_groups, tau=tau, rule=rule)
+        # The trainer's own view of the parameters (clipping, autocast's device, AMP overflow):
+        # it uses a collector through its public interface only.
+        self._flat = FlatGradients(optimizer.param_groups)
         if self.average:
             collector = None
-            self._flat = FlatGradients(optimizer.param_groups)
             self._average_stats = FilterStats()
         elif collector is None:
             collector = GradientCollector(
                 optimizer.param_groups, tau=tau, rule=rule, mode=mode,
                 num_micro_batches=num_micro_batches, measure=measure, control=control,
+                rule_options=rule_options,
             )
         self.collector = collector
-        if collector is not None:
-            self._flat = collector.flat
-            if num_micro_batches * getattr(collector, "world_size", 1) < 2:
-                raise ValueError(
-                    "num_micro_batches=1 on one device: a single micro-gradient can agree "
-                    "with no other, so every step would be skipped; use M >= 2 (or "
-                    "average=True for plain steps)"
-                )
+        if collector is not None and num_micro_batches * getattr(collector, "world_size", 1) < 2:
+            raise ValueError(
+                "num_micro_batches=1 on one device: a single micro-gradient can agree "
+                "with no other, so every step would be skipped; use M >= 2 (or "
+                "average=True for plain steps)"
+            )
         self.overflow_steps = 0
 
     @property
@@ -235,6 +238,13 @@ class GAFTrainer:
         ``.grad`` holds micro-gradient k (with ``average=True``: the accumulated gradient),
         before the collector takes it; see the module docstring.
         """
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        # A DDP model's own all-reduce must not run: it would average the micro-gradients
+        # before the filter sees them (and move P values for nothing).
+        with self.model.no_sync() if ddp and not self.average else nullcontext():
+            return self._step(inputs, targets, on_micro_gradient)
+
+    def _step(self, inputs, targets, on_micro_gradient) -> StepResult:
         if self.average:
             return self._average_step(inputs, targets, on_micro_gradient)
         if self.micro_gradients == "one-pass":

@@ -1,11 +1,17 @@
-"""GAF across torch.distributed ranks: the protocol of design.md §4 over the pure core.
+"""GAF across torch.distributed ranks: the protocol over the pure core (docs/design.md,
+"The distributed protocol").
 
-:mod:`gaf.distributed.protocol` holds the algorithm (:func:`filter_gradients_distributed`,
-its traffic arithmetic and failure handling); :mod:`gaf.distributed.frontend` the
-``.grad``-level front ends (:class:`DistributedGradientCollector`,
-:class:`DistributedGAFTrainer`) and parameter/buffer synchronisation.
+:mod:`~gaf.distributed.comm` the communicator, its errors and reusable buffers;
+:mod:`~gaf.distributed.agreement` the cross-rank check; :mod:`~gaf.distributed.protocol`
+the sharded exchange (:func:`filter_gradients_distributed`);
+:mod:`~gaf.distributed.backend` the collector backend over it; and
+:mod:`~gaf.distributed.frontend` the ``.grad``-level front ends
+(:class:`DistributedGradientCollector`, :class:`DistributedGAFTrainer`) with
+parameter/buffer synchronisation.
 """
 
+from gaf.distributed.agreement import METHODS
+from gaf.distributed.comm import GAFDistributedError, Workspace
 from gaf.distributed.frontend import (
     BUFFER_SYNC,
     DistributedGAFTrainer,
@@ -13,23 +19,17 @@ from gaf.distributed.frontend import (
     broadcast_parameters,
     sync_buffers,
 )
-from gaf.distributed.protocol import (
-    METHODS,
-    GAFDistributedError,
-    Traffic,
-    filter_gradients_distributed,
-    traffic,
-)
+from gaf.distributed.protocol import GATHERS, filter_gradients_distributed
 
 __all__ = [
     "BUFFER_SYNC",
+    "GATHERS",
     "METHODS",
     "DistributedGAFTrainer",
     "DistributedGradientCollector",
     "GAFDistributedError",
-    "Traffic",
+    "Workspace",
     "broadcast_parameters",
     "filter_gradients_distributed",
     "sync_buffers",
-    "traffic",
 ]

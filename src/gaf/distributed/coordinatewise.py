@@ -9,7 +9,7 @@ same statistic from the same N·m rows in rank-major order::
     an all-reduce of the mean (and GAF's sharded protocol with m = 1): 2·P·(N-1)/N
 
 so at N = 8, m = 1 they move 8× the bytes of an all-reduce and hold 8 gradients.
-:func:`gaf.distributed.traffic` with ``method="allgather"`` gives these figures.
+``traffic("allgather", ...)`` in benchmarks/traffic.py gives these figures.
 
 Every rank sorts the same bits with the same stable sort and averages in the same order,
 so every rank holds the same direction, bit for bit, with no broadcast; the result and
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from gaf.coordinatewise import COORDINATEWISE_RULES, check_trim, coordinatewise
 from gaf.core import FilterResult, check_grads, result_from_decision
-from gaf.distributed.protocol import Comm, GAFDistributedError, _all_gather_flat
+from gaf.distributed.comm import Comm, GAFDistributedError, all_gather_flat
 
 
 def aggregate_coordinatewise_distributed(
@@ -52,7 +52,7 @@ def aggregate_coordinatewise_distributed(
     m, p = rows.shape
     shape = torch.tensor([m, p], dtype=torch.int64, device=rows.device)
     shapes = torch.empty(2 * comm.size, dtype=torch.int64, device=rows.device)
-    comm.run("cross-rank check before the coordinate-wise gather", _all_gather_flat,
+    comm.run("cross-rank check before the coordinate-wise gather", all_gather_flat,
              shapes, shape)
     if len(set(map(tuple, shapes.view(-1, 2).tolist()))) > 1:
         raise GAFDistributedError(
@@ -60,7 +60,7 @@ def aggregate_coordinatewise_distributed(
             "must collect the same number of micro-gradients of the same model")
     trim_used = check_trim(comm.size * m, trim) if rule == "trimmed-mean" else None
     every = torch.empty(comm.size * m * p, dtype=rows.dtype, device=rows.device)
-    comm.run("all-gather of micro-gradients", _all_gather_flat, every, rows.view(-1))
+    comm.run("all-gather of micro-gradients", all_gather_flat, every, rows.view(-1))
     every = every.view(comm.size * m, p)
     if out is None:
         out = rows.new_empty(p)

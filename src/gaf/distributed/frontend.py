@@ -13,42 +13,38 @@ Usage (one process per rank, e.g. under ``torchrun``)::
         optimizer.step()
     optimizer.zero_grad()
 
-The collector is the single-device :class:`~gaf.collector.GradientCollector` in its
-"stacked" mode (same ``.grad`` handling, skip semantics, statistics and thresholds) with
-only the filtering of the stacked rows replaced by the distributed protocol. A streaming
-mode does not exist here: the rules need every rank's rows at once.
+The collector is the single-device :class:`~gaf.collector.GradientCollector` (same
+``.grad`` handling, skip semantics, statistics, thresholds and controls) holding a
+:class:`~gaf.distributed.backend.DistributedBackend`: stacked rows whose filtering is the
+distributed protocol. A streaming mode does not exist here: the rules need every rank's
+rows at once. :class:`DistributedGAFTrainer` is :class:`~gaf.training.GAFTrainer` over
+such a collector.
 
 Models wrapped in ``DistributedDataParallel``: DDP's own all-reduce must not run as well
 (it would average the micro-gradients before GAF sees them, and move P values for
 nothing). Either give the collector an unwrapped model (it does DDP's other jobs: it
 broadcasts the parameters from rank 0 at construction and can keep buffers in sync), or
 run every micro-batch's forward and backward under ``ddp_model.no_sync()`` and pass
-``ddp_model.module.parameters()``. :class:`DistributedGAFTrainer` does the latter by itself.
+``ddp_model.module.parameters()``. :class:`~gaf.training.GAFTrainer` does the latter by
+itself.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from gaf.collector import GradientCollector
-from gaf.core import RULES, FilterResult
-from gaf.distributed.protocol import (
-    _DTYPE_CODES,
-    METHODS,
-    Comm,
-    Workspace,
-    _tau_bits,
-    check_agreement,
-    check_method,
-    layout_hash,
-    run_protocol,
-)
+from gaf.controls import Control
+from gaf.distributed.agreement import check_agreement, step_fields
+from gaf.distributed.backend import DistributedBackend
+from gaf.distributed.comm import Comm
+from gaf.distributed.protocol import GATHERS, check_method
+from gaf.flat import FlatGradients
 from gaf.thresholds import Threshold
 from gaf.training import GAFTrainer
 
@@ -125,6 +121,14 @@ def sync_buffers(
                                              src=root))
 
 
+def _check_cosine(measure: str) -> None:
+    if measure != "cosine":
+        raise ValueError(
+            f"measure {measure!r} is not implemented across ranks: the distributed protocol "
+            "exchanges the Gram matrix of the cosine measure only"
+        )
+
+
 class DistributedGradientCollector(GradientCollector):
     """:class:`~gaf.collector.GradientCollector` across the ranks of a process group.
 
@@ -132,6 +136,8 @@ class DistributedGradientCollector(GradientCollector):
     filters all N·m of them in rank-major order with the protocol of
     :mod:`gaf.distributed.protocol` and writes the same filtered direction into ``.grad``
     on every rank (or sets every ``.grad`` to None on every rank if the step is skipped).
+    Only construction differs from the single-device collector: it builds the
+    distributed backend.
 
     The filtered direction (``result.grad``, and the ``.grad`` views written from it) lives
     in a buffer the collector reuses: it is valid until the next ``finish()``.
@@ -153,10 +159,14 @@ class DistributedGradientCollector(GradientCollector):
         sync_params: broadcast parameters (and buffers) from rank 0 at construction.
         check: compare P, m, dtype, tau, rule, method and parameter shapes across ranks
             before every exchange (one tiny all-gather).
-        control: a blind control (:mod:`gaf.controls`), built with the same seed on every
-            rank so that every rank draws the same verdicts for the N·m rows.
         timeout: seconds (or timedelta) any collective may take before
             :class:`~gaf.distributed.GAFDistributedError`; ``None``: the group's timeout.
+        control: a blind control (:mod:`gaf.controls`), built with the same seed on every
+            rank so that every rank draws the same verdicts for the N·m rows.
+        measure: "cosine" (the only measure the protocol implements).
+        rule_options: the rule's keyword options (the same on every rank).
+        gather: how the filtered blocks are gathered, "auto", "broadcast" or "all_gather"
+            (:func:`~gaf.distributed.protocol.run_protocol`).
     """
 
     def __init__(
@@ -172,80 +182,64 @@ class DistributedGradientCollector(GradientCollector):
         sync_params: bool = True,
         check: bool = True,
         timeout: Timeout = None,
-        control=None,
+        control: Control | None = None,
+        measure: str = "cosine",
+        rule_options: Mapping | None = None,
+        gather: str = "auto",
     ):
-        super().__init__(params, tau=tau, rule=rule, mode="stacked", control=control)
-        self.method = check_method(method)
+        _check_cosine(measure)
+        method = check_method(method)
         if buffer_sync not in BUFFER_SYNC:
             raise ValueError(
                 f"unknown buffer sync {buffer_sync!r}; choose one of {', '.join(BUFFER_SYNC)}"
             )
-        self.comm = Comm(group, timeout)
-        self.buffers = _tensors(buffers, "buffers")
-        self.buffer_sync = buffer_sync
-        self.check = check
-        self.layout = [tuple(s) for s in self.flat.shapes]
-        # Exchange buffers and the output are kept between steps: no allocation per step.
-        self.workspace = Workspace()
+        if gather not in GATHERS:
+            raise ValueError(f"unknown gather {gather!r}; choose one of {', '.join(GATHERS)}")
+        comm = Comm(group, timeout)
+        buffer_list = _tensors(buffers, "buffers")
+
+        def sync() -> None:
+            sync_buffers(buffer_list, buffer_sync, group=comm.group, timeout=comm.timeout)
+
+        def backend(flat: FlatGradients) -> DistributedBackend:
+            return DistributedBackend(flat, rule, comm, method, check, rule_options,
+                                      sync if buffer_list else None, gather)
+
+        super().__init__(params, tau=tau, rule=rule, control=control,
+                         rule_options=rule_options, backend=backend)
+        self.comm, self.method, self.buffers = comm, method, buffer_list
         # Catch a different model on some rank before anything is broadcast over it.
         check_agreement(
-            self.comm,
-            (
-                self.flat.numel, 0, _DTYPE_CODES.get(self.flat.dtype, 0),
-                RULES.index(self.rule), _tau_bits(self.tau), METHODS.index(self.method),
-                len(self.layout), layout_hash(self.layout),
-            ),
+            comm,
+            step_fields(self.flat.numel, 0, self.flat.dtype, self.rule, self.tau, method,
+                        self.backend.layout, self.rule_options),
             self.flat.device,
             "building the distributed collector",
         )
         if sync_params:
             broadcast_parameters(self.flat.params, group=group, timeout=timeout)
-            if self.buffers:
-                sync_buffers(self.buffers, "broadcast", group=group, timeout=timeout)
-
-    @property
-    def world_size(self) -> int:
-        return self.comm.size
+            if buffer_list:
+                sync_buffers(buffer_list, "broadcast", group=group, timeout=timeout)
 
     @property
     def rank(self) -> int:
         return self.comm.rank
 
-    def finish(self) -> FilterResult:
-        """Filter every rank's micro-gradients and write the common result into ``.grad``;
-        then, if ``buffers`` were given, bring them in sync."""
-        result = super().finish()
-        if self.buffers:
-            sync_buffers(self.buffers, self.buffer_sync, group=self.comm.group,
-                         timeout=self.comm.timeout)
-        return result
-
-    def filter_rows(self, rows: Tensor, tau: float) -> FilterResult:
-        # Skipped steps are skipped on every rank, and their direction is thrown away:
-        # save the final gather.
-        return run_protocol(rows, tau, self.rule, self.comm, method=self.method,
-                            check=self.check, layout=self.layout, out=self._output_buffer(),
-                            workspace=self.workspace, gather_if_skipped=False,
-                            verdicts=self._verdicts)
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["method"] = self.method
-        return state
-
 
 class DistributedGAFTrainer(GAFTrainer):
-    """:class:`~gaf.training.GAFTrainer` across ranks: each rank splits *its* batch into
-    ``num_micro_batches`` micro-batches, and the step filters all N·m micro-gradients.
+    """:class:`~gaf.training.GAFTrainer` over a :class:`DistributedGradientCollector`: each
+    rank splits *its* batch into ``num_micro_batches`` micro-batches, and the step filters
+    all N·m micro-gradients (m = 1 per rank is fine: N·m >= 2 rows).
 
     Parameters stay bitwise identical across ranks: every rank applies the same optimizer
     to the same filtered gradient (AMP overflow handling and clipping see the same values
-    everywhere too). A ``DistributedDataParallel`` model is accepted: its forward and
-    backward then run under ``no_sync()`` so DDP's all-reduce never runs.
+    everywhere too). A ``DistributedDataParallel`` model is accepted: GAFTrainer runs its
+    forward and backward under ``no_sync()`` so DDP's all-reduce never runs.
 
-    Args are those of :class:`~gaf.training.GAFTrainer` (``mode`` is always "stacked") plus
-    ``group``, ``method``, ``buffer_sync`` (``None`` to leave buffers alone), ``sync_params``,
-    ``check`` and ``timeout`` of :class:`DistributedGradientCollector`.
+    Args are those of :class:`~gaf.training.GAFTrainer` (``mode`` is always "stacked",
+    ``measure`` "cosine") plus ``group``, ``method``, ``buffer_sync`` (``None`` to leave
+    buffers alone), ``sync_params``, ``check``, ``timeout`` and ``gather`` of
+    :class:`DistributedGradientCollector`.
     """
 
     def __init__(
@@ -266,20 +260,19 @@ class DistributedGAFTrainer(GAFTrainer):
         autocast_dtype: torch.dtype | None = None,
         check: bool = True,
         timeout: Timeout = None,
-        control=None,
+        control: Control | None = None,
+        measure: str = "cosine",
+        rule_options: Mapping | None = None,
+        gather: str = "auto",
     ):
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         collector = DistributedGradientCollector(
             optimizer.param_groups, tau=tau, rule=rule, group=group, method=method,
             buffers=inner if buffer_sync is not None else None,
             buffer_sync=buffer_sync or "broadcast", sync_params=sync_params, check=check,
-            timeout=timeout, control=control,
+            timeout=timeout, control=control, measure=measure, rule_options=rule_options,
+            gather=gather,
         )
         super().__init__(model, optimizer, loss_fn, num_micro_batches,
                          max_grad_norm=max_grad_norm, scaler=scaler,
                          autocast_dtype=autocast_dtype, collector=collector)
-
-    def step(self, inputs, targets, on_micro_gradient=None):
-        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        with self.model.no_sync() if ddp else nullcontext():
-            return super().step(inputs, targets, on_micro_gradient)

@@ -3,8 +3,8 @@
 N ranks each hold m micro-gradients (rows of ``local_grads`` [m, P]). The decision is the
 one :func:`gaf.filter_gradients` makes over all N·m rows in *rank-major* order (rank 0's
 rows first, then rank 1's, ...), with the same rules and statistics. It needs only the
-(N·m)×(N·m) Gram matrix G (design.md §3), and G is a sum over any split of the P
-coordinates, which gives the bandwidth-optimal protocol (``method="sharded"``):
+(N·m)×(N·m) Gram matrix G (docs/design.md, "The Gram idea"), and G is a sum over any
+split of the P coordinates, which gives the bandwidth-optimal protocol (``method="sharded"``):
 
 1. Cut the P coordinates into N shards, one per rank. ``all_to_all``: rank r receives
    shard r of all N·m rows. Sends m·P·(N-1)/N elements per rank.
@@ -53,23 +53,16 @@ Deliberate choices:
   and ``weighted_sum`` never touches zero-weight rows, so it cannot poison the result.
 * Buffers. Repeated calls can reuse a :class:`Workspace` and an ``out`` tensor (the
   collector does), so a step allocates nothing: fresh large buffers cost page faults.
-* Every step first all-gathers a few integers (P, m, dtype, rule, tau, method, parameter
-  layout) so that ranks that disagree fail with the same clear error on every rank instead
-  of exchanging garbage or hanging. It costs one tiny collective (``check=False`` drops it).
-* Failures. Every collective error (a peer died, the group timed out) is re-raised as
-  :class:`GAFDistributedError` naming the rank, the collective and the elapsed time. The
-  bound is the process group's timeout (``init_process_group(timeout=...)``, honoured by
-  gloo and by NCCL's watchdog) or, if given, ``timeout=`` here, which waits on each
-  collective with ``Work.wait(timeout)``.
+* Every step first runs the cross-rank check (:mod:`gaf.distributed.agreement`), and
+  every collective fails clearly (:mod:`gaf.distributed.comm`).
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +71,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gaf.core import (
-    RULES,
     FilterResult,
     check_grads,
     check_rule,
@@ -88,241 +80,13 @@ from gaf.core import (
     result_from_decision,
     weighted_sum,
 )
+from gaf.distributed.agreement import DTYPE_CODES, METHODS, check_agreement, step_fields
+from gaf.distributed.comm import AllToAllUnsupported, Comm, Workspace, all_gather_flat
 
-METHODS: tuple[str, ...] = ("sharded", "allgather")
-
-# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
-_all_gather_flat: Callable = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+GATHERS: tuple[str, ...] = ("auto", "broadcast", "all_gather")
 
 # Backends that raised "all_to_all not supported": later calls go straight to all-gather.
 _NO_ALL_TO_ALL: set[str] = set()
-
-_DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float32: 3,
-    torch.float64: 4,
-}
-
-
-class GAFDistributedError(RuntimeError):
-    """A distributed GAF step failed: ranks disagree, a peer died, or a collective timed out."""
-
-
-# -- traffic arithmetic ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Traffic:
-    """Elements one rank sends and receives per step, and how many it holds at once."""
-
-    sent: int
-    received: int
-    held: int  # largest gradient buffer a rank holds (in elements)
-
-    def bytes_sent(self, element_size: int = 4) -> int:
-        return self.sent * element_size
-
-
-def traffic(method: str, numel: int, m: int, world_size: int) -> Traffic:
-    """Algorithmic per-rank traffic of one exchange, in elements, averaged over ranks
-    (the tiny check and Gram collectives are left out).
-
-    ``"sharded"``: (m+1)·P·(N-1)/N sent and received, i.e. 2·P·(N-1)/N for m = 1.
-    ``"allgather"``: (N-1)·m·P sent and received, N·m·P held.
-    ``"allreduce"``: the baseline ring all-reduce of one [P] gradient, 2·P·(N-1)/N.
-    """
-    n, p = world_size, numel
-    if method == "sharded":
-        moved = (m + 1) * p * (n - 1) // n
-        return Traffic(sent=moved, received=moved, held=m * p)
-    if method == "allgather":
-        return Traffic(sent=(n - 1) * m * p, received=(n - 1) * m * p, held=n * m * p)
-    if method == "allreduce":
-        moved = 2 * p * (n - 1) // n
-        return Traffic(sent=moved, received=moved, held=p)
-    raise ValueError(f"unknown method {method!r}")
-
-
-# -- collectives with clear failures -----------------------------------------------------
-
-
-def _as_timedelta(timeout: float | datetime.timedelta | None) -> datetime.timedelta | None:
-    if timeout is None or isinstance(timeout, datetime.timedelta):
-        return timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return datetime.timedelta(seconds=float(timeout))
-
-
-class _AllToAllUnsupported(Exception):
-    pass
-
-
-def _looks_unsupported(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, NotImplementedError) or (
-        ("all_to_all" in text or "alltoall" in text)
-        and ("support" in text or "implement" in text)
-    )
-
-
-class Comm:
-    """The group, its size and this rank, and a way to run collectives that fail clearly."""
-
-    def __init__(self, group=None, timeout: float | datetime.timedelta | None = None):
-        if not dist.is_available() or not dist.is_initialized():
-            raise GAFDistributedError(
-                "torch.distributed is not initialised: call "
-                "torch.distributed.init_process_group(...) first (torchrun sets the "
-                "environment it needs), or use gaf.filter_gradients on one process"
-            )
-        self.group = group
-        self.timeout = _as_timedelta(timeout)
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
-        if self.rank < 0:
-            raise GAFDistributedError("this process is not a member of the given group")
-        self.backend = str(dist.get_backend(group))
-
-    def global_rank(self, group_rank: int) -> int:
-        """Global rank of a rank of this group (broadcast's ``src`` is a global rank)."""
-        if self.group is None:
-            return group_rank
-        return dist.get_global_rank(self.group, group_rank)
-
-    def start(self, what: str, op: Callable, *args, unsupported_ok: bool = False, **kwargs):
-        """Issue a collective asynchronously; returns its Work (or None)."""
-        try:
-            return op(*args, group=self.group, async_op=True, **kwargs)
-        except Exception as exc:
-            raise self._failure(what, exc, time.monotonic(), unsupported_ok) from exc
-
-    def wait(self, what: str, works: Sequence, since: float, unsupported_ok: bool = False) -> None:
-        """Wait for issued collectives, each within ``timeout`` if one was given."""
-        for work in works:
-            if work is None:
-                continue
-            try:
-                if self.timeout is None:
-                    work.wait()
-                elif work.wait(timeout=self.timeout) is False:
-                    raise TimeoutError(f"not complete after {self.timeout.total_seconds()} s")
-            except Exception as exc:
-                raise self._failure(what, exc, since, unsupported_ok) from exc
-
-    def run(self, what: str, op: Callable, *args, unsupported_ok: bool = False, **kwargs) -> None:
-        since = time.monotonic()
-        work = self.start(what, op, *args, unsupported_ok=unsupported_ok, **kwargs)
-        self.wait(what, [work], since, unsupported_ok)
-
-    def _failure(self, what: str, exc: BaseException, since: float, unsupported_ok: bool):
-        if isinstance(exc, (GAFDistributedError, _AllToAllUnsupported)):
-            return exc
-        if unsupported_ok and _looks_unsupported(exc):
-            return _AllToAllUnsupported(str(exc))
-        elapsed = time.monotonic() - since
-        limit = (
-            f"timeout={self.timeout.total_seconds():g} s"
-            if self.timeout is not None
-            else "the process group's timeout"
-        )
-        return GAFDistributedError(
-            f"GAF rank {self.rank}/{self.size}: {what} failed after {elapsed:.1f} s "
-            f"({limit}): {type(exc).__name__}: {exc}. Another rank probably died, "
-            "raised, or stopped taking part in the GAF step; every rank must call it "
-            "the same number of times."
-        )
-
-
-class Workspace:
-    """Buffers kept between exchanges, so that repeated steps allocate nothing.
-
-    Large fresh allocations cost page faults on first touch (tens of ms per 100 MB on a
-    CPU); DDP keeps its buckets for the same reason. :class:`DistributedGradientCollector`
-    holds one; pass one to :func:`filter_gradients_distributed` when calling it in a loop.
-    Holds up to about N·m·P elements for ``method="allgather"``, m·P (m > 1: 2·m·P) for
-    "sharded".
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, Tensor] = {}
-
-    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
-            self._buffers[name] = buf
-        return buf[:numel]
-
-    def clear(self) -> None:
-        self._buffers.clear()
-
-
-# -- cross-rank agreement check ----------------------------------------------------------
-
-
-def layout_hash(shapes: Sequence[Sequence[int]]) -> int:
-    """A stable 62-bit hash of a parameter layout (list of shapes), equal on every rank."""
-    text = ";".join(",".join(str(int(d)) for d in shape) for shape in shapes)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 2
-
-
-_FIELDS = (
-    "P (elements per micro-gradient)",
-    "m (micro-gradients on the rank)",
-    "dtype",
-    "rule",
-    "tau",
-    "method",
-    "number of trainable parameters",
-    "parameter shapes (hash)",
-)
-
-
-def _tau_bits(tau: float) -> int:
-    return int(np.array(tau, dtype=np.float64).view(np.int64))
-
-
-def _describe(field: str, value: int) -> str:
-    if field == "dtype":
-        names = {code: str(dt) for dt, code in _DTYPE_CODES.items()}
-        return names.get(value, f"code {value}")
-    if field == "rule":
-        return RULES[value] if 0 <= value < len(RULES) else f"code {value}"
-    if field == "tau":
-        return repr(float(np.array(value, dtype=np.int64).view(np.float64)))
-    if field == "method":
-        return METHODS[value] if 0 <= value < len(METHODS) else f"code {value}"
-    if field.startswith("parameter shapes"):
-        return f"{value:016x}"
-    return str(value)
-
-
-def check_agreement(comm: Comm, values: Sequence[int], device: torch.device, what: str) -> None:
-    """All-gather ``values`` (one per entry of ``_FIELDS``) and raise on every rank if any
-    differ. Every rank sees the same table, so every rank raises the same error."""
-    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
-    table = torch.empty(comm.size * mine.numel(), dtype=torch.int64, device=device)
-    comm.run(f"cross-rank check before {what}", _all_gather_flat, table, mine)
-    rows = table.view(comm.size, -1).cpu().tolist()
-    problems = []
-    for k, field in enumerate(_FIELDS):
-        column = [row[k] for row in rows]
-        if len(set(column)) > 1:
-            per_rank = ", ".join(
-                f"rank {r}: {_describe(field, v)}" for r, v in enumerate(column)
-            )
-            problems.append(f"{field} differs ({per_rank})")
-    if problems:
-        raise GAFDistributedError(
-            f"GAF ranks disagree before {what}: " + "; ".join(problems) + ". Every rank must "
-            "hold the same model, collect the same number of micro-batches per step and use "
-            "the same tau, rule and method."
-        )
-
-
-# -- the protocol ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -362,20 +126,19 @@ class ShardPlan:
 CHUNK_ELEMENTS = 1 << 21
 
 
-def _gather_by_broadcast(device: torch.device) -> bool:
+def _gather_by_broadcast(device: torch.device, gather: str) -> bool:
     """How to gather the filtered blocks: N concurrent broadcasts (one rooted at each rank)
     or all_gather. Same bytes either way; gloo's CPU all_gather measured 2-3x slower than
-    the broadcasts, while NCCL's all_gather is the ring-optimal one."""
-    if _FORCE_GATHER is not None:
-        return _FORCE_GATHER == "broadcast"
+    the broadcasts, while NCCL's all_gather is the ring-optimal one ("auto" picks so)."""
+    if gather not in GATHERS:
+        raise ValueError(f"unknown gather {gather!r}; choose one of {', '.join(GATHERS)}")
+    if gather != "auto":
+        return gather == "broadcast"
     return device.type == "cpu"
 
 
-_FORCE_GATHER: str | None = None  # tests exercise both gather paths on gloo
-
-
 def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out: Tensor,
-             gather_if_skipped: bool, chunk_elements: int, verdicts):
+             gather_if_skipped: bool, chunk_elements: int, verdicts, options, gather: str):
     m, p = rows.shape
     n, r = comm.size, comm.rank
     plan = ShardPlan.make(p, n, chunk_elements)
@@ -419,14 +182,14 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
 
     # 2.-3. Sum the partial Grams; every rank decides from the same bits.
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
-    decision = decide(gram, tau, rule, verdicts)  # moves the (N·m)² matrix G to the host
+    decision = decide(gram, tau, rule, verdicts, options)  # moves the (N·m)² G to the host
     if decision.skipped and not gather_if_skipped:
         return decision, out.zero_()
 
     # 4. Rank r computes its blocks of Σ w_i g_i; every rank gathers all blocks.
     since = time.monotonic()
     what = "gather of the filtered shards"
-    by_broadcast = _gather_by_broadcast(rows.device)
+    by_broadcast = _gather_by_broadcast(rows.device, gather)
     works, after = [], []
     pieces = None if by_broadcast else ws.get("piece", plan.chunks * b, rows.dtype, rows.device)
     for c in range(plan.chunks):
@@ -450,7 +213,7 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
         else:  # short last chunk: gather padded, keep the prefix (only the tail is short)
             target = ws.get("tail", n * b, rows.dtype, rows.device)
             after.append((out[base : base + total], target[:total]))
-        works.append(comm.start(what, _all_gather_flat, target, piece))
+        works.append(comm.start(what, all_gather_flat, target, piece))
     comm.wait(what, works, since)
     for dst, src in after:
         dst.copy_(src)
@@ -458,14 +221,14 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
 
 
 def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out: Tensor,
-               chunk_elements: int, verdicts):
+               chunk_elements: int, verdicts, options, gather: str):
     m, p = rows.shape
     n, r = comm.size, comm.rank
     every = ws.get("every", n * m * p, rows.dtype, rows.device).view(n, m * p)
     every[r].copy_(rows.reshape(-1))
     since = time.monotonic()
     what = "all-gather of micro-gradients"
-    if _gather_by_broadcast(rows.device):  # the same gather primitive as "sharded"
+    if _gather_by_broadcast(rows.device, gather):  # the same gather primitive as "sharded"
         step = max(1, chunk_elements // n)
         works = [
             comm.start(what, dist.broadcast, every[j, lo : lo + step], src=comm.global_rank(j))
@@ -473,7 +236,7 @@ def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, o
             for j in range(n)
         ]
     else:
-        works = [comm.start(what, _all_gather_flat, every.view(-1), every[r])]
+        works = [comm.start(what, all_gather_flat, every.view(-1), every[r])]
     comm.wait(what, works, since)
     every = every.view(n * m, p)
     # G from this rank's column shard, summed across ranks: bit-identical on every rank
@@ -482,7 +245,7 @@ def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, o
     lo, hi = min(r * s, p), min((r + 1) * s, p)
     gram = gram_matrix(every[:, lo:hi])
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
-    decision = decide(gram, tau, rule, verdicts)
+    decision = decide(gram, tau, rule, verdicts, options)
     weighted_sum(every, decision.weights, out)
     return decision, out
 
@@ -519,15 +282,20 @@ def run_protocol(
     gather_if_skipped: bool = True,
     chunk_elements: int = CHUNK_ELEMENTS,
     verdicts: np.ndarray | None = None,
+    rule_options: Mapping | None = None,
+    gather: str = "auto",
 ) -> FilterResult:
     """The protocol behind :func:`filter_gradients_distributed`, for front ends that hold
     their own :class:`Comm`. ``layout`` (parameter shapes) joins the cross-rank check.
     ``gather_if_skipped=False`` saves the final gather on skipped steps (the direction is
     then returned as zeros: the optimizer will not use it). ``verdicts`` (bool [N·m], the
-    same on every rank) come from a blind control (:mod:`gaf.controls`)."""
+    same on every rank) come from a blind control (:mod:`gaf.controls`); ``rule_options``
+    are the rule's options. ``gather`` picks how the filtered blocks are gathered:
+    "broadcast" (N concurrent broadcasts), "all_gather", or "auto" (broadcasts on CPU
+    tensors, where gloo's all_gather is 2-3x slower, all_gather elsewhere)."""
     rows = check_grads(local_grads)
     tau, rule, method = check_tau(tau), check_rule(rule), check_method(method)
-    if rows.dtype not in _DTYPE_CODES:
+    if rows.dtype not in DTYPE_CODES:
         raise TypeError(f"unsupported gradient dtype {rows.dtype}")
     if not rows.is_contiguous():
         rows = rows.contiguous()
@@ -535,22 +303,17 @@ def run_protocol(
     out = _check_out(out, rows)
     ws = workspace if workspace is not None else Workspace()
     if check:
-        values = (
-            p, m, _DTYPE_CODES[rows.dtype], RULES.index(rule), _tau_bits(tau),
-            METHODS.index(method),
-            len(layout) if layout is not None else 0,
-            layout_hash(layout) if layout is not None else 0,
-        )
+        values = step_fields(p, m, rows.dtype, rule, tau, method, layout, rule_options)
         check_agreement(comm, values, rows.device, "the GAF exchange")
     used = method
     if comm.size == 1:
-        decision = decide(gram_matrix(rows), tau, rule, verdicts)
+        decision = decide(gram_matrix(rows), tau, rule, verdicts, rule_options)
         weighted_sum(rows, decision.weights, out)
     elif method == "sharded" and comm.backend not in _NO_ALL_TO_ALL:
         try:
             decision, out = _sharded(rows, comm, tau, rule, ws, out, gather_if_skipped,
-                                     chunk_elements, verdicts)
-        except _AllToAllUnsupported as exc:
+                                     chunk_elements, verdicts, rule_options, gather)
+        except AllToAllUnsupported as exc:
             # The backend refused all_to_all before any data moved; it does so on every
             # rank alike, so all ranks fall back together.
             warnings.warn(
@@ -561,10 +324,12 @@ def run_protocol(
             )
             _NO_ALL_TO_ALL.add(comm.backend)
             used = "allgather"
-            decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements, verdicts)
+            decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements, verdicts,
+                                       rule_options, gather)
     else:
         used = "allgather"
-        decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements, verdicts)
+        decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements, verdicts,
+                                       rule_options, gather)
     result = result_from_decision(decision, out, tau, rule)
     result.extra.update(
         method=used,
@@ -587,6 +352,9 @@ def filter_gradients_distributed(
     timeout: float | datetime.timedelta | None = None,
     out: Tensor | None = None,
     workspace: Workspace | None = None,
+    verdicts: np.ndarray | None = None,
+    rule_options: Mapping | None = None,
+    gather: str = "auto",
 ) -> FilterResult:
     """Filter the micro-gradients of all ranks; every rank gets the full filtered direction.
 
@@ -602,6 +370,7 @@ def filter_gradients_distributed(
         out: optional contiguous [P] tensor to write the direction into.
         workspace: a :class:`Workspace` to keep buffers in between calls (saves
             allocating about m·P elements per call).
+        verdicts, rule_options, gather: as for :func:`run_protocol`.
 
     Returns:
         A :class:`~gaf.core.FilterResult` over all N·m micro-gradients in rank-major order
@@ -610,4 +379,5 @@ def filter_gradients_distributed(
     """
     comm = Comm(group, timeout)
     return run_protocol(local_grads, tau, rule, comm, method=method, check=check, out=out,
-                        workspace=workspace)
+                        workspace=workspace, verdicts=verdicts, rule_options=rule_options,
+                        gather=gather)

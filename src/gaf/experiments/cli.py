@@ -138,8 +138,8 @@ def _print_method_tables(runs) -> None:
     )
 
     for title, rows, header in (
-        ("what each method kept (noise fraction, means over epochs)", selection_rows(runs),
-         SELECTION_COLUMNS),
+        ("what each method kept (noise fraction %: last epoch, range over epochs)",
+         selection_rows(runs), SELECTION_COLUMNS),
         ("GAF − other, paired by seed (mean ± 95% interval)", difference_rows(runs),
          DIFFERENCE_COLUMNS),
     ):
@@ -260,6 +260,7 @@ def cmd_report(args, parser) -> int:
     outputs = write_outputs(runs, out, doc.get("wall_seconds"),
                             title=doc.get("title", "GAF against averaging"), paper=paper or None)
     print(format_table(summary_rows(runs), markdown=False))
+    _print_method_tables(runs)
     _print_outputs(outputs)
     return 0
 

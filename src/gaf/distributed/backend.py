@@ -1,0 +1,60 @@
+"""The distributed backend: a step's rows on every rank, filtered by the protocol.
+
+Like the stacked backend, each rank keeps its m micro-gradients as rows; ``finish`` runs
+:func:`gaf.distributed.protocol.run_protocol` over all N·m of them and, if buffers were
+given, brings them in sync. See docs/design.md, "The distributed protocol".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from torch import Tensor
+
+from gaf.backends import StackedBackend
+from gaf.core import FilterResult
+from gaf.distributed.comm import Comm, Workspace
+from gaf.distributed.protocol import run_protocol
+from gaf.flat import FlatGradients
+
+
+class DistributedBackend(StackedBackend):
+    """Stacked rows on this rank; the decision over every rank's rows."""
+
+    mode = "stacked"
+
+    def __init__(self, flat: FlatGradients, rule: str, comm: Comm, method: str, check: bool,
+                 rule_options: Mapping | None = None, sync=None, gather: str = "auto"):
+        super().__init__(flat, rule, "cosine", None, rule_options)
+        self.comm = comm
+        self.method = method
+        self.check = check
+        self.gather = gather
+        self.layout: Sequence[tuple] = [tuple(s) for s in flat.shapes]
+        # Exchange buffers are kept between steps: no allocation per step.
+        self.workspace = Workspace()
+        self.sync = sync  # called after every step (buffer synchronisation), or None
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.size
+
+    def finish(self, count: int, tau: float, verdicts: np.ndarray | None) -> FilterResult:
+        result = super().finish(count, tau, verdicts)
+        if self.sync is not None:
+            self.sync()
+        return result
+
+    def filter_rows(self, rows: Tensor, tau: float, verdicts: np.ndarray | None
+                    ) -> FilterResult:
+        # Skipped steps are skipped on every rank, and their direction is thrown away:
+        # save the final gather.
+        return run_protocol(rows, tau, self.rule, self.comm, method=self.method,
+                            check=self.check, layout=self.layout, out=self.output.get(),
+                            workspace=self.workspace, gather_if_skipped=False,
+                            verdicts=verdicts, rule_options=self.rule_options,
+                            gather=self.gather)
+
+    def state(self) -> dict:
+        return {"method": self.method}
