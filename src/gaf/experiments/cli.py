@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from gaf.core import RULES
+from gaf.core import ALL_RULES
 from gaf.experiments.checkpoint import CheckpointError, CheckpointMismatchError
 from gaf.experiments.config import TrainConfig
 from gaf.experiments.data import DatasetNotFoundError
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(t)
     t.add_argument("--method", type=method_name, default=None, help=METHODS_HELP)
     t.add_argument("--tau", type=tau_value)
-    t.add_argument("--rule", choices=RULES)
+    t.add_argument("--rule", choices=ALL_RULES)
     add_threshold_options(t)
     add_method_options(t)
     t.add_argument("--noise-rate", type=fraction, help="fraction of wrong labels, e.g. 0.4")
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--list-recipes", action="store_true")
     c.add_argument("--methods", nargs="+", type=method_name, help=METHODS_HELP)
     c.add_argument("--tau", nargs="+", type=tau_value, help="GAF thresholds (one run each)")
-    c.add_argument("--rule", choices=RULES)
+    c.add_argument("--rule", choices=ALL_RULES)
     add_threshold_options(c)
     add_method_options(c)
     c.add_argument("--noise-rate", nargs="+", type=fraction,
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--method", type=method_name, default=None, help=METHODS_HELP)
     p.add_argument("--tau", type=tau_value)
-    p.add_argument("--rule", choices=RULES)
+    p.add_argument("--rule", choices=ALL_RULES)
     p.add_argument("--noise-rate", type=fraction)
     p.add_argument("--seed", type=nonneg_int)
     p.add_argument("--sizes", nargs="+", type=positive, help="micro-batch sizes to probe")
