@@ -368,17 +368,21 @@ def run_setting(s: Setting, args) -> dict:
 
 TIERS = {
     # The demo's question at the study's scale, then where the choice can see the noise.
-    1: dict(noise=["sym40"], mb=[(2, 32), (4, 16), (8, 4)], grouping=["random", "by-noise"]),
-    2: dict(noise=["sym20", "sym60", "sym80", "asym40"], mb=[(2, 32), (4, 16)],
+    1: dict(datasets=["fashion-mnist"], noise=["sym40"], mb=[(2, 32), (4, 16), (8, 4)],
             grouping=["random", "by-noise"]),
-    3: dict(noise=["sym40"], mb=[(2, 10), (8, 10)], grouping=["balanced"]),
+    2: dict(datasets=["fashion-mnist"], noise=["sym20", "sym60", "sym80", "asym40"],
+            mb=[(2, 32)], grouping=["random", "by-noise"]),
+    3: dict(datasets=["fashion-mnist"], noise=["sym40"], mb=[(2, 10), (8, 10)],
+            grouping=["balanced"]),
+    4: dict(datasets=["mnist"], noise=["sym40"], mb=[(2, 32), (4, 16)],
+            grouping=["random", "by-noise"]),
 }
 
 
 def settings_for(args) -> list[Setting]:
     tier = TIERS[args.tier]
     out = []
-    for dataset in args.datasets:
+    for dataset in args.datasets or tier["datasets"]:
         for noise in args.noise or tier["noise"]:
             for m, b in tier["mb"]:
                 for grouping in tier["grouping"]:
@@ -390,7 +394,7 @@ def settings_for(args) -> list[Setting]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tier", type=int, choices=sorted(TIERS), default=1)
-    ap.add_argument("--datasets", nargs="+", default=["fashion-mnist"])
+    ap.add_argument("--datasets", nargs="+", default=None)
     ap.add_argument("--noise", nargs="+", default=None)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--train-size", type=int, default=4000)

@@ -157,11 +157,18 @@ def plot_noise_sweep(runs: Sequence[RunResult], path: str | os.PathLike,
         xs = sorted(curve)
         ax.plot([100 * x for x in xs], [curve[x] for x in xs], ls="--", marker="x", alpha=0.7,
                 color=colours.get(label, "0.4" if i else "0.2"), label=f"paper: {label}")
-    ax.set_xlabel("label noise %")
-    ax.set_ylabel("final test accuracy %")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish_axes(ax, "label noise %", "final test accuracy %")
     return save_figure(fig, path)
+
+
+def _finish_axes(ax, xlabel: str, ylabel: str, title: str | None = None,
+                 legend_size: int = 8) -> None:
+    if title:
+        ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
 
 
 def plot_selection(runs: Sequence[RunResult], path: str | os.PathLike) -> Path | None:
@@ -187,11 +194,8 @@ def plot_selection(runs: Sequence[RunResult], path: str | os.PathLike) -> Path |
                         label=f"{label}, {key.split('_')[0]}")
         ax.axhline(100 * float(np.mean([r.noise_fraction for r in group])), color="k", ls=":",
                    lw=1)
-        ax.set_title(f"noise of kept (solid) and dropped (dashed): {setting}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("% noisy labels")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish_axes(ax, "epoch", "% noisy labels",
+                     f"noise of kept (solid) and dropped (dashed): {setting}", 7)
     return save_figure(fig, path)
 
 
@@ -215,11 +219,8 @@ def plot_differences(runs: Sequence[RunResult], path: str | os.PathLike) -> Path
             ax.fill_between(d["epoch"], mean - half, mean + half, alpha=0.15,
                             color=colours[f"{g} − {o}"])
     ax.axhline(0.0, color="k", lw=1)
-    ax.set_title("test accuracy difference, paired by seed (band: 95% interval)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("points")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _finish_axes(ax, "epoch", "points",
+                 "test accuracy difference, paired by seed (band: 95% interval)", 7)
     return save_figure(fig, path)
 
 

@@ -195,26 +195,35 @@ SELECTION_COLUMNS = (
 )
 
 
+def _last_and_range(rs: Sequence[RunResult], key: str, scale: float = 100.0,
+                    fmt: str = ".1f") -> str:
+    """The last epoch's value (mean over seeds) and, in brackets, the range over every epoch
+    and seed: e.g. '12.4 (12.1-39.9)'."""
+    last = [float(r.history[-1].get(key, math.nan)) for r in rs if r.history]
+    every = [float(h.get(key, math.nan)) for r in rs for h in r.history]
+    last = [v for v in last if math.isfinite(v)]
+    every = [v for v in every if math.isfinite(v)]
+    if not every:
+        return "–"
+    head = format(scale * float(np.mean(last)), fmt) if last else "–"
+    return f"{head} ({format(scale * min(every), fmt)}–{format(scale * max(every), fmt)})"
+
+
 def selection_rows(runs: Sequence[RunResult]) -> list[list[str]]:
-    """Selection precision per (label, noise), means over epochs and seeds; runs that keep
-    everything are left out (their fields are NaN)."""
+    """Selection precision per (label, noise): the last epoch (mean over seeds) and the range
+    over epochs and seeds; runs that keep everything are left out (their fields are NaN)."""
     groups: dict[tuple, list[RunResult]] = defaultdict(list)
     for r in runs:
         if math.isfinite(r.mean_over_epochs("kept_noise_fraction")):
             groups[(r.label, noise_text(r.config))].append(r)
     rows = []
     for (label, noise), rs in groups.items():
-        def mean(key: str, rs=rs) -> float:
-            vals = [r.mean_over_epochs(key) for r in rs]
-            vals = [v for v in vals if math.isfinite(v)]
-            return float(np.mean(vals)) if vals else float("nan")
-
         rows.append([
-            label, noise, _pct_pm([mean("kept_noise_fraction")]),
-            _pct_pm([mean("dropped_noise_fraction")]),
-            _pct_pm([mean("kept_noise_chance_std")]), _pct_pm([mean("taken_noise_fraction")]),
-            _pct_pm([mean("skipped_noise_fraction")]), _num(mean("distance_noise_spearman"),
-                                                            "+.2f"),
+            label, noise,
+            *(_last_and_range(rs, k) for k in (
+                "kept_noise_fraction", "dropped_noise_fraction", "kept_noise_chance_std",
+                "taken_noise_fraction", "skipped_noise_fraction")),
+            _last_and_range(rs, "distance_noise_spearman", 1.0, "+.2f"),
         ])
     return rows
 
@@ -255,7 +264,8 @@ def method_sections(runs: Sequence[RunResult]) -> list[str]:
         lines += ["## What each method kept", "", format_table(sel, SELECTION_COLUMNS), "",
                   "Noise fraction of the samples that entered an update (*kept*: micro-"
                   "batches accepted in taken steps, or samples for small-loss) and of the "
-                  "rest (*dropped*), means over epochs; *chance ±*: the standard deviation "
+                  "rest (*dropped*): the last epoch, mean over seeds, and in brackets the "
+                  "range over epochs and seeds; *chance ±*: the standard deviation "
                   "a random choice of the same size shows; *taken/skipped steps*: noise of "
                   "whole steps; *rank corr.*: Spearman correlation of a micro-batch's "
                   "distance with its noise fraction.", ""]

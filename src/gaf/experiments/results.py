@@ -96,8 +96,12 @@ class RunResult:
             "final_train_acc_clean": float(self.final.get("train_acc_clean", float("nan"))),
             "skip_rate": self.skip_rate,
             "distance_median": _median(self.distance_trace),
+            # selection precision: mean over epochs, and the last epoch's
             "kept_noise_fraction": self.mean_over_epochs("kept_noise_fraction"),
             "dropped_noise_fraction": self.mean_over_epochs("dropped_noise_fraction"),
+            "final_kept_noise_fraction": float(self.final.get("kept_noise_fraction", math.nan)),
+            "final_dropped_noise_fraction": float(self.final.get("dropped_noise_fraction",
+                                                                 math.nan)),
             "stopped_epoch": self.stopped_epoch,
             "warnings": len(self.warnings),
             "train_seconds": self.train_seconds,
