@@ -90,13 +90,13 @@ def make_step(method: str, model, forward, m: int, amp: str | None, dev: torch.d
 def bench_setting(name: str, amp: str | None, compiled: bool, args, dev) -> dict:
     """Samples/s of averaging and GAF for one (model, precision, compile) setting."""
     c, side, k = SHAPES[name]
-    m, b = args.num_micro_batches, args.micro_batch_size[name]
+    m, b, n_steps = args.num_micro_batches, args.micro_batch_size[name], args.steps[name]
     batch = m * b
     g = torch.Generator().manual_seed(0)
-    n = batch * args.steps
+    n = batch * n_steps
     train_x = torch.randn(n, c, side, side, generator=g).to(dev)
     train_y = torch.randint(0, k, (n,), generator=g).to(dev)
-    order = torch.randperm(n, generator=g).view(args.steps, batch).to(dev)
+    order = torch.randperm(n, generator=g).view(n_steps, batch).to(dev)
     aug = torch.Generator().manual_seed(1)
     augment = side == 32
     steps = {}
@@ -109,7 +109,7 @@ def bench_setting(name: str, amp: str | None, compiled: bool, args, dev) -> dict
     def one_rep(step) -> float:
         _sync(dev)
         t0 = time.perf_counter()
-        for s in range(args.steps):
+        for s in range(n_steps):
             x = train_x[order[s]]
             if augment:
                 x = augment_batch(x, aug)
@@ -125,7 +125,7 @@ def bench_setting(name: str, amp: str | None, compiled: bool, args, dev) -> dict
             if rep >= args.warmup:
                 times[method].append(dt)
     wall = time.perf_counter() - t_start
-    samples = batch * args.steps
+    samples = batch * n_steps
     out = {"batch": f"{m}x{b}", "wall": wall}
     for method, ts in times.items():
         lo, med, hi = quartiles([samples / t for t in ts])
@@ -183,8 +183,12 @@ def machine(dev: torch.device) -> str:
         where = torch.cuda.get_device_name(dev)
     else:
         where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    load = ""
+    if hasattr(os, "getloadavg"):  # other work on the machine slows every figure below
+        load = f", load average {os.getloadavg()[0]:.1f}"
     return (f"{where}; torch {torch.__version__}, python {platform.python_version()}, "
-            f"{torch.get_num_threads()} thread(s), {platform.system()} {platform.release()}")
+            f"{torch.get_num_threads()} thread(s), {platform.system()} {platform.release()}"
+            f"{load}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-micro-batches", type=int, default=2)
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="default: 32 for the small CNN; ResNets 100 on a GPU, 8 on a CPU")
-    p.add_argument("--steps", type=int, default=None, help="steps per repetition")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per repetition (default: 20 on a GPU; on a CPU 4, ResNets 2)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--eval-batch-size", type=int, default=None)
@@ -212,12 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     big = args.micro_batch_size or (100 if gpu else 8)
     args.micro_batch_size = {"small_cnn": args.micro_batch_size or 32, "resnet18": big,
                              "resnet34": big}
-    args.steps = args.steps or (20 if gpu else 4)
+    steps = args.steps or (20 if gpu else 4)
+    args.steps = {"small_cnn": steps, "resnet18": args.steps or (20 if gpu else 2),
+                  "resnet34": args.steps or (20 if gpu else 2)}
     args.eval_batch_size = args.eval_batch_size or (1000 if gpu else 128)
     compile_models = (args.compile_models if args.compile_models is not None
                       else list(SHAPES) if gpu else ["small_cnn"])
     print(machine(dev))
-    print(f"{args.steps} steps per repetition, {args.reps} repetitions after {args.warmup} "
+    per_rep = ", ".join(f"{k} {v}" for k, v in args.steps.items() if k in args.models)
+    print(f"steps per repetition: {per_rep}; {args.reps} repetitions after {args.warmup} "
           f"warm-up, M = {args.num_micro_batches}, channels-last {args.channels_last}; "
           f"GAF at tau 2 (every step taken)")
     print()

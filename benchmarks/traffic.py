@@ -6,7 +6,13 @@ Gram collectives are left out), for N ranks each holding m micro-gradients of P 
 
 ``"sharded"``    (m+1)·P·(N-1)/N sent and received, i.e. 2·P·(N-1)/N for m = 1;
 ``"allgather"``  (N-1)·m·P sent and received, N·m·P held;
-``"allreduce"``  the baseline ring all-reduce of one [P] gradient, 2·P·(N-1)/N.
+``"allreduce"``  the baseline ring all-reduce of one [P] gradient, 2·P·(N-1)/N;
+``"coordinatewise"``  the coordinate-wise median and trimmed mean
+                 (:mod:`gaf.distributed.coordinatewise`): an all-gather of every row, as
+                 "allgather", (N-1)·m·P, N·m·P held.
+
+Every Gram rule, the robust ones (multi-krum, geometric-median) included, moves what
+"sharded" moves: only the (N·m)² Gram matrix differs between rules.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ def traffic(method: str, numel: int, m: int, world_size: int) -> Traffic:
     if method == "sharded":
         moved = (m + 1) * p * (n - 1) // n
         return Traffic(sent=moved, received=moved, held=m * p)
-    if method == "allgather":
+    if method in ("allgather", "coordinatewise"):
         return Traffic(sent=(n - 1) * m * p, received=(n - 1) * m * p, held=n * m * p)
     if method == "allreduce":
         moved = 2 * p * (n - 1) // n

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gaf import RULES
+from gaf import ALL_RULES
 from gaf.distributed import DistributedGAFTrainer
 from gaf.faults import FAULT_KINDS, FaultInjector
 
@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batches", type=int, default=2, help="m, micro-batches per rank")
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--tau", type=float, default=0.97, help="cosine-distance threshold (2: mean)")
-    p.add_argument("--rule", default="mean", choices=list(RULES))
+    p.add_argument("--rule", default="mean", choices=list(ALL_RULES))
     p.add_argument("--method", default="sharded", choices=["sharded", "allgather"])
     p.add_argument("--noise", type=float, default=0.4, help="symmetric label-noise rate")
     p.add_argument("--lr", type=float, default=0.05)

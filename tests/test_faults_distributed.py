@@ -14,10 +14,16 @@ from torch import nn
 
 import gaf
 from gaf.coordinatewise import aggregate_coordinatewise
-from gaf.distributed import DistributedGAFTrainer
+from gaf.distributed import DistributedGAFTrainer, filter_gradients_distributed
 from gaf.distributed.coordinatewise import aggregate_coordinatewise_distributed
 from gaf.faults import FaultInjector
-from test_distributed import all_equal_across_ranks, micro_gradients, spawn
+from test_distributed import (
+    all_equal_across_ranks,
+    expect_error,
+    micro_gradients,
+    same_decision,
+    spawn,
+)
 
 WORLD = 4
 
@@ -26,6 +32,38 @@ WORLD = 4
 
 
 def _aggregation_checks(rank: int, n: int) -> None:
+    # The Gram rules through the sharded protocol (and the all-gather one), with a NaN row
+    # and a scaled row among them: Krum's decision and bits are the one process's; the
+    # median's weights are a smooth function of G, which the protocol sums from partial
+    # Grams, so they agree to rounding (and bit for bit across ranks).
+    for m, p in ((2, 64), (3, 1003)):
+        x = micro_gradients(5 * m, n * m, p, torch.float64)
+        x[1, 7] = float("nan")
+        FaultInjector.make("scale", [n * m - 2]).corrupt_rows(x)
+        local = x[rank * m : (rank + 1) * m]
+        for rule, options in (("multi-krum", {"f": 2}), ("multi-krum", {"f": 1, "m": 1}),
+                              ("geometric-median", None), ("geometric-median", {"nu": 0.1})):
+            single = gaf.filter_gradients(x, rule=rule, rule_options=options)
+            for method in ("sharded", "allgather"):
+                res = filter_gradients_distributed(local, rule=rule, rule_options=options,
+                                                   method=method)
+                if rule == "multi-krum":
+                    same_decision(res, single)
+                    assert torch.equal(res.grad, single.grad), (options, method, m)
+                    assert not res.accepted[n * m - 2]
+                else:
+                    torch.testing.assert_close(res.weights, single.weights, rtol=1e-9,
+                                               atol=1e-12)
+                    torch.testing.assert_close(res.grad, single.grad, rtol=1e-9, atol=1e-12)
+                    assert res.weights[n * m - 2] < 0.1 * res.weights.max()
+                assert all_equal_across_ranks(res.grad)
+                assert all_equal_across_ranks(res.weights)
+    # Ranks that disagree on a rule's options fail clearly before any gradient moves.
+    x = torch.randn(2, 50, dtype=torch.float64)
+    expect_error(lambda: filter_gradients_distributed(
+        x, rule="multi-krum", rule_options={"f": 1 + (rank == 0)}), "rule options")
+    expect_error(lambda: filter_gradients_distributed(x, rule=gaf.ROBUST_RULES[rank % 2]),
+                 "rule differs")
     for m, p in ((1, 33), (2, 101)):
         x = micro_gradients(7 * m, n * m, p, torch.float32)
         x[m] = float("nan")  # rank 1's first row: invalid, excluded everywhere
@@ -84,9 +122,10 @@ def train(rank: int, n: int, method: str, fault: FaultInjector | None) -> nn.Mod
     opt = torch.optim.SGD(params, lr=0.2)
     x_all, y_all = blobs(rank, STEPS * BATCH)
     trainer = hook = None
-    if method in gaf.RULES:
+    if method in gaf.ALL_RULES:
         trainer = DistributedGAFTrainer(model, opt, nn.functional.cross_entropy, MICRO,
-                                        tau=TAU, rule=method, buffer_sync=None)
+                                        tau=TAU, rule=method, buffer_sync=None,
+                                        rule_options=RULE_OPTIONS.get(method))
         if fault is not None:
             hook = fault.gradient_hook(params, MICRO, first_row=rank * MICRO)
     for step in range(STEPS):
@@ -129,6 +168,7 @@ AGGREGATORS = {
         rows, "trimmed-mean", 2).grad,
 }
 TAU = 0.97
+RULE_OPTIONS = {"multi-krum": {"f": 2}}  # the faulty rank holds 2 of the 8 rows
 
 # The robust run must end within this many points of test accuracy of a run without the
 # fault (averaging reaches about 0.93 here); averaging under the fault must end below
@@ -155,7 +195,9 @@ def _reliability(rank: int, n: int, rule: str, kind: str) -> None:
     dist.barrier()
 
 
-@pytest.mark.parametrize("rule,kind", [("consensus", "nonfinite"), ("median", "scale"),
-                                       ("trimmed-mean", "nonfinite")])
+@pytest.mark.parametrize("rule,kind", [
+    ("consensus", "nonfinite"), ("multi-krum", "scale"), ("geometric-median", "scale"),
+    ("median", "scale"), ("trimmed-mean", "nonfinite"),
+])
 def test_fault_one_rank_training(tmp_path, rule, kind):
     spawn(_reliability, WORLD, tmp_path, rule, kind)

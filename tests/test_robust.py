@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+import gaf
 from gaf.coordinatewise import check_trim, coordinatewise
 from gaf.core import gram_matrix, weighted_sum
+from gaf.core.robust import check_krum, geometric_median, multi_krum
 from gaf.reference_robust import (
     reference_coordinatewise,
     reference_geometric_median,
     reference_multi_krum,
 )
-from gaf.robust import check_krum, geometric_median, multi_krum
 
 
 def direction(x, decision):
@@ -197,9 +198,9 @@ def test_robust_rules_survive_a_corrupted_stack(kind, bad):
     for seed in range(5):
         x, honest = corrupted_stack(seed, bad, kind)
         cos = {}
-        for name, d in (("multi-krum", multi_krum(gram_matrix(x), f=2)),
-                        ("geometric-median", geometric_median(gram_matrix(x)))):
-            cos[name] = torch.nn.functional.cosine_similarity(direction(x, d), honest, dim=0)
+        for rule, options in (("multi-krum", {"f": 2}), ("geometric-median", None)):
+            res = gaf.filter_gradients(x, rule=rule, rule_options=options)
+            cos[rule] = torch.nn.functional.cosine_similarity(res.grad, honest, dim=0)
         for trim in (None, 2):
             out = torch.empty(64)
             coordinatewise(x, trim, out)
@@ -208,3 +209,49 @@ def test_robust_rules_survive_a_corrupted_stack(kind, bad):
         mean_cos = torch.nn.functional.cosine_similarity(x.mean(dim=0), honest, dim=0)
         assert all(c > 0.9 for c in cos.values()), (seed, cos)
         assert mean_cos < 0.9, (seed, mean_cos)
+
+
+# -- through the registry: filter_gradients, the trainer, the one-pass path ---------------
+
+
+def test_rules_through_filter_gradients_match_the_pure_functions():
+    x = random_rows(5, 9, 23, invalid=True)
+    for rule, options, fn in (("multi-krum", {"f": 2, "m": 3}, multi_krum),
+                              ("geometric-median", {"nu": 1e-2}, geometric_median)):
+        res = gaf.filter_gradients(x, rule=rule, rule_options=options)
+        d = fn(gram_matrix(x), **options)
+        assert res.accepted.tolist() == d.accepted.tolist() and res.anchor == d.anchor
+        assert torch.equal(res.grad, direction(x, d))
+        assert res.num_invalid == 2 and not res.skipped and res.rule == rule
+    # Krum keeps one row: a step, not a skip.
+    krum = gaf.filter_gradients(x, rule="multi-krum", rule_options={"f": 1, "m": 1})
+    assert krum.num_accepted == 1 and not krum.skipped
+    with pytest.raises(ValueError, match="takes no option 'k'; its options are f, m"):
+        gaf.filter_gradients(x, rule="multi-krum", rule_options={"k": 2})
+    with pytest.raises(ValueError, match="blind controls"):
+        gaf.filter_gradients(x, rule="geometric-median", verdicts=np.ones(9, dtype=bool))
+    with pytest.raises(ValueError, match="needs the Gram matrix"):
+        gaf.filter_gradients(x, rule="multi-krum", measure="sign")
+
+
+@pytest.mark.parametrize("micro_gradients", ["sequential", "one-pass"])
+def test_trainer_with_a_robust_rule_ignores_a_scaled_micro_batch(micro_gradients):
+    from gaf.faults import FaultInjector
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = gaf.GAFTrainer(model, opt, torch.nn.functional.cross_entropy, 6,
+                             rule="multi-krum", rule_options={"f": 1},
+                             micro_gradients=micro_gradients)
+    hook = None
+    if micro_gradients == "sequential":
+        hook = FaultInjector.make("scale", [2], scale=-50.0).gradient_hook(
+            model.parameters(), 6)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(24, 6, generator=gen), torch.randint(0, 3, (24,), generator=gen)
+        out = trainer.step(x, y, on_micro_gradient=hook)
+        assert out.result.num_accepted == 5 and not out.skipped
+        if hook is not None:
+            assert not out.result.accepted[2]

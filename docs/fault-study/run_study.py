@@ -35,10 +35,8 @@ from torch import nn
 import gaf
 from gaf.controls import RandomDrop
 from gaf.coordinatewise import aggregate_coordinatewise
-from gaf.core import gram_matrix, weighted_sum
 from gaf.experiments.data import load_dataset
 from gaf.faults import FAULT_KINDS, FaultInjector
-from gaf.robust import geometric_median, multi_krum
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
@@ -86,15 +84,10 @@ def aggregate(method: str, rows: torch.Tensor, n: int, f: int, control: RandomDr
         res = gaf.filter_gradients(rows, TAU, "mean", verdicts=control.draw(n))
         return (None if res.skipped else res.grad), res.weights.numpy()
     if method in ("multi-krum", "geometric-median"):
-        gram = gram_matrix(rows)
-        if method == "multi-krum":
-            f_k, m = krum_options(n, f)
-            d = multi_krum(gram, f=f_k, m=m)
-        else:
-            d = geometric_median(gram)
-        if not d.valid.any():
-            return None, d.weights
-        return weighted_sum(rows, d.weights, torch.empty_like(rows[0])), d.weights
+        f_k, m = krum_options(n, f)
+        options = {"f": f_k, "m": m} if method == "multi-krum" else None
+        res = gaf.filter_gradients(rows, rule=method, rule_options=options)
+        return (None if res.skipped else res.grad), res.weights.numpy()
     rule = "median" if method == "median" else "trimmed-mean"
     res = aggregate_coordinatewise(rows, rule, trim_for(n, f))
     return res.grad, res.weights.numpy()

@@ -10,6 +10,8 @@ See docs/design.md for the method, the rules and the layering.
 from gaf.collector import FilterStats, GradientCollector
 from gaf.controls import Control, RandomDrop, RandomSkip
 from gaf.core import (
+    ALL_RULES,
+    ROBUST_RULES,
     RULES,
     Decision,
     FilterResult,
@@ -37,6 +39,8 @@ from gaf.training import GAFTrainer, StepResult
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_RULES",
+    "ROBUST_RULES",
     "RULES",
     "Control",
     "Decision",

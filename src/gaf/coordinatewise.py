@@ -6,7 +6,7 @@ Per coordinate c, over the valid rows' values x_1[c] … x_n[c] sorted ascending
     median:        the middle value (n odd) or the mean of the two middle values (n even)
     trimmed mean:  drop the b largest and b smallest values, average the n - 2b left
 
-Unlike the rules of :mod:`gaf.core` and :mod:`gaf.robust` these are not a weighted sum of
+Unlike the rules of :mod:`gaf.core` and :mod:`gaf.core.robust` these are not a weighted sum of
 whole rows and cannot be decided from the Gram matrix: they need every coordinate of every
 row. Across N ranks holding m rows of P each that means an all-gather, N·m·P elements held
 and (N-1)·m·P received per rank (:mod:`gaf.distributed.coordinatewise`), against

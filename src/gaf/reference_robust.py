@@ -1,7 +1,7 @@
 """Slow, obviously correct float64 references for the robust rules.
 
 Written from the definitions on the rows themselves (no Gram matrix, no vectorised
-sorting), so that tests can check :mod:`gaf.robust` and :mod:`gaf.coordinatewise` against
+sorting), so that tests can check :mod:`gaf.core.robust` and :mod:`gaf.coordinatewise` against
 them. Not for production: O(M²·P) and Python loops over coordinates.
 """
 

@@ -35,6 +35,7 @@ def test_fault_option_corrupts_every_method_and_is_recorded(fmnist_dir, tmp_path
 @pytest.mark.parametrize(("argv", "message"), [
     (["--fault", "bitrot"], "invalid choice: 'bitrot'"),
     (["--fault", "scale", "--faulty-rows", "3"], "faulty_rows 3 exceeds the 2 micro-batches"),
+    (["--rule", "multi-krum"], "needs more than 2f + 2 = 4 micro-gradients, got M = 2"),
 ])
 def test_bad_fault_options_are_named(capsys, argv, message):
     with pytest.raises(SystemExit) as e:

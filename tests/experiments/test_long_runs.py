@@ -146,3 +146,29 @@ def test_sigint_to_compare_writes_finished_runs_and_leaves_no_workers(fmnist_dir
                                        "--resume")]) == 0
     assert len(runs_of(out)) == 4
     assert all(p.stat().st_mtime_ns == t for p, t in records.items())
+
+
+def test_train_with_bf16_and_channels_last_from_the_command_line(fmnist_dir, tmp_path):
+    out = tmp_path / "fast"
+    assert main(["train", *tiny_args(fmnist_dir, out, "--epochs", "1", "--amp", "bf16",
+                                     "--channels-last")]) == 0
+    (run,) = runs_of(out)
+    assert run["config"]["amp"] == "bf16" and run["config"]["channels_last"] is True
+    assert len(run["history"]) == 1 and run["history"][0]["test_acc"] > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_exit_when_compare_is_killed(fmnist_dir, tmp_path):
+    out = tmp_path / "grid"
+    proc = start("compare", fmnist_dir, out, "--methods", "average", "gaf", "--epochs", "50",
+                 "--jobs", "2", "--checkpoint-every", "1")
+    # both workers are training once each run has written a checkpoint
+    wait_for(lambda: len(list(out.glob(f"checkpoints/*/{ck.LAST}"))) == 2, proc, timeout=240,
+             what="two runs training")
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    t0 = time.monotonic()
+    while [p for p in workers if _alive(p)] and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert [p for p in workers if _alive(p)] == []

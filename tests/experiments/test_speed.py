@@ -97,3 +97,31 @@ def test_compiled_model_steps_like_the_eager_one():
         b.step(x, y)
     for p, q in zip(eager.parameters(), base.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_the_loop_steps_the_compiled_module(fmnist_dir, monkeypatch):
+    """With compile=True the loop's training steps call what torch.compile returned (here
+    a counting stand-in: the test above runs the real compiler), and evaluation the module
+    itself."""
+    from torch import nn
+
+    from gaf.experiments.config import TrainConfig
+    from gaf.experiments.train import train
+
+    class Counting(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.inner(x)
+
+    made = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: made.append(Counting(model))
+                        or made[-1])
+    cfg = TrainConfig(data_dir=str(fmnist_dir), train_size=None, epochs=1, max_steps=3,
+                      micro_batch_size=8, width=2, progress=False, threads=1, compile=True)
+    run = train(cfg)
+    assert len(made) == 1 and made[0].inner is run.model
+    assert made[0].calls == 3 * cfg.num_micro_batches  # training forwards only

@@ -46,6 +46,10 @@ Rules (``rule=``):
 
 For M = 2 all five coincide.
 
+Robust aggregators (:mod:`gaf.core.robust`, :data:`ROBUST_RULES`), also functions of G
+alone, with options (``rule_options=``) and no tau: ``"multi-krum"`` (Blanchard et al.
+2017) and ``"geometric-median"`` (smoothed Weiszfeld, as in RFA).
+
 Blind controls (:mod:`gaf.controls`) pass ``verdicts``, a bool per row drawn without
 looking at the gradients: the test ``distance <= tau`` is then replaced by ``verdicts[k]``
 for every row the rule tests, and everything else (validity, the anchor, distances,
@@ -86,8 +90,10 @@ from gaf.core.distance import (
     valid_rows,
 )
 from gaf.core.registry import (
+    ALL_RULES,
     ANCHORED_RULES,
     REGISTRY,
+    ROBUST_RULES,
     RULES,
     STREAMING_RULES,
     Rule,
@@ -110,6 +116,8 @@ from gaf.core.tensors import (
 __all__ = [
     "ANCHORED_RULES",
     "REGISTRY",
+    "ALL_RULES",
+    "ROBUST_RULES",
     "RULES",
     "STREAMING_RULES",
     "ZERO_DISTANCE",

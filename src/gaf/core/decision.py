@@ -20,7 +20,9 @@ class Decision:
     ``weights`` gives the update direction as Σ_i weights[i] · g_i; rejected rows have
     weight 0. ``distances[k]`` is the distance row k had when it was tested (0 for the
     anchor, 2 for invalid rows). ``anchor`` is the anchor row's index, -1 if no row was
-    valid or the rule has no anchor ("consensus").
+    valid or the rule has no anchor ("consensus"). The step is skipped when fewer than
+    ``min_accepted`` rows are accepted: 2 for the agreement rules (one row agrees with
+    nothing), 1 for the robust aggregators of :mod:`gaf.core.robust` (Krum keeps one row).
     """
 
     accepted: np.ndarray  # bool [M]
@@ -29,6 +31,7 @@ class Decision:
     anchor: int
     valid: np.ndarray  # bool [M]: finite with non-zero norm
     finite: np.ndarray | None = None  # bool [M]: finite (None: same as valid)
+    min_accepted: int = 2
 
     @property
     def num_accepted(self) -> int:
@@ -36,7 +39,7 @@ class Decision:
 
     @property
     def skipped(self) -> bool:
-        return self.num_accepted < 2
+        return self.num_accepted < self.min_accepted
 
 
 def nothing_valid(valid: np.ndarray, finite: np.ndarray | None = None) -> Decision:
@@ -132,6 +135,7 @@ class FilterResult:
     # bool [M], CPU: rows that took part (finite, non-zero). Lets adaptive thresholds tell a
     # real distance of 2 from the 2 reported for an invalid row. None: not recorded.
     valid: Tensor | None = None
+    min_accepted: int = 2  # skipped below this many accepted rows (see Decision)
 
     @property
     def num_accepted(self) -> int:
@@ -143,7 +147,7 @@ class FilterResult:
 
     @property
     def skipped(self) -> bool:
-        return self.num_accepted < 2
+        return self.num_accepted < self.min_accepted
 
     @property
     def acceptance_rate(self) -> float:
@@ -162,4 +166,5 @@ def result_from_decision(decision: Decision, grad: Tensor, tau: float, rule: str
         rule=rule,
         num_nonfinite=int((~decision.finite).sum()) if decision.finite is not None else 0,
         valid=torch.from_numpy(np.asarray(decision.valid, dtype=bool).copy()),
+        min_accepted=decision.min_accepted,
     )

@@ -24,6 +24,12 @@ from torch import Tensor
 
 from gaf.core.decision import Decision, DistanceOracle, GramOracle, check_verdicts, nothing_valid
 from gaf.core.distance import check_tau
+from gaf.core.robust import (
+    check_krum_options,
+    check_median_options,
+    geometric_median_rule,
+    multi_krum_rule,
+)
 from gaf.core.rules import (
     anchor_rule,
     consensus_rule,
@@ -83,11 +89,24 @@ _BUILTIN = (
     Rule("consensus", consensus_rule,
          "each row against the sum of all the others; no anchor", anchored=False),
 )
+# Robust aggregators (gaf.core.robust): Gram rules with options, no tau test.
+_ROBUST = (
+    Rule("multi-krum", multi_krum_rule,
+         "the m rows closest to their M - f - 2 nearest neighbours (Krum: m = 1)",
+         anchored=False, gram_only=True, uses_tau=False, check_options=check_krum_options),
+    Rule("geometric-median", geometric_median_rule,
+         "weights of the geometric median (smoothed Weiszfeld)",
+         anchored=False, gram_only=True, uses_tau=False, check_options=check_median_options),
+)
 
-REGISTRY: dict[str, Rule] = {rule.name: rule for rule in _BUILTIN}
+REGISTRY: dict[str, Rule] = {rule.name: rule for rule in _BUILTIN + _ROBUST}
 
-# The built-in rules' names, in a fixed order (the distributed check encodes a rule by it).
-RULES: tuple[str, ...] = tuple(REGISTRY)
+# The agreement rules (each row tested against tau), in a fixed order.
+RULES: tuple[str, ...] = tuple(r.name for r in _BUILTIN)
+# The robust aggregators over the Gram matrix (gaf.core.robust); tau is not used.
+ROBUST_RULES: tuple[str, ...] = tuple(r.name for r in _ROBUST)
+# Every built-in rule, in a fixed order (the distributed check encodes a rule by it).
+ALL_RULES: tuple[str, ...] = RULES + ROBUST_RULES
 # Rules with an anchor row that is always accepted (with one valid row they accept one).
 ANCHORED_RULES: tuple[str, ...] = tuple(r.name for r in _BUILTIN if r.anchored)
 # Rules the streaming collector runs as a fold, with one running sum.

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from gaf.core import RULES
+from gaf.core import ALL_RULES
 from gaf.distributed.comm import Comm, GAFDistributedError, all_gather_flat
 
 METHODS: tuple[str, ...] = ("sharded", "allgather")
@@ -55,7 +55,7 @@ def _describe(field: str, value: int) -> str:
         names = {code: str(dt) for dt, code in DTYPE_CODES.items()}
         return names.get(value, f"code {value}")
     if field == "rule":
-        return RULES[value] if 0 <= value < len(RULES) else f"code {value}"
+        return ALL_RULES[value] if 0 <= value < len(ALL_RULES) else f"code {value}"
     if field == "tau":
         return repr(float(np.array(value, dtype=np.int64).view(np.float64)))
     if field == "method":
@@ -78,7 +78,7 @@ def step_fields(numel: int, rows: int, dtype: torch.dtype, rule: str, tau: float
                 ) -> tuple[int, ...]:
     """The values :func:`check_agreement` compares, one per entry of ``FIELDS``."""
     return (
-        numel, rows, DTYPE_CODES.get(dtype, 0), RULES.index(rule) if rule in RULES else -1,
+        numel, rows, DTYPE_CODES.get(dtype, 0), ALL_RULES.index(rule) if rule in ALL_RULES else -1,
         tau_bits(tau), METHODS.index(method),
         len(layout) if layout is not None else 0,
         layout_hash(layout) if layout is not None else 0,

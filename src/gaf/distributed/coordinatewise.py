@@ -8,8 +8,9 @@ same statistic from the same N·m rows in rank-major order::
     traffic per rank:  sends and receives (N-1)·m·P elements, holds N·m·P
     an all-reduce of the mean (and GAF's sharded protocol with m = 1): 2·P·(N-1)/N
 
-so at N = 8, m = 1 they move 8× the bytes of an all-reduce and hold 8 gradients.
-``traffic("allgather", ...)`` in benchmarks/traffic.py gives these figures.
+so with m = 1 they move N/2 times the elements of an all-reduce (4× at N = 8) and hold
+N gradients. ``traffic("coordinatewise", ...)`` in benchmarks/traffic.py gives these
+figures.
 
 Every rank sorts the same bits with the same stable sort and averages in the same order,
 so every rank holds the same direction, bit for bit, with no broadcast; the result and

@@ -232,7 +232,7 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], path: str
     diffs = config_differences(saved, current)
     if diffs:
         raise CheckpointMismatchError(
-            f"checkpoint {path} belongs to another configuration ({'; '.join(diffs)}); "
+            f"{path} belongs to a run of another configuration ({'; '.join(diffs)}); "
             f"resume with the same settings or use another --out directory (these may "
             f"differ: {', '.join(sorted(RESULT_NEUTRAL_FIELDS))})"
         )

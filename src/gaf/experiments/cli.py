@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from gaf.core import RULES
+from gaf.core import ALL_RULES
 from gaf.experiments.checkpoint import CheckpointError, CheckpointMismatchError
 from gaf.experiments.config import TrainConfig
 from gaf.experiments.data import DatasetNotFoundError
@@ -55,12 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(t)
     t.add_argument("--method", type=method_name, default=None, help=METHODS_HELP)
     t.add_argument("--tau", type=tau_value)
-    t.add_argument("--rule", choices=RULES)
+    t.add_argument("--rule", choices=ALL_RULES)
     add_threshold_options(t)
     add_method_options(t)
     t.add_argument("--noise-rate", type=fraction, help="fraction of wrong labels, e.g. 0.4")
     t.add_argument("--seed", type=nonneg_int)
     add_long_run_options(t)
+    _add_tensorboard_option(t)
 
     c = sub.add_parser("compare", help="several methods/settings/seeds side by side")
     add_common_options(c)
@@ -68,13 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--list-recipes", action="store_true")
     c.add_argument("--methods", nargs="+", type=method_name, help=METHODS_HELP)
     c.add_argument("--tau", nargs="+", type=tau_value, help="GAF thresholds (one run each)")
-    c.add_argument("--rule", choices=RULES)
+    c.add_argument("--rule", choices=ALL_RULES)
     add_threshold_options(c)
     add_method_options(c)
     c.add_argument("--noise-rate", nargs="+", type=fraction,
                    help="fractions of wrong labels, e.g. 0.2 0.4")
     c.add_argument("--seed", nargs="+", type=nonneg_int)
     add_long_run_options(c)
+    _add_tensorboard_option(c)
     c.add_argument("--jobs", type=positive, default=None,
                    help="runs in parallel processes (default: 2 when there are 2+ CPUs and "
                         "the device is cpu, else 1)")
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--method", type=method_name, default=None, help=METHODS_HELP)
     p.add_argument("--tau", type=tau_value)
-    p.add_argument("--rule", choices=RULES)
+    p.add_argument("--rule", choices=ALL_RULES)
     p.add_argument("--noise-rate", type=fraction)
     p.add_argument("--seed", type=nonneg_int)
     p.add_argument("--sizes", nargs="+", type=positive, help="micro-batch sizes to probe")
@@ -120,6 +122,7 @@ def cmd_train(args, parser) -> int:
         parser.error(f"{cfg.method} needs --control-rate in gaf train (gaf compare matches it "
                      "to the GAF run of the same setting and seed)")
     _check_resume(args, parser)
+    _check_tensorboard(args, parser)
     from gaf.experiments.compare import run_comparison
     from gaf.experiments.report import format_table, summary_rows
 
@@ -128,6 +131,7 @@ def cmd_train(args, parser) -> int:
     print(format_table(summary_rows(comp.runs), markdown=False))
     _print_method_tables(comp.runs)
     _print_outputs(comp.outputs)
+    _write_tensorboard(args, comp.runs)
     return 0
 
 
@@ -186,6 +190,7 @@ def cmd_compare(args, parser) -> int:
     paper = recipe.paper if recipe.paper else None
     title = f"GAF against averaging ({recipe.name if args.recipe else cfg.dataset})"
     _check_resume(args, parser)
+    _check_tensorboard(args, parser)
     comp = run_comparison(configs, args.out, jobs=jobs, title=title, paper=paper,
                           plots=args.plots, resume=args.resume)
     from gaf.experiments.report import format_table, summary_rows
@@ -195,6 +200,7 @@ def cmd_compare(args, parser) -> int:
     _print_method_tables(comp.runs)
     print(f"wall time {comp.wall_seconds:.0f} s")
     _print_outputs(comp.outputs)
+    _write_tensorboard(args, comp.runs)
     if args.check:
         return _report_goal(comp.runs, args.out, args.require_goal)
     return 0
@@ -285,6 +291,31 @@ def cmd_data(args, parser) -> int:
     print(f"{d.name}: {d.num_train} training and {d.num_test} test images of shape "
           f"{tuple(d.train_images.shape[1:])}, {d.num_classes} classes, from {d.source}")
     return 0
+
+
+def _add_tensorboard_option(p) -> None:
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="also write each finished run's per-epoch statistics and per-step "
+                        "distances as TensorBoard logs (and epochs.csv) in DIR/<run>")
+
+
+def _check_tensorboard(args, parser) -> None:
+    """Before any training: --tensorboard needs the tensorboard package."""
+    if args.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            parser.error("--tensorboard needs the tensorboard package: "
+                         "pip install 'gaf[tensorboard]'")
+
+
+def _write_tensorboard(args, runs) -> None:
+    if args.tensorboard:
+        from gaf.integrations.tensorboard import write_runs
+
+        dirs = write_runs(args.tensorboard, runs)
+        print(f"  tensorboard: {args.tensorboard} ({len(dirs)} runs; "
+              f"tensorboard --logdir {args.tensorboard})")
 
 
 def _print_outputs(outputs: dict[str, str]) -> None:

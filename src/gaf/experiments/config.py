@@ -177,6 +177,10 @@ class TrainConfig:
         self.method = canonical_method(self.method)
         self.tau = check_tau(self.tau)
         check_rule(self.rule)
+        if self.rule == "multi-krum":  # Krum's f = 1 needs M > 4: say so before training
+            from gaf.core.robust import check_krum
+
+            check_krum(self.num_micro_batches)
         self._validate_method_options()
         from gaf.measures import check_measure
         from gaf.thresholds import parse_threshold

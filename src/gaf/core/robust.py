@@ -1,5 +1,10 @@
 """Robust aggregation rules that need only the Gram matrix of the micro-gradients.
 
+``rule="multi-krum"`` (options ``f``, ``m``) and ``rule="geometric-median"`` (options
+``nu``, ``max_iter``, ``tol``) of :func:`gaf.filter_gradients`, the collectors,
+:class:`gaf.GAFTrainer` and :mod:`gaf.distributed`, passed as ``rule_options=``; tau is
+not used.
+
 A faulty micro-gradient (a broken rank, a bad data shard, a stale or corrupted gradient)
 spoils a plain average however many honest rows surround it. Two classical robust
 aggregators decide from pairwise distances alone, and for rows g_1 … g_M with Gram matrix
@@ -50,7 +55,8 @@ Deliberate choices:
   direction's weights; ``distances[k]`` the cosine distance between the direction and row
   k (2 for invalid rows), the same quantity the agreement rules test; ``anchor`` Krum's
   best-scoring row, or the median's heaviest row. The step is never skipped while one row
-  is valid: a robust rule always has a direction.
+  is valid (``min_accepted = 1``): a robust rule always has a direction, even Krum's one
+  row. Blind controls do not apply (they replace a tau test these rules do not make).
 """
 
 from __future__ import annotations
@@ -61,9 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gaf.core import Decision
-
-ROBUST_RULES: tuple[str, ...] = ("multi-krum", "geometric-median")
+from gaf.core.decision import Decision
 
 
 def _count(value: object, name: str, low: int) -> int:
@@ -83,8 +87,15 @@ def _positive(value: object, name: str) -> float:
     return value
 
 
-def check_krum_options(f: object = 1, m: object = None) -> dict:
+def _no_unknown(name: str, unknown: dict, known: str) -> None:
+    if unknown:
+        raise ValueError(f"rule {name!r} takes no option {', '.join(map(repr, sorted(unknown)))}"
+                         f"; its options are {known}")
+
+
+def check_krum_options(f: object = 1, m: object = None, **unknown) -> dict:
     """Krum's options checked on their own (the row count is checked at decision time)."""
+    _no_unknown("multi-krum", unknown, "f, m")
     f = _count(f, "multi-krum's f (faulty rows tolerated)", 0)
     m = None if m is None else _count(m, "multi-krum's m (rows kept)", 1)
     return {"f": f, "m": m}
@@ -105,9 +116,10 @@ def check_krum(rows: int, f: object = 1, m: object = None) -> tuple[int, int]:
     return f, m
 
 
-def check_median_options(nu: object = 1e-3, max_iter: object = 100,
-                         tol: object = 1e-7) -> dict:
+def check_median_options(nu: object = 1e-3, max_iter: object = 100, tol: object = 1e-7,
+                         **unknown) -> dict:
     """The geometric median's options, checked."""
+    _no_unknown("geometric-median", unknown, "nu, max_iter, tol")
     return {"nu": _positive(nu, "geometric-median's nu (smoothing)"),
             "max_iter": _count(max_iter, "geometric-median's max_iter", 1),
             "tol": _positive(tol, "geometric-median's tol")}
@@ -144,7 +156,8 @@ def _distances_to_direction(g: np.ndarray, w: np.ndarray, valid: np.ndarray) -> 
 
 def _empty(valid: np.ndarray, finite: np.ndarray) -> Decision:
     m = len(valid)
-    return Decision(np.zeros(m, dtype=bool), np.zeros(m), np.full(m, 2.0), -1, valid, finite)
+    return Decision(np.zeros(m, dtype=bool), np.zeros(m), np.full(m, 2.0), -1, valid, finite,
+                    min_accepted=1)
 
 
 def multi_krum(gram: Tensor | np.ndarray, f: int = 1, m: int | None = None) -> Decision:
@@ -166,7 +179,8 @@ def multi_krum(gram: Tensor | np.ndarray, f: int = 1, m: int | None = None) -> D
     accepted[idx[order]] = True
     weights = accepted / accepted.sum()
     distances = _distances_to_direction(g, weights, valid)
-    return Decision(accepted, weights, distances, int(idx[order[0]]), valid, finite)
+    return Decision(accepted, weights, distances, int(idx[order[0]]), valid, finite,
+                    min_accepted=1)
 
 
 def geometric_median(
@@ -190,7 +204,7 @@ def geometric_median(
         if settled:
             break
     distances = _distances_to_direction(g, w, valid)
-    return Decision(w > 0, w, distances, int(np.argmax(w)), valid, finite)
+    return Decision(w > 0, w, distances, int(np.argmax(w)), valid, finite, min_accepted=1)
 
 
 # -- as rules of the registry: rule(oracle, tau, valid, verdicts, **options) -------------
