@@ -35,9 +35,10 @@ def test_one_setting_prints_rates_ratio_and_recipe_estimates(epoch_benchmark, ca
 
 
 def test_recipe_estimate_arithmetic(epoch_benchmark):
-    """One run of the demo: 12 epochs × (19968 samples / 1000 per s + 30000 / 3000 per s)."""
+    """One run of the plain comparison (the old demo's settings): 12 epochs × (19968 samples /
+    1000 per s + 30000 / 3000 per s)."""
     lines = epoch_benchmark.recipe_estimates({("small_cnn", "fp32"): 1000.0},
                                              {("small_cnn", "fp32"): 3000.0})
-    demo = [line for line in lines if line.startswith("| fmnist-demo |")][0].split("|")
+    demo = [line for line in lines if line.startswith("| plain |")][0].split("|")
     assert float(demo[6]) == pytest.approx(12 * (19968 / 1000 + 30000 / 3000) / 3600, abs=0.01)
     assert demo[3].strip() == "2"  # averaging and GAF

@@ -167,7 +167,7 @@ def cmd_compare(args, parser) -> int:
         print(describe_recipes())
         return 0
     try:
-        recipe = get_recipe(args.recipe or "fmnist-demo")
+        recipe = get_recipe(args.recipe or "plain")
     except ValueError as e:
         parser.error(str(e))
     cfg = apply_options(args, recipe.base, parser)
