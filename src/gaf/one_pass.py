@@ -2,8 +2,9 @@
 
 The sequential collector runs M forward/backward passes of small micro-batches; small
 passes use the hardware badly. Every rule needs only the Gram matrix G of the M
-micro-gradients and then Σ_i w_i g_i (design.md §3), and both can come from a single pass
-(design.md §7). Per step, for a batch of B samples split into M contiguous micro-batches
+micro-gradients and then Σ_i w_i g_i (docs/design.md, "The Gram idea"), and both can come
+from a single pass (docs/design.md, "One pass"). Per step, for a batch of B samples split
+into M contiguous micro-batches
 (``torch.tensor_split`` along dim 0, as :class:`~gaf.training.GAFTrainer` splits):
 
 1. Forward the whole batch once. Hooks on every layer with trainable parameters keep its
@@ -46,11 +47,12 @@ never more than M·P beyond the budget and usually far less; the stacked mode ho
 (M + 1)·P. ``result.extra["held"]`` counts it, ``result.extra["plan"]`` says per
 parameter how its pieces were computed (:mod:`gaf.one_pass_layers`).
 
-Distributed: the sharded protocol (design.md §4) pairs rows of different ranks, so the
-Gram pieces of one rank do not serve it; it needs every rank's rows. :func:`collect_one_pass`
-gives any collector (a :class:`~gaf.distributed.DistributedGradientCollector` included)
-the rank's m rows from one forward and backward (:meth:`OnePassFilter.micro_gradients`,
-which materialises [m, P] like the stacked mode) instead of m passes.
+Distributed: the sharded protocol (docs/design.md, "The distributed protocol") pairs rows
+of different ranks, so the Gram pieces of one rank do not serve it; it needs every rank's
+rows. :func:`collect_one_pass` gives any collector (a
+:class:`~gaf.distributed.DistributedGradientCollector` included) the rank's m rows from
+one forward and backward (:meth:`OnePassFilter.micro_gradients`, which materialises [m, P]
+like the stacked mode) instead of m passes.
 """
 
 from __future__ import annotations

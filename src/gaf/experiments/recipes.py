@@ -2,7 +2,7 @@
 
 ``fmnist-demo`` is the built-in default that ``make demo`` runs on two CPU cores. The
 CIFAR recipes reproduce the paper's settings for GPU users; the numbers beside them are
-the paper's (design.md §1), for reading the results against.
+the paper's (docs/design.md, "The method"), for reading the results against.
 
 Hyper-parameters of the CIFAR recipes follow the authors' public code (SGD with Nesterov
 momentum 0.9, lr 0.01, weight decay 1e-2, class-balanced micro-batches, 2 micro-batches per
