@@ -51,7 +51,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
 
@@ -61,6 +60,12 @@ from gaf.experiments.prepare import prepare_data
 from gaf.thresholds import parse_threshold
 
 HERE = Path(__file__).resolve().parent
+# The thresholds study's MLP, noise names and masked SGD step (torch.optim.SGD's arithmetic
+# for the copies that step), shared rather than copied.
+sys.path.insert(0, str(HERE.parent / "study"))
+from run_study import MLP, parse_noise  # noqa: E402
+from run_study import _sgd_step as sgd_step  # noqa: E402
+
 MNIST_DIR = "/work/data/mnist/package/data"
 
 
@@ -76,23 +81,6 @@ class Setting:
     @property
     def key(self) -> str:
         return f"{self.dataset}_{self.noise}_{self.m}x{self.b}_{self.grouping}_s{self.seed}"
-
-
-def parse_noise(spec: str) -> tuple[str, float]:
-    for prefix, kind in (("asym", "asymmetric"), ("sym", "symmetric")):
-        if spec.startswith(prefix):
-            return kind, int(spec[len(prefix):]) / 100
-    raise ValueError(f"noise setting {spec!r} is not symN or asymN")
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, classes: int = 10):
-        super().__init__()
-        self.fc1 = nn.Linear(784, hidden)
-        self.fc2 = nn.Linear(hidden, classes)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
 
 
 def per_sample_loss(logits: torch.Tensor, y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -321,23 +309,6 @@ def evaluate(model, params, x_all, data, train_idx, held_idx) -> dict:
     obs = (tr == y_tr).double().mean(1)
     return {"test_acc": test.tolist(), "memorised": mem.tolist(),
             "heldout_noisy_acc": held.tolist(), "train_acc_observed": obs.tolist()}
-
-
-@torch.no_grad()
-def sgd_step(params, bufs, direction, mask, names, args) -> None:
-    """torch.optim.SGD (momentum, nesterov, weight decay) for the copies in ``mask``."""
-    offset = 0
-    r = direction.shape[0]
-    for name in names:
-        p, buf = params[name], bufs[name]
-        numel = p[0].numel()
-        g = direction[:, offset:offset + numel].view_as(p)
-        offset += numel
-        keep = mask.view(r, *([1] * (p.dim() - 1))).to(p.dtype)
-        d_p = g.add(p, alpha=args.weight_decay)
-        buf.add_(buf.mul(args.momentum - 1.0).add_(d_p).mul_(keep))
-        d_p.add_(buf, alpha=args.momentum).mul_(keep)
-        p.sub_(d_p, alpha=args.lr)
 
 
 def run_setting(s: Setting, args) -> dict:
