@@ -46,6 +46,7 @@ def main(argv=None) -> int:
                           weight_decay=5e-4)
     trainer = gaf.GAFTrainer(model, opt, F.cross_entropy, num_micro_batches=args.m,
                              tau=args.tau, rule=args.rule)
+    params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(args.seed)
     n = data.train_y.numel()
     steps = n // args.m
@@ -53,11 +54,23 @@ def main(argv=None) -> int:
     for epoch in range(1, args.epochs + 1):
         perm = torch.randperm(n, generator=gen)[: steps * args.m].view(steps, args.m)
         accepted, noisy_acc, labels_acc, taken = 0, 0, np.zeros(10), 0
+        norm_ratio = []
         for s in range(steps):
             idx = perm[s]
-            out = trainer.step(data.train_x[idx], data.train_y[idx])
+            # The plain mean of all M micro-gradients, summed on the side, to compare the
+            # size of the filtered direction with what averaging would have stepped along.
+            total = [torch.zeros_like(p) for p in params]
+
+            def add(k, total=total):
+                for t, p in zip(total, params, strict=True):
+                    if p.grad is not None:
+                        t.add_(p.grad)
+
+            out = trainer.step(data.train_x[idx], data.train_y[idx], on_micro_gradient=add)
             mask = out.result.accepted.numpy()
             if not out.skipped:
+                plain = torch.sqrt(sum((t / args.m).pow(2).sum() for t in total))
+                norm_ratio.append(float(out.result.grad.norm() / plain))
                 taken += 1
                 accepted += int(mask.sum())
                 noisy_acc += int(data.is_noisy[idx][mask].sum())
@@ -71,6 +84,8 @@ def main(argv=None) -> int:
             "taken_steps": taken / steps,
             "accepted_per_taken_step": accepted / max(taken, 1),
             "accepted_noise_fraction": noisy_acc / max(accepted, 1),
+            # |filtered direction| / |mean of all M micro-gradients|, median over taken steps
+            "direction_norm_ratio": float(np.median(norm_ratio)) if norm_ratio else None,
             "accepted_label_share": (labels_acc / max(labels_acc.sum(), 1)).round(3).tolist(),
             "test_acc": float((pred == data.test_y).float().mean()),
             "test_prediction_share": (np.bincount(pred.numpy(), minlength=10) / len(pred))
