@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+# `data` too: the test of the real Fashion-MNIST files would otherwise be skipped.
+test: venv data
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

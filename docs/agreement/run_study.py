@@ -55,7 +55,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
 
-from gaf.core import RULES, decide
+from gaf.core import RULES, decide, result_from_decision
 from gaf.experiments.config import TrainConfig
 from gaf.experiments.prepare import prepare_data
 from gaf.thresholds import parse_threshold
@@ -241,8 +241,6 @@ def run_pass(s: Setting, copies: list[Copy], data, split, args, rates=None) -> d
                     if accepted.sum() >= 2:
                         weights[i] = accepted / accepted.sum()
                 else:
-                    from gaf.core import result_from_decision
-
                     thresholds[i].observe(result_from_decision(dec, stack[i, 0], tau, c.rule))
                     accepted = dec.accepted.copy()
                     acc["na_rej"][i] += (~accepted[1:]).sum()
