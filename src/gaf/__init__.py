@@ -22,6 +22,7 @@ from gaf.core import (
 from gaf.filter import filter_gradients
 from gaf.flat import FlatGradients
 from gaf.one_pass import OnePassFilter, collect_one_pass, one_pass_filter
+from gaf.spec import FilterSpec, resolve_spec
 from gaf.thresholds import (
     FixedThreshold,
     MovingAverageThreshold,
@@ -45,6 +46,7 @@ __all__ = [
     "Control",
     "Decision",
     "FilterResult",
+    "FilterSpec",
     "FilterStats",
     "FixedThreshold",
     "FlatGradients",
@@ -68,4 +70,5 @@ __all__ = [
     "make_threshold",
     "one_pass_filter",
     "parse_threshold",
+    "resolve_spec",
 ]
