@@ -21,6 +21,7 @@ from gaf.core import (
 )
 from gaf.filter import filter_gradients
 from gaf.flat import FlatGradients
+from gaf.noise_scale import NoiseScale
 from gaf.one_pass import OnePassFilter, collect_one_pass, one_pass_filter
 from gaf.spec import FilterSpec, resolve_spec
 from gaf.thresholds import (
@@ -53,6 +54,7 @@ __all__ = [
     "GAFTrainer",
     "GradientCollector",
     "MovingAverageThreshold",
+    "NoiseScale",
     "NullTailThreshold",
     "OnePassFilter",
     "QuantileThreshold",
