@@ -1,4 +1,4 @@
-"""The README's framework snippets run as written (each in a fresh directory)."""
+"""The integrations page's framework snippets run as written (each in a fresh directory)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-SECTION = "## Training frameworks: Lightning, Hugging Face, accelerate, TensorBoard"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
 NAMES = ["lightning", "transformers", "accelerate", "tensorboard"]
 
 
 def snippets() -> list[str]:
-    text = README.read_text(encoding="utf-8")
-    start = text.index(SECTION)
-    end = text.index("\n## ", start + len(SECTION))
-    return re.findall(r"```python\n(.*?)```", text[start:end], re.S)
+    return re.findall(r"```python\n(.*?)```", PAGE.read_text(encoding="utf-8"), re.S)
 
 
 def test_readme_has_one_snippet_per_framework():
@@ -30,7 +26,7 @@ def test_readme_has_one_snippet_per_framework():
 def test_readme_framework_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "readme"}
-    exec(compile(snippets()[index], f"README {NAMES[index]} snippet", "exec"), namespace)
+    exec(compile(snippets()[index], f"docs/integrations.md {NAMES[index]} snippet", "exec"), namespace)
     windows = 256 // 16 // 4  # every snippet: 256 samples, micro-batches of 16, M = 4
     if NAMES[index] == "lightning":
         assert namespace["gaf_callback"].stats.steps == windows
