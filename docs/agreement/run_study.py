@@ -56,9 +56,9 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
 
 from gaf.core import RULES, decide, result_from_decision
-from gaf.experiments.config import TrainConfig
-from gaf.experiments.prepare import prepare_data
 from gaf.thresholds import parse_threshold
+from gaflab.config import TrainConfig
+from gaflab.prepare import prepare_data
 
 HERE = Path(__file__).resolve().parent
 # The thresholds study's MLP, noise names and masked SGD step (torch.optim.SGD's arithmetic

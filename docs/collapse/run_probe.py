@@ -20,9 +20,9 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 import gaf
-from gaf.experiments.config import TrainConfig
-from gaf.experiments.models import build_model
-from gaf.experiments.prepare import prepare_data
+from gaflab.config import TrainConfig
+from gaflab.models import build_model
+from gaflab.prepare import prepare_data
 
 
 def main(argv=None) -> int:

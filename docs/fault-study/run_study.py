@@ -35,8 +35,8 @@ from torch import nn
 import gaf
 from gaf.controls import RandomDrop
 from gaf.coordinatewise import aggregate_coordinatewise
-from gaf.experiments.data import load_dataset
 from gaf.faults import FAULT_KINDS, FaultInjector
+from gaflab.data import load_dataset
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
