@@ -16,15 +16,20 @@ Every option left unset keeps the recipe's (or the default configuration's) valu
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from gaf.core import ALL_RULES
 from gaflab.checkpoint import CheckpointError, CheckpointMismatchError
+from gaflab.compare import expand_grid, run_comparison, write_outputs
 from gaflab.config import TrainConfig
-from gaflab.data import DatasetNotFoundError
+from gaflab.data import DatasetNotFoundError, load_dataset
+from gaflab.goal import check_goal, describe
 from gaflab.methods import CONTROLS
 from gaflab.options import (
     METHODS_HELP,
@@ -39,6 +44,17 @@ from gaflab.options import (
     nonneg_int,
     positive,
     tau_value,
+)
+from gaflab.probe import ProbeConfig, run_probe, write_probe
+from gaflab.recipes import describe_recipes, get_recipe
+from gaflab.report import (
+    DIFFERENCE_COLUMNS,
+    SELECTION_COLUMNS,
+    difference_rows,
+    format_table,
+    load_results,
+    selection_rows,
+    summary_rows,
 )
 
 
@@ -123,9 +139,6 @@ def cmd_train(args, parser) -> int:
                      "to the GAF run of the same setting and seed)")
     _check_resume(args, parser)
     _check_tensorboard(args, parser)
-    from gaflab.compare import run_comparison
-    from gaflab.report import format_table, summary_rows
-
     comp = run_comparison([cfg], args.out, jobs=1, title=f"gaf train: {cfg.label}",
                           plots=args.plots, resume=args.resume)
     print(format_table(summary_rows(comp.runs), markdown=False))
@@ -137,14 +150,6 @@ def cmd_train(args, parser) -> int:
 
 def _print_method_tables(runs) -> None:
     """Selection precision, paired differences and warnings, after the summary table."""
-    from gaflab.report import (
-        DIFFERENCE_COLUMNS,
-        SELECTION_COLUMNS,
-        difference_rows,
-        format_table,
-        selection_rows,
-    )
-
     for title, rows, header in (
         ("what each method kept (noise fraction %: last epoch, range over epochs)",
          selection_rows(runs), SELECTION_COLUMNS),
@@ -160,9 +165,6 @@ def _print_method_tables(runs) -> None:
 
 
 def cmd_compare(args, parser) -> int:
-    from gaflab.compare import expand_grid, run_comparison
-    from gaflab.recipes import describe_recipes, get_recipe
-
     if args.list_recipes:
         print(describe_recipes())
         return 0
@@ -193,8 +195,6 @@ def cmd_compare(args, parser) -> int:
     _check_tensorboard(args, parser)
     comp = run_comparison(configs, args.out, jobs=jobs, title=title, paper=paper,
                           plots=args.plots, resume=args.resume)
-    from gaflab.report import format_table, summary_rows
-
     print()
     print(format_table(summary_rows(comp.runs), markdown=False))
     _print_method_tables(comp.runs)
@@ -207,10 +207,6 @@ def cmd_compare(args, parser) -> int:
 
 
 def _report_goal(runs, out: str | None, require: bool) -> int:
-    import json
-
-    from gaflab.goal import check_goal, describe
-
     verdict = check_goal(runs)
     for line in describe(verdict):
         print(line, file=sys.stdout if verdict["complete"] else sys.stderr)
@@ -228,16 +224,12 @@ def _check_resume(args, parser) -> None:
 
 
 def _default_jobs(configs) -> int:
-    import os
-
     if len(configs) < 2 or any(c.device != "cpu" for c in configs):
         return 1
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def cmd_probe(args, parser) -> int:
-    from gaflab.probe import ProbeConfig, run_probe, write_probe
-
     base = ProbeConfig().train
     for k in ("method", "tau", "noise_rate", "seed"):
         v = getattr(args, k)
@@ -263,11 +255,6 @@ def cmd_probe(args, parser) -> int:
 
 
 def cmd_report(args, parser) -> int:
-    from pathlib import Path
-
-    from gaflab.compare import write_outputs
-    from gaflab.report import format_table, load_results, summary_rows
-
     try:
         doc, runs = load_results(args.results)
     except (OSError, ValueError, KeyError) as e:
@@ -285,8 +272,6 @@ def cmd_report(args, parser) -> int:
 
 
 def cmd_data(args, parser) -> int:
-    from gaflab.data import load_dataset
-
     d = load_dataset(args.dataset, args.data_dir, download=args.download)
     print(f"{d.name}: {d.num_train} training and {d.num_test} test images of shape "
           f"{tuple(d.train_images.shape[1:])}, {d.num_classes} classes, from {d.source}")
@@ -301,16 +286,14 @@ def _add_tensorboard_option(p) -> None:
 
 def _check_tensorboard(args, parser) -> None:
     """Before any training: --tensorboard needs the tensorboard package."""
-    if args.tensorboard:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            parser.error("--tensorboard needs the tensorboard package: "
-                         "pip install 'gaf[tensorboard]'")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        parser.error("--tensorboard needs the tensorboard package: "
+                     "pip install 'gaf[tensorboard]'")
 
 
 def _write_tensorboard(args, runs) -> None:
     if args.tensorboard:
+        # Here, not at the top: tensorboard is an optional extra, needed only with the flag.
         from gaf.integrations.tensorboard import write_runs
 
         dirs = write_runs(args.tensorboard, runs)

@@ -16,6 +16,7 @@ the runs that finished before re-raising.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import threading
@@ -29,7 +30,10 @@ from typing import Any
 
 from gaflab.config import TrainConfig
 from gaflab.methods import CONTROLS, canonical_method
+from gaflab.paired import paired_differences
+from gaflab.plots import plot_all
 from gaflab.prepare import PreparedData, prepare_data
+from gaflab.report import gaf_vs_average, markdown_report, write_results
 from gaflab.results import RunResult, setting_key
 from gaflab.resume import (
     RESULT_FILE,
@@ -271,8 +275,6 @@ def _run_serial(configs, dirs, todo, resume, results) -> None:
 
 
 def _run_parallel(configs, dirs, todo, resume, jobs, results) -> None:
-    import multiprocessing as mp
-
     # Fail (or download) here, once, rather than in every worker.
     for key in {_data_key(configs[i]): configs[i] for i in todo}.values():
         prepare_data(key)
@@ -348,9 +350,6 @@ def write_outputs(
     plots: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    from gaflab.paired import paired_differences
-    from gaflab.report import gaf_vs_average, markdown_report, write_results
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, str] = {}
@@ -362,8 +361,6 @@ def write_outputs(
     outputs["results"] = str(write_results(out / "results.json", runs, meta))
     pngs: list[Path] = []
     if plots:
-        from gaflab.plots import plot_all
-
         pngs = plot_all(runs, out, paper)
         for p in pngs:
             outputs[p.stem] = str(p)

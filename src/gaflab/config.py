@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import torch
+
 from gaf.core import check_rule, check_tau
+from gaf.core.robust import check_krum
+from gaf.faults import FAULT_KINDS
+from gaf.measures import check_measure
+from gaf.thresholds import parse_threshold
 from gaflab.data import DATASETS, canonical_name
 from gaflab.methods import CONTROLS, METHODS, canonical_method
 from gaflab.models import MODELS
@@ -17,6 +22,7 @@ from gaflab.source_noise import (
     check_source_split,
     resolve_source_rates,
 )
+from gaflab.speed import check_amp
 
 __all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
@@ -178,13 +184,8 @@ class TrainConfig:
         self.tau = check_tau(self.tau)
         check_rule(self.rule)
         if self.rule == "multi-krum":  # Krum's f = 1 needs M > 4: say so before training
-            from gaf.core.robust import check_krum
-
             check_krum(self.num_micro_batches)
         self._validate_method_options()
-        from gaf.measures import check_measure
-        from gaf.thresholds import parse_threshold
-
         check_measure(self.measure)
         if self.threshold is not None:
             parse_threshold(self.threshold)  # ValueError naming the bad part
@@ -242,22 +243,16 @@ class TrainConfig:
             _positive_int("width", self.width)
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
-        from gaflab.speed import check_amp
-
         self.amp = check_amp(self.amp)
         if self.checkpoint_every is not None:
             _positive_int("checkpoint_every", self.checkpoint_every)
         if self.device == "auto":
-            import torch
-
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         return self
 
     def _validate_fault(self) -> None:
         if self.fault is None:
             return
-        from gaf.faults import FAULT_KINDS
-
         if self.fault not in FAULT_KINDS:
             raise ValueError(f"unknown fault {self.fault!r}; choose from {', '.join(FAULT_KINDS)}")
         _positive_int("faulty_rows", self.faulty_rows)
@@ -353,12 +348,3 @@ def micro_batches_per_step(batch_size: int, micro_batch_size: int) -> int:
             f"batch size {batch_size} is not a multiple of the micro-batch size {micro_batch_size}"
         )
     return batch_size // micro_batch_size
-
-
-def stream_seed(seed: int, purpose: str) -> int:
-    """A seed for one random stream (noise, subset, order, ...) derived from the run seed.
-
-    Separate streams keep e.g. the training subset independent of which samples the noise
-    picked; the same (seed, purpose) always gives the same stream.
-    """
-    return (int(seed) * 1_000_003 + zlib.crc32(purpose.encode())) % (2**63 - 1)

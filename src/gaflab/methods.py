@@ -31,10 +31,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
-from gaf import GAFTrainer, RandomDrop, RandomSkip, StepResult
+from gaf import FlatGradients, GAFTrainer, GradientCollector, RandomDrop, RandomSkip, StepResult
 from gaf.controls import Control
 from gaf.core import gram_matrix
 from gaf.faults import FaultInjector
+from gaf.thresholds import parse_threshold
+from gaflab.data import DATASETS
+from gaflab.seeds import stream_seed
 from gaflab.speed import trainer_options
 
 METHOD_DESCRIPTIONS: dict[str, str] = {
@@ -134,8 +137,6 @@ class AccumulationSnapshots:
     """
 
     def __init__(self, params: list[Tensor], num_micro_batches: int):
-        from gaf import FlatGradients
-
         self.flat = FlatGradients(params)
         self.rows = self.flat.new_buffer(num_micro_batches)
 
@@ -195,9 +196,6 @@ class MethodStep:
 def attach_fault(step: MethodStep, cfg, params: list[Tensor]) -> MethodStep:
     """Give ``step`` the fault ``cfg`` asks for (the last ``cfg.faulty_rows`` micro-batches,
     seeded from the run's seed); averaging methods' hook works on the accumulated .grad."""
-    from gaflab.config import stream_seed
-    from gaflab.data import DATASETS
-
     m = cfg.num_micro_batches
     step.fault = FaultInjector.make(cfg.fault, range(m - cfg.faulty_rows, m),
                                     seed=stream_seed(cfg.seed, "fault") % (2**31))
@@ -208,15 +206,11 @@ def attach_fault(step: MethodStep, cfg, params: list[Tensor]) -> MethodStep:
 
 def gaf_threshold(cfg):
     """``cfg.threshold`` parsed (an adaptive threshold object), or the fixed ``cfg.tau``."""
-    from gaf.thresholds import parse_threshold
-
     return parse_threshold(cfg.threshold) if cfg.threshold else cfg.tau
 
 
 def make_collector(params: list[Tensor], cfg):
     """The collector of a GAF run, as ``cfg`` says (threshold, rule, measure)."""
-    from gaf import GradientCollector
-
     return GradientCollector(params, tau=gaf_threshold(cfg), rule=cfg.rule,
                              measure=cfg.measure, num_micro_batches=cfg.num_micro_batches)
 
@@ -244,8 +238,6 @@ def _method_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
                              collector=make_collector(params, cfg), **common)
         return MethodStep(method, trainer)
     if method in CONTROLS:
-        from gaflab.config import stream_seed
-
         rates = cfg.control_rates
         rate = rates[0] if rates else cfg.control_rate
         if rate is None:

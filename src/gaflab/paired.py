@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gaflab.results import RunResult, setting_key
+from gaflab.results import RunResult, noise_text, setting_key
 
 # Two-sided 95% quantiles of Student's t for 1 … 30 degrees of freedom.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -85,8 +85,6 @@ def comparisons(runs: Sequence[RunResult]) -> list[tuple[str, str, str, list[tup
 def paired_differences(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     """GAF − matched control and GAF − averaging, paired by seed, in points of accuracy
     (final and best test accuracy, memorised fraction), with 95% t-intervals."""
-    from gaflab.report import noise_text
-
     rows = []
     for gaf_label, other, kind, pairs in comparisons(runs):
         pairs = sorted(pairs, key=lambda p: p[0].config["seed"])

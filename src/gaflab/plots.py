@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gaflab.results import RunResult
+from gaflab.paired import comparisons, epoch_differences
+from gaflab.results import RunResult, noise_text
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported only when a figure is drawn: runs
+    with plots off (``--no-plots``, the tests) need no matplotlib."""
     try:
         import matplotlib
     except ImportError as e:  # pragma: no cover - matplotlib is in the lab extra
@@ -29,7 +32,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -54,7 +57,7 @@ def _series_label(r: RunResult, multi_noise: bool, multi_seed: bool) -> str:
 
 def plot_curves(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
     """Test accuracy and memorised fraction of noisy samples over epochs, one line per run."""
-    plt = _plt()
+    plt = pyplot()
     colours = _colours([r.label for r in runs])
     multi_noise = len({r.config["noise_rate"] for r in runs}) > 1
     multi_seed = len({r.config["seed"] for r in runs}) > 1
@@ -88,7 +91,7 @@ def _nan(x: float | None) -> float:
     return float("nan") if x is None else x
 
 
-def _smooth(x: np.ndarray, window: int) -> np.ndarray:
+def smooth(x: np.ndarray, window: int) -> np.ndarray:
     if window <= 1 or x.size < window:
         return x
     k = np.ones(window) / window
@@ -98,7 +101,7 @@ def _smooth(x: np.ndarray, window: int) -> np.ndarray:
 def plot_distances(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
     """Cosine distance between micro-gradients over training (moving average), with tau,
     and the distribution of per-step distances."""
-    plt = _plt()
+    plt = pyplot()
     runs = [r for r in runs if r.distance_trace]
     colours = _colours([r.label for r in runs])
     multi_noise = len({r.config["noise_rate"] for r in runs}) > 1
@@ -111,7 +114,7 @@ def plot_distances(runs: Sequence[RunResult], path: str | os.PathLike) -> Path:
         if d.size == 0:
             continue
         window = max(1, d.size // 100)
-        sm = _smooth(d, window)
+        sm = smooth(d, window)
         x = np.arange(sm.size) + (window - 1) / 2
         lab = _series_label(r, multi_noise, multi_seed)
         axes[0].plot(x, sm, color=colours[r.label], lw=1.5, label=lab)
@@ -142,7 +145,7 @@ def plot_noise_sweep(runs: Sequence[RunResult], path: str | os.PathLike,
     rates = sorted({r.config["noise_rate"] for r in runs})
     if len(rates) < 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     colours = _colours([r.label for r in runs])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label in colours:
@@ -178,12 +181,12 @@ def plot_selection(runs: Sequence[RunResult], path: str | os.PathLike) -> Path |
                                    for h in r.history)]
     if not runs:
         return None
-    plt = _plt()
+    plt = pyplot()
     colours = _colours([r.label for r in runs])
-    settings = sorted({_noise_text(r) for r in runs})
+    settings = sorted({noise_text(r.config) for r in runs})
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.2), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
-        group = [r for r in runs if _noise_text(r) == setting]
+        group = [r for r in runs if noise_text(r.config) == setting]
         for label in dict.fromkeys(r.label for r in group):
             rs = [r for r in group if r.label == label]
             epochs = min(len(r.history) for r in rs)
@@ -202,17 +205,15 @@ def plot_selection(runs: Sequence[RunResult], path: str | os.PathLike) -> Path |
 def plot_differences(runs: Sequence[RunResult], path: str | os.PathLike) -> Path | None:
     """GAF − matched control and GAF − averaging in test accuracy over epochs, paired by
     seed: the mean and its 95% t-interval (shaded, with two seeds or more)."""
-    from gaflab.paired import comparisons, epoch_differences
-
     comps = comparisons(runs)
     if not comps:
         return None
-    plt = _plt()
+    plt = pyplot()
     colours = _colours([f"{g} − {o}" for g, o, _, _ in comps])
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for g, o, _, pairs in comps:
         d = epoch_differences(pairs)
-        name = f"{g} − {o}, {_noise_text(pairs[0][0])}"
+        name = f"{g} − {o}, {noise_text(pairs[0][0].config)}"
         mean, half = np.asarray(d["mean"]), np.asarray(d["ci95"])
         ax.plot(d["epoch"], mean, marker="o", ms=3, color=colours[f"{g} − {o}"], label=name)
         if np.isfinite(half).any():
@@ -231,12 +232,6 @@ def _nanmean(rows: list[list[float]]) -> np.ndarray:
     counts = finite.sum(axis=0)
     sums = np.where(finite, x, 0.0).sum(axis=0)
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-
-
-def _noise_text(r: RunResult) -> str:
-    from gaflab.report import noise_text
-
-    return noise_text(r.config)
 
 
 def plot_all(runs: Sequence[RunResult], out_dir: str | os.PathLike,

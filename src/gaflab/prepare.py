@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from gaflab.config import TrainConfig, stream_seed
+from gaflab.config import TrainConfig
 from gaflab.data import ImageData, find_cifar_n_file, load_cifar_n_labels, load_dataset
 from gaflab.noise import (
     NoisyLabels,
@@ -22,6 +22,7 @@ from gaflab.noise import (
     human_noise,
     symmetric_noise,
 )
+from gaflab.seeds import stream_seed
 from gaflab.source_noise import SourceNoise, source_noise
 
 

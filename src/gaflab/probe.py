@@ -26,9 +26,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from gaflab.config import TrainConfig, stream_seed
+from gaf import FlatGradients, cosine_distance
+from gaflab.config import TrainConfig
+from gaflab.plots import pyplot, save_figure, smooth
 from gaflab.prepare import PreparedData, prepare_data
+from gaflab.report import environment, jsonable
 from gaflab.results import RunResult
+from gaflab.seeds import stream_seed
 from gaflab.train import train
 
 
@@ -69,8 +73,6 @@ def micro_gradient_distances(
     generator: torch.Generator,
 ) -> dict[int, list[float]]:
     """Cosine distances between the gradients of pairs of disjoint random micro-batches."""
-    from gaf import FlatGradients, cosine_distance
-
     params = [p for p in model.parameters() if p.requires_grad]
     flat = FlatGradients(params)
     pair = flat.new_buffer(2)  # two rows reused for every pair
@@ -146,12 +148,10 @@ def run_probe(pcfg: ProbeConfig) -> ProbeResult:
 
 
 def write_probe(result: ProbeResult, out_dir: str | os.PathLike, plots: bool = True) -> dict:
-    from gaflab.report import _jsonable, environment
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"environment": environment(), **result.to_dict()}
-    (out / "probe.json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    (out / "probe.json").write_text(json.dumps(jsonable(doc), indent=1) + "\n")
     outputs = {"results": str(out / "probe.json")}
     if plots:
         outputs["plot"] = str(plot_probe(result, out / "probe.png"))
@@ -179,16 +179,14 @@ def write_probe(result: ProbeResult, out_dir: str | os.PathLike, plots: bool = T
 
 
 def plot_probe(result: ProbeResult, path: str | os.PathLike) -> Path:
-    from gaflab.plots import _plt, _smooth, save_figure
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     d = np.asarray([np.nan if v is None else v for v in result.run.distance_trace], dtype=float)
     d = d[np.isfinite(d)]
     if d.size:
         axes[0].plot(np.arange(d.size), d, lw=0.5, alpha=0.35, color="#1f77b4", label="per step")
         w = max(1, d.size // 50)
-        sm = _smooth(d, w)
+        sm = smooth(d, w)
         axes[0].plot(np.arange(sm.size) + (w - 1) / 2, sm, lw=2, color="#1f77b4",
                      label=f"moving average ({w} steps)")
     axes[0].set_title(f"cosine distance between micro-gradients ({result.run.label})")

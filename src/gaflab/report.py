@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from gaflab.results import RunResult
+import gaf
+from gaflab.paired import format_difference, paired_differences
+from gaflab.results import RunResult, noise_text, source_settings
 
 
 def environment() -> dict[str, Any]:
-    import gaf
-
     return {
         "gaf": getattr(gaf, "__version__", "?"),
         "torch": torch.__version__,
@@ -51,7 +51,7 @@ def write_results(path: str | os.PathLike, runs: Sequence[RunResult],
         **(extra or {}),
         "runs": [r.to_dict() for r in runs],
     }
-    path.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(jsonable(doc), indent=1, allow_nan=False) + "\n")
     return path
 
 
@@ -60,14 +60,14 @@ def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[RunResul
     return doc, [RunResult.from_dict(r) for r in doc["runs"]]
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """NaN/inf become null: JSON has no NaN, and strict parsers reject it."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
@@ -100,7 +100,7 @@ def summary_rows(runs: Sequence[RunResult]) -> list[list[str]]:
     for r in runs:
         c = r.config
         groups[(r.label, c["noise"], c["noise_rate"], c.get("human_labels"),
-                *_source_settings(c))].append(r)
+                *source_settings(c))].append(r)
     rows = []
     for (label, *_), rs in groups.items():
         s = [r.summary() for r in rs]
@@ -117,27 +117,6 @@ def summary_rows(runs: Sequence[RunResult]) -> list[list[str]]:
             f"{np.mean([x['train_seconds'] for x in s]):.0f}",
         ])
     return rows
-
-
-def _source_settings(c: dict[str, Any]) -> tuple:
-    """The settings of noise per source (all None for other noise; absent in old results)."""
-    if c.get("noise_sources") is None:
-        return (None, None, None, None, None)
-    return (c["noise_sources"], c["bad_sources"], c.get("source_noise_rate"),
-            c.get("other_source_noise_rate"), c.get("source_batches", True))
-
-
-def _source_description(c: dict[str, Any]) -> str:
-    """E.g. ' in 4/10 sources' for noise per source (micro-batches of one source each),
-    ' in 4/10 sources, mixed micro-batches' for its control; '' for other noise."""
-    if c.get("noise_sources") is None:
-        return ""
-    s = c["noise_sources"]
-    bad = round(c["bad_sources"] * s)
-    other = c.get("other_source_noise_rate") or 0.0
-    rest = f", others {100 * other:g}%" if other else ""
-    mixing = "" if c.get("source_batches", True) else ", mixed micro-batches"
-    return f" in {bad}/{s} sources{rest}{mixing}"
 
 
 def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] = COLUMNS,
@@ -159,7 +138,7 @@ def gaf_vs_average(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     def key(r: RunResult) -> tuple:
         c = r.config
         return (c["dataset"], c["noise"], c["noise_rate"], c.get("human_labels"), c["seed"],
-                c["micro_batch_size"], c["num_micro_batches"], *_source_settings(c))
+                c["micro_batch_size"], c["num_micro_batches"], *source_settings(c))
 
     baselines = {key(r): r for r in runs if r.config["method"] == "average"}
     out = []
@@ -178,15 +157,6 @@ def gaf_vs_average(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
             "memorised_ratio": mem_ratio,
         })
     return out
-
-
-def noise_text(c: dict[str, Any]) -> str:
-    """The noise of a run's configuration in words, e.g. 'symmetric 40% in 4/10 sources'."""
-    if c["noise"] == "human":
-        return f"human {c.get('human_labels')}"
-    if c["noise"] == "none":
-        return "none"
-    return f"{c['noise']} {100 * c['noise_rate']:g}%" + _source_description(c)
 
 
 SELECTION_COLUMNS = (
@@ -235,8 +205,6 @@ DIFFERENCE_COLUMNS = (
 
 
 def difference_rows(runs: Sequence[RunResult]) -> list[list[str]]:
-    from gaflab.paired import format_difference, paired_differences
-
     rows = []
     for d in paired_differences(runs):
         rows.append([

@@ -146,3 +146,33 @@ class RunResult:
 def _median(xs: list[float]) -> float:
     finite = [x for x in xs if math.isfinite(x)]
     return float(np.median(finite)) if finite else float("nan")
+
+
+def source_settings(c: dict[str, Any]) -> tuple:
+    """The settings of noise per source (all None for other noise; absent in old results)."""
+    if c.get("noise_sources") is None:
+        return (None, None, None, None, None)
+    return (c["noise_sources"], c["bad_sources"], c.get("source_noise_rate"),
+            c.get("other_source_noise_rate"), c.get("source_batches", True))
+
+
+def source_description(c: dict[str, Any]) -> str:
+    """E.g. ' in 4/10 sources' for noise per source (micro-batches of one source each),
+    ' in 4/10 sources, mixed micro-batches' for its control; '' for other noise."""
+    if c.get("noise_sources") is None:
+        return ""
+    s = c["noise_sources"]
+    bad = round(c["bad_sources"] * s)
+    other = c.get("other_source_noise_rate") or 0.0
+    rest = f", others {100 * other:g}%" if other else ""
+    mixing = "" if c.get("source_batches", True) else ", mixed micro-batches"
+    return f" in {bad}/{s} sources{rest}{mixing}"
+
+
+def noise_text(c: dict[str, Any]) -> str:
+    """The noise of a run's configuration in words, e.g. 'symmetric 40% in 4/10 sources'."""
+    if c["noise"] == "human":
+        return f"human {c.get('human_labels')}"
+    if c["noise"] == "none":
+        return "none"
+    return f"{c['noise']} {100 * c['noise_rate']:g}%" + source_description(c)

@@ -33,12 +33,13 @@ from torch.nn import functional as F  # noqa: N812
 
 from gaflab.batches import batch_sources, epoch_batches
 from gaflab.collapse import collapse_warnings
-from gaflab.config import TrainConfig, stream_seed
+from gaflab.config import TrainConfig
 from gaflab.methods import MethodStep, build_step
 from gaflab.models import build_model
 from gaflab.prepare import PreparedData, prepare_data
 from gaflab.results import FILTERING_METHODS, RunResult
 from gaflab.resume import PartialEpoch, RunCheckpoints
+from gaflab.seeds import stream_seed
 from gaflab.selection import EpochLog
 from gaflab.speed import autocast, prepare_model, step_input
 
@@ -394,6 +395,7 @@ def _progress(total: int, cfg: TrainConfig):
     if not cfg.progress:
         return None
     try:
+        # Only when a progress bar is asked for: tqdm is optional.
         from tqdm.auto import tqdm
     except ImportError:
         return None
