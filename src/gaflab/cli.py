@@ -16,6 +16,7 @@ Every option left unset keeps the recipe's (or the default configuration's) valu
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
@@ -56,6 +57,7 @@ from gaflab.report import (
     selection_rows,
     summary_rows,
 )
+from gaflab.studies import STUDIES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="redraw report.md and plots from a results.json")
     rep.add_argument("results", help="a results.json written by gaf compare/train")
     rep.add_argument("--out", help="output directory (default: beside results.json)")
+
+    st = sub.add_parser("study", help="run a study or rebuild its report (gaflab.studies)",
+                        description="The studies of docs/*-study.md and docs/collapse.md; "
+                                    "`gaf study NAME --help` lists a study's options.")
+    st.add_argument("name", choices=sorted(STUDIES))
+    st.add_argument("study_args", nargs=argparse.REMAINDER, help="the study's own options")
 
     dcmd = sub.add_parser("data", help="locate (or download) a dataset and describe it")
     dcmd.add_argument("--dataset", type=dataset_name, default="fashion-mnist")
@@ -306,11 +314,17 @@ def _print_outputs(outputs: dict[str, str]) -> None:
         print(f"  {name}: {path}")
 
 
+def cmd_study(args, parser) -> int:
+    # By name, so that only the study asked for is loaded.
+    module = importlib.import_module(STUDIES[args.name])
+    return module.main(list(args.study_args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"train": cmd_train, "compare": cmd_compare, "probe": cmd_probe,
-                "report": cmd_report, "data": cmd_data}
+                "report": cmd_report, "data": cmd_data, "study": cmd_study}
     t0 = time.perf_counter()
     try:
         return commands[args.command](args, parser)

@@ -7,7 +7,7 @@ accepted per step, how noisy they were, which classes their labels name, which c
 model predicts on the test set, and the test accuracy. ``--rule`` and ``--lr`` change the
 setting for comparison.
 
-    PYTHONPATH=src .venv/bin/python docs/collapse/run_probe.py --out docs/collapse/probe.json
+    gaf study collapse --out results/collapse/probe.json   (docs/collapse.md)
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 import gaf
-from gaflab.config import TrainConfig
 from gaflab.models import build_model
-from gaflab.prepare import prepare_data
+from gaflab.studies.common import study_data
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="gaf study collapse",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--train-size", type=int, default=4000)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--m", type=int, default=32)
@@ -34,12 +34,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rule", default="mean")
     ap.add_argument("--tau", type=float, default=0.97)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None,
+                    help="where the datasets are (default: the lab's lookup, $GAF_DATA_DIR)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = TrainConfig(train_size=args.train_size, test_size=2000, seed=args.seed,
-                      progress=False, download=False)
-    data = prepare_data(cfg)
+    data = study_data("fashion-mnist", "sym40", args.seed, args.train_size, 2000,
+                      args.data_dir)
     torch.manual_seed(args.seed)
     model = build_model("small_cnn", 10, 1, 28)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
@@ -94,8 +95,9 @@ def main(argv=None) -> int:
         epochs.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
+        config = {k: v for k, v in vars(args).items() if k != "data_dir"}
         with open(args.out, "w") as f:
-            json.dump({"config": vars(args), "epochs": epochs}, f, indent=1)
+            json.dump({"config": config, "epochs": epochs}, f, indent=1)
     return 0
 
 

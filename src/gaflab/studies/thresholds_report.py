@@ -1,9 +1,10 @@
 """Tables and plots for the thresholds/measures study from results.json.
 
-    .venv/bin/python docs/study/make_report.py docs/study/results.json --out docs/study
+    gaf study thresholds-report results/thresholds/results.json --out docs/study
 
-Writes ``<results stem>-tables.md`` (the tables the report quotes) and PNG plots. Every number
-comes from results.json; nothing is typed in by hand.
+Writes ``<results stem>-tables.md`` (the tables the report quotes) and PNG plots into
+``--out`` (default ``docs/study``). Every number comes from the results file; nothing is
+typed in by hand.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from gaflab.plots import pyplot
 
 NOISE_ORDER = ["sym0", "sym20", "sym40", "sym60", "asym40"]
 
@@ -117,10 +120,7 @@ def target_table(agg, methods, datasets) -> str:
 
 
 def plots(res: dict, out: Path, prefix: str = "") -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     agg = aggregate(res["runs"])
     methods = [m["name"] for m in res["methods"]]
@@ -187,10 +187,7 @@ def plots(res: dict, out: Path, prefix: str = "") -> list[str]:
 def scatter(files: list[Path], out: Path) -> Path:
     """Accuracy against skip rate under 40% and 60% symmetric noise, every method and seed
     mean, from several results files: does accuracy follow the number of skipped steps?"""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     marker = {"fixed": "o", "adaptive": "^", "measure": "s", "control": "x"}
     datasets = ["fashion-mnist", "mnist"]
@@ -220,14 +217,15 @@ def scatter(files: list[Path], out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="gaf study thresholds-report",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("results")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default="docs/study")
     ap.add_argument("--scatter", nargs="*", default=None,
                     help="results files to combine in accuracy-vs-skip.png")
     args = ap.parse_args(argv)
     res = json.loads(Path(args.results).read_text())
-    out = Path(args.out) if args.out else Path(args.results).parent
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.results).stem
     (out / f"{stem}-tables.md").write_text(tables(res))

