@@ -68,8 +68,8 @@ PRESETS = {
         base=TrainConfig(dataset="fashion-mnist", model="mlp", train_size=8000, test_size=5000,
                          epochs=8, schedule="cosine", num_micro_batches=2, tau=0.97,
                          match_per_epoch=True, threads=1, download=False),
-        sizes=(4, 8, 16, 32, 64, 128), lrs=(0.0025, 0.01, 0.04, 0.16),
-        note="2 CPU cores: the MLP (784-96-10) trains a 6 x 4 x 3 grid in about an hour"),
+        sizes=(4, 8, 16, 32, 64, 128), lrs=(0.000625, 0.0025, 0.01, 0.04, 0.16),
+        note="2 CPU cores: the MLP (784-96-10) trains a 6 x 5 x 3 grid in about an hour"),
     "paper": Preset(
         base=TrainConfig(dataset="cifar100", model="resnet18", train_size=None,
                          test_size=None, epochs=50, schedule="cosine", num_micro_batches=2,
