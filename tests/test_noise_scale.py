@@ -316,3 +316,10 @@ def test_forecast_distance_matches_observed_in_high_dimension():
                                                                 dtype=torch.float64)
             d.append(float(gaf.cosine_distance(x[0], x[1])))
         assert np.median(d) == pytest.approx(noise.expected_distance(b), abs=0.03)
+
+
+def test_filter_gradients_hands_back_its_gram_matrix():
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    res = gaf.filter_gradients(x, tau=0.97)
+    assert torch.equal(res.extra["gram"], gaf.gram_matrix(x))
+    assert "gram" not in gaf.filter_gradients(x, measure="sign").extra

@@ -45,17 +45,23 @@ def filter_gradients(
     split a row into tensors). ``out`` [P], if given, receives the direction (a training
     loop reuses one buffer instead of allocating P numbers every step). ``verdicts``
     (bool [M], from a blind control of :mod:`gaf.controls`) replaces each row's test
-    ``distance <= tau``; ``rule_options`` are the rule's keyword options.
+    ``distance <= tau``; ``rule_options`` are the rule's keyword options. With the cosine
+    measure the result's ``extra["gram"]`` is the [M, M] Gram matrix (for
+    :class:`gaf.NoiseScale`).
     """
     grads = check_grads(grads)
     tau = check_tau(tau)
     rule = check_rule(rule)
+    gram = None
     if check_measure(measure) == "cosine":
-        decision = decide(gram_matrix(grads), tau, rule, verdicts, rule_options)
+        gram = gram_matrix(grads)
+        decision = decide(gram, tau, rule, verdicts, rule_options)
     else:
         decision = decide_measure(grads, tau, rule, measure, segments, verdicts, rule_options)
     out = direction_buffer(grads, out)
     weighted_sum(grads, decision.weights, out)
     result = result_from_decision(decision, out, tau, rule)
     result.extra["measure"] = measure
+    if gram is not None:  # on the device: reading it (gaf.NoiseScale) is the caller's sync
+        result.extra["gram"] = gram
     return result

@@ -32,6 +32,8 @@ from gaflab.config import TrainConfig
 from gaflab.data import DatasetNotFoundError, load_dataset
 from gaflab.goal import check_goal, describe
 from gaflab.methods import CONTROLS
+from gaflab.noise_scale import add_parser as add_noise_scale_parser
+from gaflab.noise_scale import cmd_noise_scale
 from gaflab.options import (
     METHODS_HELP,
     add_common_options,
@@ -127,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "`gaf study NAME --help` lists a study's options.")
     st.add_argument("name", choices=sorted(STUDIES))
     st.add_argument("study_args", nargs=argparse.REMAINDER, help="the study's own options")
+
+    add_noise_scale_parser(sub)
 
     dcmd = sub.add_parser("data", help="locate (or download) a dataset and describe it")
     dcmd.add_argument("--dataset", type=dataset_name, default="fashion-mnist")
@@ -324,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"train": cmd_train, "compare": cmd_compare, "probe": cmd_probe,
-                "report": cmd_report, "data": cmd_data, "study": cmd_study}
+                "report": cmd_report, "data": cmd_data, "study": cmd_study,
+                "noise-scale": cmd_noise_scale}
     t0 = time.perf_counter()
     try:
         return commands[args.command](args, parser)

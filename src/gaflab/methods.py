@@ -209,10 +209,18 @@ def gaf_threshold(cfg):
     return parse_threshold(cfg.threshold) if cfg.threshold else cfg.tau
 
 
+def collector_mode(cfg) -> str:
+    """"stacked" when the run records distances: its filter then hands back the step's Gram
+    matrix (``result.extra["gram"]``) for the noise scale; decisions are the same in every
+    mode."""
+    return "stacked" if cfg.record_distances and cfg.num_micro_batches >= 2 else "auto"
+
+
 def make_collector(params: list[Tensor], cfg):
     """The collector of a GAF run, as ``cfg`` says (threshold, rule, measure)."""
     return GradientCollector(params, tau=gaf_threshold(cfg), rule=cfg.rule,
-                             measure=cfg.measure, num_micro_batches=cfg.num_micro_batches)
+                             measure=cfg.measure, num_micro_batches=cfg.num_micro_batches,
+                             mode=collector_mode(cfg))
 
 
 def build_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -247,7 +255,8 @@ def _method_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
             )
         kind = RandomSkip if method == "random-skip" else RandomDrop
         control = kind(rate, seed=stream_seed(cfg.seed, "control"))
-        trainer = GAFTrainer(model, optimizer, F.cross_entropy, control=control, **common)
+        trainer = GAFTrainer(model, optimizer, F.cross_entropy, control=control,
+                             mode=collector_mode(cfg), **common)
         return MethodStep(method, trainer, control=control,
                           control_rates=list(rates) if rates else None)
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy

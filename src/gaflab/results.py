@@ -51,6 +51,8 @@ class RunResult:
     warnings: list[dict[str, Any]] = field(default_factory=list)
     stopped_epoch: int | None = None  # early-stop: the epoch whose weights were kept
     model: nn.Module | None = field(default=None, repr=False, compare=False)  # not saved
+    # The final gaf.NoiseScale.state_dict() (None: nothing measured); not saved either.
+    noise_scale: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def final(self) -> dict[str, float]:

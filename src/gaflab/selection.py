@@ -141,16 +141,18 @@ class EpochLog:
         if distances is not None:
             self.add_distances(distances, anchor)
 
-    def resolve_grams(self) -> None:
+    def resolve_grams(self) -> Tensor | None:
         """Averaging's per-step Gram matrices become distances: one transfer for the epoch,
         then :func:`gaf.core.decide` at tau = 2 (every valid row accepted) reports each
-        row's distance to the running sum of the earlier ones, as GAF would test it."""
+        row's distance to the running sum of the earlier ones, as GAF would test it.
+        Returns the matrices on the host ([steps, M, M]; None if there were none)."""
         if not self.grams:
-            return
+            return None
         host = torch.stack(self.grams).cpu()
         self.grams.clear()
         for g in host:
             self.add_distances(decide(g, 2.0, "mean").distances)
+        return host
 
     def add_distances(self, distances: np.ndarray, anchor: int = 0) -> None:
         """One step's distances (rows in order; the anchor's is 0 and left out of means)."""

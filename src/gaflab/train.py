@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
+import gaf
 from gaflab.batches import batch_sources, epoch_batches
 from gaflab.collapse import collapse_warnings
 from gaflab.config import TrainConfig
@@ -171,6 +172,7 @@ class LoopState:
     best_epoch: int | None = None
     best_weights: dict[str, Tensor] | None = None
     stopped: bool = False
+    noise_scale: dict | None = None  # gaf.NoiseScale.state_dict() (None: nothing measured)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -278,6 +280,7 @@ def train(
     result.train_cpu_seconds = state.train_cpu_seconds
     result.eval_seconds = state.eval_seconds
     result.model = model
+    result.noise_scale = state.noise_scale
     return result
 
 
@@ -307,6 +310,9 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
     if partial is not None and partial.kept is not None:
         method.small_loss.kept[:] = partial.kept
     record = cfg.record_distances and m >= 2
+    noise = gaf.NoiseScale()
+    if state.noise_scale is not None:
+        noise.load_state_dict(state.noise_scale)
     for s in range(start, batches.shape[0]):
         f = lr_factor(cfg, state.step, total_steps, steps_per_epoch)
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
@@ -321,13 +327,20 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
                    res.distances.numpy() if record and gram is None else None, res.anchor)
         if gram is not None:  # averaging: distances measured on the side
             log.grams.append(gram)
+        elif record and "gram" in res.extra:  # the filter's own Gram (collector_mode)
+            noise.update(res.extra["gram"], batches.shape[2])
+            state.noise_scale = noise.state_dict()
         state.step += 1
         if bar is not None:
             bar.update(1)
         if ckpt is not None:
             kept = method.small_loss.kept if method.small_loss is not None else None
             ckpt.step_done(state.step, batches, s + 1, log, kept, time.perf_counter() - t0)
-    log.resolve_grams()
+    side_grams = log.resolve_grams()
+    if side_grams is not None:  # averaging's Grams are of g_k / M: B is scale-free
+        for g in side_grams:
+            noise.update(g, batches.shape[2])
+        state.noise_scale = noise.state_dict()
     state.epoch += 1
     n_steps = batches.shape[0]
     selects = cfg.method in FILTERING_METHODS
@@ -352,6 +365,7 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
         "distance_p50": float(np.percentile(finite, 50)) if finite else float("nan"),
         "distance_p90": float(np.percentile(finite, 90)) if finite else float("nan"),
         "epoch_seconds": t1 - t0,
+        **noise_scale_fields(noise, batches.shape[2]),
         **(log.update_fractions() if selects else {}),
         **precision,
         "_distances": dist,
@@ -360,6 +374,18 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
     if method.small_loss is not None:
         row["forget_rate"] = method.small_loss.rate
     return row
+
+
+def noise_scale_fields(noise: gaf.NoiseScale, b: int) -> dict[str, float]:
+    """The epoch's gradient noise scale (gaf.NoiseScale: an exponential average over about
+    the last 200 steps) and the cosine distance it forecasts between two micro-gradients of
+    ``b`` samples, B / (B + b); NaN when nothing was measured (distances not recorded,
+    M = 1, a measure other than cosine). With M = 2 the forecast compares with
+    ``distance_p50``."""
+    big_b = noise.b_simple
+    if big_b is None:
+        return {"b_simple": float("nan"), "distance_forecast": float("nan")}
+    return {"b_simple": big_b, "distance_forecast": noise.expected_distance(b)}
 
 
 def _checkpoints(directory, resume: bool, cfg: TrainConfig, model, opt, method, state,

@@ -10,6 +10,7 @@ thresholds      ``gaf study thresholds``            ``gaf study thresholds-repor
 collapse        ``gaf study collapse``              (the page quotes the JSON)
 faults          ``gaf study faults``                ``gaf study faults --report-only``
 compute         ``gaf study compute``               ``gaf study compute-report``
+noise-scale     ``gaf study noise-scale``           ``gaf study noise-scale --report-only``
 ==============  ==================================  =======================================
 
 ``python -m gaflab.studies.<module>`` runs the same entry points.
@@ -24,4 +25,5 @@ STUDIES = {
     "faults": "gaflab.studies.faults",
     "compute": "gaflab.studies.compute",
     "compute-report": "gaflab.studies.compute_report",
+    "noise-scale": "gaflab.studies.noise_scale",
 }
