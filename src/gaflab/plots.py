@@ -225,6 +225,37 @@ def plot_differences(runs: Sequence[RunResult], path: str | os.PathLike) -> Path
     return save_figure(fig, path)
 
 
+def plot_noise_scale(runs: Sequence[RunResult], path: str | os.PathLike) -> Path | None:
+    """Per epoch: the gradient noise scale B_simple (log scale), and the median observed
+    micro-gradient distance (solid) against the forecast B/(B+b) (dashed). None when no run
+    measured it."""
+    def series(r: RunResult, key: str) -> np.ndarray:
+        return np.array([h.get(key, np.nan) for h in r.history], dtype=float)
+
+    shown = [r for r in runs if np.isfinite(series(r, "b_simple")).any()]
+    if not shown:
+        return None
+    plt = pyplot()
+    multi_noise = len({(r.config["noise"], r.config["noise_rate"]) for r in shown}) > 1
+    multi_seed = len({r.config["seed"] for r in shown}) > 1
+    labels = [_series_label(r, multi_noise, multi_seed) for r in shown]
+    colours = _colours(labels)
+    fig, (ax_b, ax_d) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r, lab in zip(shown, labels):
+        epochs = [h["epoch"] for h in r.history]
+        ax_b.plot(epochs, series(r, "b_simple"), marker="o", ms=3, color=colours[lab],
+                  label=lab)
+        ax_d.plot(epochs, series(r, "distance_p50"), marker="o", ms=3, color=colours[lab],
+                  label=f"{lab}: observed median")
+        ax_d.plot(epochs, series(r, "distance_forecast"), ls="--", color=colours[lab],
+                  label=f"{lab}: forecast B/(B+b)")
+    ax_b.set_yscale("log")
+    _finish_axes(ax_b, "epoch", "B_simple = tr(Σ)/|G|²", "gradient noise scale", 7)
+    _finish_axes(ax_d, "epoch", "cosine distance",
+                 "micro-gradient distance: observed and forecast", 7)
+    return save_figure(fig, path)
+
+
 def _nanmean(rows: list[list[float]]) -> np.ndarray:
     """Column means over the finite entries; NaN (quietly) where a column has none."""
     x = np.asarray(rows, dtype=float)
@@ -244,6 +275,9 @@ def plot_all(runs: Sequence[RunResult], out_dir: str | os.PathLike,
             paths.append(extra)
     if any(r.distance_trace for r in runs):
         paths.append(plot_distances(runs, out_dir / "distances.png"))
+    noise_scale = plot_noise_scale(runs, out_dir / "noise_scale.png")
+    if noise_scale is not None:
+        paths.append(noise_scale)
     sweep = plot_noise_sweep(runs, out_dir / "noise_sweep.png", paper)
     if sweep is not None:
         paths.append(sweep)

@@ -266,7 +266,8 @@ def train(
             epoch_hook(state.epoch, model)
         if bar is not None:
             bar.set_postfix(ep=state.epoch, test=f"{row['test_acc']:.3f}",
-                            mem=f"{row['memorised']:.3f}", skip=f"{row['skip_rate']:.2f}")
+                            mem=f"{row['memorised']:.3f}", skip=f"{row['skip_rate']:.2f}",
+                            B=f"{row['b_simple']:.0f}")
         elif cfg.progress:
             print(_epoch_line(cfg.label, row), flush=True)
         if ckpt is not None:
@@ -439,7 +440,8 @@ def _progress(total: int, cfg: TrainConfig):
 def _epoch_line(label: str, row: dict[str, float]) -> str:
     return (f"[{label}] epoch {row['epoch']}: test {row['test_acc']:.4f} "
             f"memorised {row['memorised']:.4f} skip {row['skip_rate']:.2f} "
-            f"dist {row['distance_mean']:.3f} ({row['epoch_seconds']:.1f}s)")
+            f"dist {row['distance_mean']:.3f} B {row['b_simple']:.0f} "
+            f"({row['epoch_seconds']:.1f}s)")
 
 
 def default_threads(jobs: int = 1) -> int:

@@ -78,3 +78,14 @@ def test_study_runs_at_tiny_scale_and_writes_its_tables(fmnist_dir, tmp_path):
     assert [r["b"] for r in p["forecast"]] == list(study.SIZES)
     assert p["training_b_simple"] > 0
     assert "| after epoch |" in (out / "tables.md").read_text()
+
+
+def test_report_plots_b_simple_and_forecast(fmnist_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    from gaflab.plots import plot_noise_scale
+
+    res = train(tiny(fmnist_dir, epochs=2, max_steps=5))
+    path = plot_noise_scale([res], tmp_path / "noise_scale.png")
+    assert path.exists() and path.stat().st_size > 1000
+    res.history = [{k: v for k, v in h.items() if k != "b_simple"} for h in res.history]
+    assert plot_noise_scale([res], tmp_path / "none.png") is None
