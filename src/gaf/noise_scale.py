@@ -63,9 +63,11 @@ and the paper's rule at tau accepts roughly when D(b) ≤ tau, i.e.
 
 (about B/32 at tau = 0.97).
 
-Caveats: micro-batches drawn without replacement from a finite training set of N samples
-give E[g_i · g_j] = |G|² - tr(Σ)/(N - 1) rather than |G|² (negligible once N ≫ B). The
-estimate reads only the Gram matrix, so it is the same on every rank that holds the same K.
+Finite data: for micro-batches drawn without replacement from N samples with per-sample
+gradients g_s (S1 = Σ g_s, S2 = Σ |g_s|², ḡ = S1/N), the same algebra gives
+E[Ĝ²] = |ḡ|² - T/N and E[T̂] = T with T = (S2 - N|ḡ|²)/(N - 1): exactly the
+finite-sample-corrected |G|² and tr(Σ) of those N samples, for any sizes. The estimate
+reads only the Gram matrix, so it is the same on every rank that holds the same K.
 """
 
 from __future__ import annotations
