@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gaf.backends.buffers import OutputBuffer
-from gaf.core import Decision, FilterResult, fold_row, fold_weights, gram_dtype
+from gaf.core import Decision, FilterResult, fold_row, fold_weights, gram_dtype, host_dot
 from gaf.core import result_from_decision as make_result
 from gaf.flat import FlatGradients
 
@@ -46,7 +46,10 @@ class StreamingBackend:
         flat = self.flat
         self._current = flat.new_buffer()
         self._sum = flat.new_buffer()
-        acc = gram_dtype(flat.dtype)
+        # On a device float32 products are made in float64: the host path's fallback
+        # (gaf.core.host_dot) would need a sync, and float32 |g|² over/underflows for
+        # finite rows (entries from about 1e19, or 1e-30).
+        acc = torch.float64 if self.device_side else gram_dtype(flat.dtype)
         self._norm_sq = torch.zeros((), dtype=acc, device=flat.device)
         self._have_anchor = torch.zeros((), dtype=torch.bool, device=flat.device)
 
@@ -73,13 +76,13 @@ class StreamingBackend:
 
     def _on_host(self, g: Tensor, g_acc: Tensor, verdict: bool | None) -> None:
         s = self._sum
-        norm_sq_g = float(g_acc @ g_acc)
+        norm_sq_g = host_dot(g_acc, g_acc)
         finite = math.isfinite(norm_sq_g)
         valid = finite and norm_sq_g > 0
         dot = 0.0
         if valid and self._host_have_anchor:  # only then is s·g needed
             s_acc = s if s.dtype == g_acc.dtype else s.to(g_acc.dtype)
-            dot = float(s_acc @ g_acc)
+            dot = host_dot(s_acc, g_acc, self._host_norm_sq, norm_sq_g)
         step = fold_row(self.halving, self._host_norm_sq, self._host_have_anchor, dot,
                         norm_sq_g, valid, self._tau, verdict)
         if step.accept:

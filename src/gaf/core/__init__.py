@@ -110,6 +110,7 @@ from gaf.core.tensors import (
     direction_buffer,
     gram_dtype,
     gram_matrix,
+    host_dot,
     weighted_sum,
 )
 
@@ -142,6 +143,7 @@ __all__ = [
     "get_rule",
     "gram_dtype",
     "gram_matrix",
+    "host_dot",
     "pairwise_distances",
     "register_rule",
     "result_from_decision",

@@ -176,8 +176,9 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
     gram = None
     for c, work in enumerate(works):
         comm.wait(what, [work], since, unsupported_ok=True)
-        # Accumulated in at least float32 (float64 for half precision), as on one device.
-        partial = gram_matrix(shards[c])
+        # Summed in float64: a float32 Gram falls back to float64 on the ranks whose shards
+        # would over- or underflow (gram_matrix), and every rank must reduce the same dtype.
+        partial = gram_matrix(shards[c]).to(torch.float64)
         gram = partial if gram is None else gram.add_(partial)
 
     # 2.-3. Sum the partial Grams; every rank decides from the same bits.
@@ -243,7 +244,7 @@ def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, o
     # whatever the BLAS does, and 1/N of the Gram work.
     s = -(-p // n)
     lo, hi = min(r * s, p), min((r + 1) * s, p)
-    gram = gram_matrix(every[:, lo:hi])
+    gram = gram_matrix(every[:, lo:hi]).to(torch.float64)  # one dtype on every rank
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
     decision = decide(gram, tau, rule, verdicts, options)
     weighted_sum(every, decision.weights, out)
