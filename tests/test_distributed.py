@@ -461,3 +461,9 @@ def test_dead_rank_fails_within_timeout(tmp_path, scenario):
     if scenario == "hangs":
         assert float(elapsed) >= 1.4
     assert "GAF rank 0/2" in message and "cross-rank check" in message, message
+    if scenario == "exits":  # a reset connection is named as such, not as a timeout
+        assert "reset or closed" in message and "died" in message, message
+        assert "timeout" not in message.split("(no timeout expired)")[0], message
+        assert "(no timeout expired)" in message
+    else:
+        assert "timed out after" in message and "timeout=1.5 s" in message, message
