@@ -104,6 +104,18 @@ def test_krum_rejects_too_few_rows_clearly():
     assert check_krum(4, f=0) == (0, 4)
 
 
+def test_spec_checks_the_row_count_before_any_step():
+    # A front end that knows M (ranks × micro-batches) refuses before the first step.
+    spec = gaf.FilterSpec(rule="multi-krum", rule_options={"f": 2})
+    with pytest.raises(ValueError, match=r"more than 2f \+ 2 = 6 micro-gradients, got M = 4"):
+        spec.check_rows(4)
+    spec.check_rows(7)
+    with pytest.raises(ValueError, match="at most M - f = 5"):
+        gaf.FilterSpec(rule="multi-krum", rule_options={"f": 2, "m": 6}).check_rows(7)
+    for rule in gaf.RULES + ("geometric-median",):  # no row-count condition
+        gaf.FilterSpec(rule=rule).check_rows(1)
+
+
 # -- against the float64 references ------------------------------------------------------
 
 

@@ -92,6 +92,14 @@ class FilterSpec:
         """tau when it is a fixed number, else None (scheduled or adaptive)."""
         return None if isinstance(self.tau, Threshold) else float(self.tau)
 
+    def check_rows(self, num_rows: int) -> None:
+        """Raise ValueError if the rule cannot decide over ``num_rows`` micro-gradients
+        (multi-Krum with f needs M > 2f + 2); call it wherever M is known before a step,
+        e.g. M = ranks × micro-batches per rank."""
+        entry = get_rule(self.rule)
+        if entry.check_rows is not None:
+            entry.check_rows(num_rows, **self.rule_options)
+
     def describe(self) -> dict:
         """A JSON-able summary (for logs, checkpoints and cross-rank checks)."""
         tau = self.tau if self.fixed_tau is not None else type(self.tau).__name__
