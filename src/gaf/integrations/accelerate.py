@@ -39,6 +39,8 @@ answers by lowering its scale; DeepSpeed and FSDP own the gradients and are not 
 
 from __future__ import annotations
 
+import functools
+
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
@@ -184,6 +186,11 @@ class GAFAccumulator:
     def _guard_step(self, optimizer: AcceleratedOptimizer) -> None:
         original = optimizer.step
 
+        # wraps() keeps the marker an LR scheduler built earlier left on step() (the HF
+        # Trainer builds its scheduler before the first micro-batch): without it torch warns
+        # that step() "has been overridden after learning rate scheduler initialization".
+        # The scheduler's wrapper still runs on every taken step; skipped steps hold it.
+        @functools.wraps(original)
         def step(closure=None):
             if not optimizer.gradient_state.sync_gradients:
                 return original(closure)  # mid-window: accelerate's own no-op
