@@ -16,8 +16,8 @@ from torch.nn import functional as F
 import gaf
 import gaf.one_pass_layers
 from gaf.core import RULES, pairwise_distances
-from gaf.experiments.models import build_model
 from gaf.one_pass import OnePassFilter
+from gaflab.models import build_model
 
 DT = torch.float64
 MS = (2, 3, 5, 8, 16)

@@ -26,7 +26,8 @@ def test_readme_has_one_snippet_per_framework():
 def test_readme_framework_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "readme"}
-    exec(compile(snippets()[index], f"docs/integrations.md {NAMES[index]} snippet", "exec"), namespace)
+    source = f"docs/integrations.md {NAMES[index]} snippet"
+    exec(compile(snippets()[index], source, "exec"), namespace)
     windows = 256 // 16 // 4  # every snippet: 256 samples, micro-batches of 16, M = 4
     if NAMES[index] == "lightning":
         assert namespace["gaf_callback"].stats.steps == windows
