@@ -27,9 +27,9 @@ from pathlib import Path
 
 from gaf.core import ALL_RULES
 from gaflab.checkpoint import CheckpointError, CheckpointMismatchError
-from gaflab.compare import expand_grid, run_comparison, write_outputs
+from gaflab.compare import data_key, expand_grid, run_comparison, write_outputs
 from gaflab.config import TrainConfig
-from gaflab.data import DatasetNotFoundError, load_dataset
+from gaflab.data import DatasetFileError, DatasetNotFoundError, load_dataset
 from gaflab.goal import check_goal, describe
 from gaflab.methods import CONTROLS
 from gaflab.options import (
@@ -46,6 +46,7 @@ from gaflab.options import (
     positive,
     tau_value,
 )
+from gaflab.prepare import describe_data, prepare_data
 from gaflab.probe import ProbeConfig, run_probe, write_probe
 from gaflab.recipes import describe_recipes, get_recipe
 from gaflab.report import (
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=nonneg_int)
     add_long_run_options(t)
     _add_tensorboard_option(t)
+    _add_dry_run_option(t)
 
     c = sub.add_parser("compare", help="several methods/settings/seeds side by side")
     add_common_options(c)
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", nargs="+", type=nonneg_int)
     add_long_run_options(c)
     _add_tensorboard_option(c)
+    _add_dry_run_option(c)
     c.add_argument("--jobs", type=positive, default=None,
                    help="runs in parallel processes (default: 2 when there are 2+ CPUs and "
                         "the device is cpu, else 1)")
@@ -145,6 +148,8 @@ def cmd_train(args, parser) -> int:
     if cfg.method in CONTROLS and cfg.control_rate is None:
         parser.error(f"{cfg.method} needs --control-rate in gaf train (gaf compare matches it "
                      "to the GAF run of the same setting and seed)")
+    if args.dry_run:
+        return _dry_run([cfg])
     _check_resume(args, parser)
     _check_tensorboard(args, parser)
     comp = run_comparison([cfg], args.out, jobs=1, title=f"gaf train: {cfg.label}",
@@ -197,6 +202,8 @@ def cmd_compare(args, parser) -> int:
     jobs = args.jobs or _default_jobs(configs)
     print(f"gaf compare: {len(configs)} runs ({', '.join(sorted({c.label for c in configs}))})"
           f" on {cfg.dataset}, {cfg.device}, {jobs} at a time", flush=True)
+    if args.dry_run:
+        return _dry_run(configs)
     paper = recipe.paper if recipe.paper else None
     title = f"GAF against averaging ({recipe.name if args.recipe else cfg.dataset})"
     _check_resume(args, parser)
@@ -286,6 +293,27 @@ def cmd_data(args, parser) -> int:
     return 0
 
 
+def _add_dry_run_option(p) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the settings, load the data and print what each run would "
+                        "train on (images, source), then stop: nothing trained or written")
+
+
+def _dry_run(configs) -> int:
+    """Each run's data line, from the same preparation a real run uses."""
+    cache: dict = {}
+    for cfg in configs:
+        key = data_key(cfg)
+        if key not in cache:
+            cache.clear()
+            cache[key] = prepare_data(cfg).described
+        print(f"[{cfg.label}] data: {describe_data(cache[key])}")
+        print(f"[{cfg.label}] would train {cfg.epochs} epoch(s) of {cfg.num_micro_batches} x "
+              f"{cfg.micro_batch_size} micro-batches on {cfg.device} (seed {cfg.seed}, noise "
+              f"{cfg.noise} {cfg.noise_rate:g})", flush=True)
+    return 0
+
+
 def _add_tensorboard_option(p) -> None:
     p.add_argument("--tensorboard", metavar="DIR",
                    help="also write each finished run's per-epoch statistics and per-step "
@@ -328,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         return commands[args.command](args, parser)
-    except (DatasetNotFoundError, CheckpointError, CheckpointMismatchError) as e:
+    except (DatasetNotFoundError, DatasetFileError, CheckpointError, CheckpointMismatchError) as e:
         print(f"gaf {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -133,7 +133,7 @@ def _pending_match(cfg: TrainConfig) -> bool:
     return cfg.matched_to is not None and cfg.control_rate is None and cfg.control_rates is None
 
 
-def _data_key(cfg: TrainConfig) -> tuple:
+def data_key(cfg: TrainConfig) -> tuple:
     return (cfg.dataset, cfg.data_dir, cfg.train_size, cfg.test_size, cfg.noise,
             cfg.noise_rate, cfg.human_labels, cfg.noise_sources, cfg.bad_sources,
             cfg.source_noise_rate, cfg.other_source_noise_rate, cfg.seed, cfg.device)
@@ -265,7 +265,7 @@ def _run_serial(configs, dirs, todo, resume, results) -> None:
     cache: dict[tuple, PreparedData] = {}
     for i in todo:
         cfg = configs[i]
-        key = _data_key(cfg)
+        key = data_key(cfg)
         if key not in cache:
             cache.clear()  # keep one prepared dataset in memory at a time
             cache[key] = prepare_data(cfg)
@@ -276,7 +276,7 @@ def _run_serial(configs, dirs, todo, resume, results) -> None:
 
 def _run_parallel(configs, dirs, todo, resume, jobs, results) -> None:
     # Fail (or download) here, once, rather than in every worker.
-    for key in {_data_key(configs[i]): configs[i] for i in todo}.values():
+    for key in {data_key(configs[i]): configs[i] for i in todo}.values():
         prepare_data(key)
     threads = default_threads(jobs)
     # spawn: a fresh interpreter per worker; fork after torch has started threads can hang.

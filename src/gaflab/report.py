@@ -259,8 +259,11 @@ def method_sections(runs: Sequence[RunResult]) -> list[str]:
 
 def describe_settings(runs: Sequence[RunResult]) -> str:
     c = runs[0].config
+    data = runs[0].data  # what the run really used (older results: the setting asked for)
+    images = data.get("train_images", c["train_size"] or "all")
+    source = f", from {data['source']}" if data.get("source") else ""
     parts = [
-        f"dataset {c['dataset']} ({c['train_size'] or 'all'} training images)",
+        f"dataset {c['dataset']} ({images} training images{source})",
         f"model {c['model']}",
         f"{c['num_micro_batches']} micro-batches of {c['micro_batch_size']}"
         + (" (class-balanced)" if c["class_balanced"] else ""),

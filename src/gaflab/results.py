@@ -50,6 +50,8 @@ class RunResult:
     eval_seconds: float = 0.0
     warnings: list[dict[str, Any]] = field(default_factory=list)
     stopped_epoch: int | None = None  # early-stop: the epoch whose weights were kept
+    # What it trained on: dataset, source directory, images used of each split, notes.
+    data: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False, compare=False)  # not saved
 
     @property
@@ -127,6 +129,7 @@ class RunResult:
             "eval_seconds": self.eval_seconds,
             "warnings": self.warnings,
             "stopped_epoch": self.stopped_epoch,
+            "data": self.data,
         }
 
     @classmethod
@@ -146,6 +149,7 @@ class RunResult:
             eval_seconds=d.get("eval_seconds", 0.0),
             warnings=list(d.get("warnings", [])),
             stopped_epoch=d.get("stopped_epoch"),
+            data=dict(d.get("data") or {}),
         )
 
 

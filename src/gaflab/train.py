@@ -36,7 +36,7 @@ from gaflab.collapse import collapse_warnings
 from gaflab.config import TrainConfig
 from gaflab.methods import MethodStep, build_step
 from gaflab.models import build_model
-from gaflab.prepare import PreparedData, prepare_data
+from gaflab.prepare import PreparedData, describe_data, prepare_data
 from gaflab.results import FILTERING_METHODS, RunResult
 from gaflab.resume import PartialEpoch, RunCheckpoints
 from gaflab.seeds import stream_seed
@@ -234,7 +234,11 @@ def train(
         )
     result = RunResult(config=cfg.to_dict(), label=cfg.label,
                        num_params=sum(p.numel() for p in params),
-                       noise_fraction=data.noise_fraction)
+                       noise_fraction=data.noise_fraction, data=dict(data.described or {}))
+    if heldout is not None:
+        result.data.update(train_images=int(data.train_y.numel()),
+                           heldout_images=int(heldout[1].numel()))
+    print(f"[{cfg.label}] data: {describe_data(result.data)}", flush=True)
     ckpt, partial = _checkpoints(checkpoint_dir, resume, cfg, model, opt, method, state, result)
     if epoch_hook is not None and state.step == 0:
         epoch_hook(0, model)
