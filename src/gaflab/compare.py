@@ -37,6 +37,7 @@ from gaflab.report import gaf_vs_average, markdown_report, write_results
 from gaflab.results import RunResult, setting_key
 from gaflab.resume import (
     RESULT_FILE,
+    check_resume,
     load_finished,
     run_directory_name,
     write_finished,
@@ -207,6 +208,13 @@ def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
     runs' checkpoints; ``resume``: skip finished runs, continue unfinished ones."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if resume and checkpoints is not None and configs:
+        # Before anything runs (or overwrites results.json): is there something to resume,
+        # and under these settings?
+        dirs = run_directories(configs, checkpoints)
+        for i in check_resume([c.to_dict() for c in configs], dirs, Path(checkpoints)):
+            print(f"[{configs[i].label}] no checkpoint in {dirs[i]}: this run starts afresh",
+                  flush=True)
     first = [c for c in configs if not _pending_match(c)]
     done = dict(zip(map(id, first), _run_all(first, jobs, checkpoints, resume), strict=True))
     gaf_runs = {(r.label, setting_key(r.config)): r for r in done.values()

@@ -380,6 +380,13 @@ def _checkpoints(directory, resume: bool, cfg: TrainConfig, model, opt, method, 
         ckpt.clear()
         return ckpt, None
     partial = ckpt.restore()
+    if partial is False:
+        print(f"[{cfg.label}] no checkpoint in {directory}: starting afresh", flush=True)
+    else:
+        where = (f"epoch {state.epoch + 1}, step {partial.next_step} of that epoch"
+                 if partial is not None else f"the end of epoch {state.epoch}")
+        print(f"[{cfg.label}] resumed from {ckpt.restored_from} at {where} "
+              f"({state.step} steps done)", flush=True)
     return ckpt, (partial or None)
 
 
