@@ -16,6 +16,7 @@ Every option left unset keeps the recipe's (or the default configuration's) valu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -152,6 +153,7 @@ def cmd_train(args, parser) -> int:
         return _dry_run([cfg])
     _check_resume(args, parser)
     _check_tensorboard(args, parser)
+    check_out(args.out)
     comp = run_comparison([cfg], args.out, jobs=1, title=f"gaf train: {cfg.label}",
                           plots=args.plots, resume=args.resume)
     print(format_table(summary_rows(comp.runs), markdown=False))
@@ -208,6 +210,7 @@ def cmd_compare(args, parser) -> int:
     title = f"GAF against averaging ({recipe.name if args.recipe else cfg.dataset})"
     _check_resume(args, parser)
     _check_tensorboard(args, parser)
+    check_out(args.out)
     comp = run_comparison(configs, args.out, jobs=jobs, title=title, paper=paper,
                           plots=args.plots, resume=args.resume)
     print()
@@ -238,6 +241,39 @@ def _check_resume(args, parser) -> None:
         parser.error("--resume continues the runs checkpointed in --out: give --out")
 
 
+class OutputDirError(OSError):
+    """--out cannot hold the outputs (a file, not writable, full): found before training."""
+
+
+PROBE_BYTES = 1 << 16  # what the start-up probe writes and syncs: a full disk shows here
+
+
+def check_out(out: str | None) -> None:
+    """Make sure ``out`` can be written, before any run starts: create it, write a probe
+    file, sync and remove it. An OutputDirError says why not (rather than a traceback
+    after the first epoch, when the first checkpoint or results.json is written)."""
+    if not out:
+        return
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"--out {out} is a file, not a directory: give a directory "
+                             "(it is created if missing)")
+    probe = path / f".gaf-write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OutputDirError(f"--out {out} cannot be written ({e.strerror or e}"
+                             f"{': ' + str(e.filename) if e.filename else ''}): choose a "
+                             "writable directory with free space") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+
+
 def _default_jobs(configs) -> int:
     if len(configs) < 2 or any(c.device != "cpu" for c in configs):
         return 1
@@ -260,6 +296,7 @@ def cmd_probe(args, parser) -> int:
         pcfg.validate()
     except ValueError as e:
         parser.error(str(e))
+    check_out(args.out)
     result = run_probe(pcfg)
     for r in result.size_table():
         print(f"epoch {r['epoch']:>3}  micro-batch {r['micro_batch_size']:>4}: "
@@ -277,6 +314,7 @@ def cmd_report(args, parser) -> int:
     if not runs:
         parser.error(f"{args.results} holds no runs")
     out = args.out or str(Path(args.results).parent)
+    check_out(out)
     paper = {k: {float(r): v for r, v in d.items()} for k, d in doc.get("paper", {}).items()}
     outputs = write_outputs(runs, out, doc.get("wall_seconds"),
                             title=doc.get("title", "GAF against averaging"), paper=paper or None)
@@ -356,9 +394,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         return commands[args.command](args, parser)
-    except (DatasetNotFoundError, DatasetFileError, CheckpointError, CheckpointMismatchError) as e:
+    except (DatasetNotFoundError, DatasetFileError, CheckpointError, CheckpointMismatchError,
+            OutputDirError) as e:
         print(f"gaf {args.command}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # A write that failed mid-run (disk full, directory removed): name it, no traceback.
+        print(f"gaf {args.command}: cannot write {e.filename}: {e.strerror or e}; the runs "
+              "checkpointed so far continue with --resume once there is room", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         finished, out = getattr(e, "finished", None), getattr(args, "out", None)
         done = f"; {len(finished)} finished run(s) written" if finished and out else ""  # compare

@@ -22,8 +22,8 @@ import signal
 import threading
 import time
 import zlib
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,11 +201,12 @@ class Comparison:
 
 
 def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
-             checkpoints: str | os.PathLike | None = None, resume: bool = False
-             ) -> list[RunResult]:
+             checkpoints: str | os.PathLike | None = None, resume: bool = False,
+             on_finished: Callable[[RunResult], None] | None = None) -> list[RunResult]:
     """Run every config, in order of the list; matched controls run after the GAF runs
     they match (their rates come from those runs). ``checkpoints``: the directory of the
-    runs' checkpoints; ``resume``: skip finished runs, continue unfinished ones."""
+    runs' checkpoints; ``resume``: skip finished runs, continue unfinished ones;
+    ``on_finished(run)`` is called as each run finishes (or is found finished)."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if resume and checkpoints is not None and configs:
@@ -216,7 +217,8 @@ def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
             print(f"[{configs[i].label}] no checkpoint in {dirs[i]}: this run starts afresh",
                   flush=True)
     first = [c for c in configs if not _pending_match(c)]
-    done = dict(zip(map(id, first), _run_all(first, jobs, checkpoints, resume), strict=True))
+    done = dict(zip(map(id, first), _run_all(first, jobs, checkpoints, resume, on_finished),
+                    strict=True))
     gaf_runs = {(r.label, setting_key(r.config)): r for r in done.values()
                 if r.config["method"] == "gaf"}
     later = []
@@ -228,7 +230,7 @@ def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
                                  "and seed to match")
             later.append((c, match_control(c, gaf)))
     try:
-        controls = _run_all([m for _, m in later], jobs, checkpoints, resume)
+        controls = _run_all([m for _, m in later], jobs, checkpoints, resume, on_finished)
     except GridInterrupted as e:
         raise GridInterrupted(list(done.values()) + e.finished) from None
     for (c, _), r in zip(later, controls, strict=True):
@@ -237,10 +239,10 @@ def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
 
 
 def _run_all(configs: Sequence[TrainConfig], jobs: int,
-             checkpoints: str | os.PathLike | None = None, resume: bool = False
-             ) -> list[RunResult]:
+             checkpoints: str | os.PathLike | None = None, resume: bool = False,
+             on_finished: Callable[[RunResult], None] | None = None) -> list[RunResult]:
     dirs = run_directories(configs, checkpoints)
-    results: dict[int, RunResult] = {}
+    results: dict[int, RunResult] = _Finished(on_finished)
     if resume:
         for i, (cfg, d) in enumerate(zip(configs, dirs, strict=True)):
             found = load_finished(d, cfg.to_dict()) if d is not None else None
@@ -261,6 +263,19 @@ def _run_all(configs: Sequence[TrainConfig], jobs: int,
                 results[i] = load_finished(dirs[i], configs[i].to_dict())
         raise GridInterrupted([results[i] for i in sorted(results)]) from None
     return [results[i] for i in range(len(configs))]
+
+
+class _Finished(dict):
+    """The grid's finished runs by index; tells ``hook`` of each as it is recorded."""
+
+    def __init__(self, hook: Callable[[RunResult], None] | None):
+        super().__init__()
+        self.hook = hook
+
+    def __setitem__(self, i: int, run: RunResult) -> None:
+        super().__setitem__(i, run)
+        if self.hook is not None:
+            self.hook(run)
 
 
 def _recorded_since(run_dir: Path, started: float) -> bool:
@@ -296,8 +311,9 @@ def _run_parallel(configs, dirs, todo, resume, jobs, results) -> None:
             c = configs[i].replace(threads=configs[i].threads or threads)
             d = None if dirs[i] is None else str(dirs[i])
             futures[i] = ex.submit(_worker, c.to_dict(), d, resume)
-        for i, f in futures.items():
-            results[i] = RunResult.from_dict(f.result())
+        index = {f: i for i, f in futures.items()}
+        for f in as_completed(futures.values()):  # recorded as they finish, not in order
+            results[index[f]] = RunResult.from_dict(f.result())
     except BaseException:
         for i, f in futures.items():  # keep what finished while we waited on another
             if i not in results and f.done() and not f.cancelled() and f.exception() is None:
@@ -334,8 +350,20 @@ def run_comparison(
     it, see the module docstring); on Ctrl-C write what finished, then re-raise."""
     t0 = time.perf_counter()
     checkpoints = None if out_dir is None else Path(out_dir) / "checkpoints"
+    finished: list[RunResult] = []
+
+    def record(run: RunResult) -> None:
+        # results.json grows as runs finish: a long grid's numbers are readable (and
+        # survive a crash) before its end; the full outputs replace it at the end.
+        finished.append(run)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_results(Path(out_dir) / "results.json", finished,
+                      {"title": f"{title} (in progress: {len(finished)} of {len(configs)} "
+                                "runs)", "wall_seconds": time.perf_counter() - t0})
+
     try:
-        runs = run_grid(configs, jobs, checkpoints, resume)
+        runs = run_grid(configs, jobs, checkpoints, resume,
+                        record if out_dir is not None else None)
     except GridInterrupted as e:
         if out_dir is not None and e.finished:
             write_outputs(e.finished, out_dir, time.perf_counter() - t0,
