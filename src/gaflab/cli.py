@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -59,6 +58,7 @@ from gaflab.report import (
     selection_rows,
     summary_rows,
 )
+from gaflab.results import strict_json
 from gaflab.studies import STUDIES
 
 
@@ -230,7 +230,7 @@ def _report_goal(runs, out: str | None, require: bool) -> int:
         print(line, file=sys.stdout if verdict["complete"] else sys.stderr)
     if out:
         with open(os.path.join(out, "check.json"), "w") as f:
-            json.dump(verdict, f, indent=1)
+            f.write(strict_json(verdict) + "\n")  # NaN (one seed: no spread) as null
     if not verdict["complete"] or (require and not verdict["met"]):
         return 1
     return 0

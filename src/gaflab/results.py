@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,3 +187,21 @@ def noise_text(c: dict[str, Any]) -> str:
     if c["noise"] == "none":
         return "none"
     return f"{c['noise']} {100 * c['noise_rate']:g}%" + source_description(c)
+
+
+def strict_json(obj: Any, indent: int | None = 1) -> str:
+    """``obj`` as strict JSON text: NaN and inf written as null (:func:`jsonable`), and an
+    error rather than a silent NaN if one slipped through. Every JSON file the lab writes
+    goes through here."""
+    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
+
+
+def jsonable(x: Any) -> Any:
+    """NaN/inf become null: JSON has no NaN, and strict parsers reject it."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x

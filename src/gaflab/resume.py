@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from gaflab import checkpoint as ck
-from gaflab.results import RunResult
+from gaflab.results import RunResult, strict_json
 from gaflab.selection import EpochLog
 
 FORMAT = "gaf-run/1"
@@ -197,7 +197,7 @@ class RunCheckpoints:
 
 def write_finished(directory: str | os.PathLike, result: RunResult) -> Path:
     """Record a finished run (what ``gaf compare --resume`` skips), atomically."""
-    text = json.dumps(result.to_dict(), indent=1)  # NaN as NaN: from_dict reads it back
+    text = strict_json(result.to_dict())  # NaN as null: from_dict reads it back as NaN
     return ck.write_atomic(Path(directory) / RESULT_FILE, text.encode())
 
 
