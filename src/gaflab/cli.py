@@ -44,6 +44,7 @@ from gaflab.options import (
     method_name,
     nonneg_int,
     positive,
+    show_defaults,
     tau_value,
 )
 from gaflab.prepare import describe_data, prepare_data
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_long_run_options(t)
     _add_tensorboard_option(t)
     _add_dry_run_option(t)
+    show_defaults(t, TrainConfig())
 
     c = sub.add_parser("compare", help="several methods/settings/seeds side by side")
     add_common_options(c)
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "check.json; exit 1 if the comparison is incomplete")
     c.add_argument("--require-goal", action="store_true",
                    help="with --check: also exit 1 when the goal is not met")
+    show_defaults(c, get_recipe("plain").base, ", or the --recipe's")
 
     p = sub.add_parser("probe", help="micro-gradient cosine distance over training and "
                                      "against micro-batch size")
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=positive, default=16, help="pairs per size")
     p.add_argument("--probe-epochs", nargs="+", type=nonneg_int,
                    help="epochs at which to probe (0 = before training)")
+    show_defaults(p, ProbeConfig().train)
 
     rep = sub.add_parser("report", help="redraw report.md and plots from a results.json")
     rep.add_argument("results", help="a results.json written by gaf compare/train")

@@ -42,7 +42,7 @@ from gaflab.resume import (
     run_directory_name,
     write_finished,
 )
-from gaflab.train import default_threads, train
+from gaflab.train import default_threads, format_duration, run_tag, train
 
 MethodSpec = str | tuple[str, dict[str, Any]]
 
@@ -163,8 +163,9 @@ def run_directories(configs: Sequence[TrainConfig], root: str | os.PathLike | No
 
 
 def _run_one(cfg: TrainConfig, data: PreparedData | None, run_dir: Path | None, resume: bool,
-             progress_bar: bool = True) -> RunResult:
-    res = train(cfg, data, progress_bar=progress_bar, checkpoint_dir=run_dir, resume=resume)
+             progress_bar: bool = True, tag: str | None = None) -> RunResult:
+    res = train(cfg, data, progress_bar=progress_bar, checkpoint_dir=run_dir, resume=resume,
+                tag=tag)
     if run_dir is not None:
         write_finished(run_dir, res)  # gaf compare --resume skips it from now on
     return res
@@ -186,11 +187,12 @@ def _exit_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _worker(cfg_dict: dict[str, Any], run_dir: str | None, resume: bool) -> dict[str, Any]:
+def _worker(cfg_dict: dict[str, Any], run_dir: str | None, resume: bool, tag: str | None
+            ) -> dict[str, Any]:
     cfg = TrainConfig.from_dict(cfg_dict)
     # Bars from several processes would overwrite each other: print epoch lines instead.
     path = None if run_dir is None else Path(run_dir)
-    return _run_one(cfg, None, path, resume, progress_bar=False).to_dict()
+    return _run_one(cfg, None, path, resume, progress_bar=False, tag=tag).to_dict()
 
 
 @dataclass
@@ -216,9 +218,12 @@ def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
         for i in check_resume([c.to_dict() for c in configs], dirs, Path(checkpoints)):
             print(f"[{configs[i].label}] no checkpoint in {dirs[i]}: this run starts afresh",
                   flush=True)
+    n = len(configs)
+    tags = {id(c): run_tag(c, f"run {k}/{n}") for k, c in enumerate(configs, 1)}
+    progress = _GridProgress(n, jobs, on_finished)
     first = [c for c in configs if not _pending_match(c)]
-    done = dict(zip(map(id, first), _run_all(first, jobs, checkpoints, resume, on_finished),
-                    strict=True))
+    done = dict(zip(map(id, first), _run_all(first, jobs, checkpoints, resume, progress,
+                                             [tags[id(c)] for c in first]), strict=True))
     gaf_runs = {(r.label, setting_key(r.config)): r for r in done.values()
                 if r.config["method"] == "gaf"}
     later = []
@@ -230,7 +235,8 @@ def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
                                  "and seed to match")
             later.append((c, match_control(c, gaf)))
     try:
-        controls = _run_all([m for _, m in later], jobs, checkpoints, resume, on_finished)
+        controls = _run_all([m for _, m in later], jobs, checkpoints, resume, progress,
+                            [tags[id(c)] for c, _ in later])
     except GridInterrupted as e:
         raise GridInterrupted(list(done.values()) + e.finished) from None
     for (c, _), r in zip(later, controls, strict=True):
@@ -240,22 +246,28 @@ def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
 
 def _run_all(configs: Sequence[TrainConfig], jobs: int,
              checkpoints: str | os.PathLike | None = None, resume: bool = False,
-             on_finished: Callable[[RunResult], None] | None = None) -> list[RunResult]:
+             on_finished: Callable[[RunResult], None] | None = None,
+             tags: Sequence[str] | None = None) -> list[RunResult]:
     dirs = run_directories(configs, checkpoints)
+    tags = list(tags) if tags is not None else [run_tag(c) for c in configs]
     results: dict[int, RunResult] = _Finished(on_finished)
     if resume:
         for i, (cfg, d) in enumerate(zip(configs, dirs, strict=True)):
             found = load_finished(d, cfg.to_dict()) if d is not None else None
             if found is not None:
-                print(f"[{cfg.label}] finished earlier: {d}", flush=True)
-                results[i] = found
+                print(f"[{tags[i]}] finished earlier: {d}", flush=True)
+                dict.__setitem__(results, i, found)
+                if isinstance(on_finished, _GridProgress):
+                    on_finished(found, trained=False)
+                elif on_finished is not None:
+                    on_finished(found)
     todo = [i for i in range(len(configs)) if i not in results]
     started = time.time()
     try:
         if jobs == 1 or len(todo) <= 1:
-            _run_serial(configs, dirs, todo, resume, results)
+            _run_serial(configs, dirs, todo, resume, results, tags)
         else:
-            _run_parallel(configs, dirs, todo, resume, jobs, results)
+            _run_parallel(configs, dirs, todo, resume, jobs, results, tags)
     except KeyboardInterrupt:
         # A worker may have recorded its run an instant before the parent heard of it.
         for i in todo:
@@ -263,6 +275,29 @@ def _run_all(configs: Sequence[TrainConfig], jobs: int,
                 results[i] = load_finished(dirs[i], configs[i].to_dict())
         raise GridInterrupted([results[i] for i in sorted(results)]) from None
     return [results[i] for i in range(len(configs))]
+
+
+class _GridProgress:
+    """Says after each finished run how many are done and about how long the rest take
+    (the mean wall time per finished run so far, ``jobs`` at a time), then calls ``hook``."""
+
+    def __init__(self, total: int, jobs: int, hook: Callable[[RunResult], None] | None):
+        self.total, self.jobs, self.hook = total, max(1, jobs), hook
+        self.done = self.trained = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, run: RunResult, trained: bool = True) -> None:
+        self.done += 1
+        self.trained += trained
+        left = self.total - self.done
+        if trained and left and self.trained:
+            per_run = (time.perf_counter() - self.start) / self.trained * min(
+                self.jobs, self.total)
+            eta = per_run * -(-left // min(self.jobs, self.total))
+            print(f"gaf compare: {self.done} of {self.total} runs finished, about "
+                  f"{format_duration(eta)} left", flush=True)
+        if self.hook is not None:
+            self.hook(run)
 
 
 class _Finished(dict):
@@ -284,7 +319,7 @@ def _recorded_since(run_dir: Path, started: float) -> bool:
     return path.exists() and path.stat().st_mtime >= started - 2.0
 
 
-def _run_serial(configs, dirs, todo, resume, results) -> None:
+def _run_serial(configs, dirs, todo, resume, results, tags) -> None:
     cache: dict[tuple, PreparedData] = {}
     for i in todo:
         cfg = configs[i]
@@ -292,12 +327,12 @@ def _run_serial(configs, dirs, todo, resume, results) -> None:
         if key not in cache:
             cache.clear()  # keep one prepared dataset in memory at a time
             cache[key] = prepare_data(cfg)
-        res = _run_one(cfg, cache[key], dirs[i], resume)
+        res = _run_one(cfg, cache[key], dirs[i], resume, tag=tags[i])
         res.model = None  # a grid keeps numbers, not weights
         results[i] = res
 
 
-def _run_parallel(configs, dirs, todo, resume, jobs, results) -> None:
+def _run_parallel(configs, dirs, todo, resume, jobs, results, tags) -> None:
     # Fail (or download) here, once, rather than in every worker.
     for key in {data_key(configs[i]): configs[i] for i in todo}.values():
         prepare_data(key)
@@ -310,7 +345,7 @@ def _run_parallel(configs, dirs, todo, resume, jobs, results) -> None:
         for i in todo:
             c = configs[i].replace(threads=configs[i].threads or threads)
             d = None if dirs[i] is None else str(dirs[i])
-            futures[i] = ex.submit(_worker, c.to_dict(), d, resume)
+            futures[i] = ex.submit(_worker, c.to_dict(), d, resume, tags[i])
         index = {f: i for i, f in futures.items()}
         for f in as_completed(futures.values()):  # recorded as they finish, not in order
             results[index[f]] = RunResult.from_dict(f.result())

@@ -253,3 +253,28 @@ def apply_options(args: argparse.Namespace, base: TrainConfig, parser: argparse.
     except ValueError as e:
         parser.error(str(e))
     return cfg
+
+
+def show_defaults(parser: argparse.ArgumentParser, base: TrainConfig, where: str = "") -> None:
+    """Append each option's default to its --help text: the configuration's value for
+    options that set one of its fields (they default to None so that a recipe's value
+    stands; ``where`` says so), argparse's own default for the others."""
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or action.dest in ("help", "dry_run"):
+            continue
+        text = action.help or ""
+        if "default" in text:
+            continue
+        flag = isinstance(action, argparse.BooleanOptionalAction)
+        if action.dest in _CONFIG_FIELDS and (action.nargs != 0 or flag):
+            value = getattr(base, action.dest)
+            if flag:
+                value = "--" + ("" if value else "no-") + action.dest.replace("_", "-")
+            elif value is None:
+                value = "none"
+            shown = f"default: {value}{where}"
+        elif action.default is not None and action.nargs != 0:
+            shown = "default: %(default)s"
+        else:
+            continue
+        action.help = f"{text} ({shown})" if text else shown

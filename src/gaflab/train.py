@@ -184,6 +184,7 @@ def train(
     progress_bar: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    tag: str | None = None,
 ) -> RunResult:
     """Train one model as ``cfg`` says and return its per-epoch history.
 
@@ -195,8 +196,10 @@ def train(
     ``checkpoint_dir``: checkpoint there at every epoch's end and every
     ``cfg.checkpoint_every`` steps (:mod:`gaflab.resume`); with ``resume``,
     continue from its newest usable checkpoint (the hooks of epochs already done are not
-    called again), else start afresh.
+    called again), else start afresh. ``tag`` names the run in printed lines (default: its
+    label, seed and noise; a grid adds "run k/N").
     """
+    tag = tag or run_tag(cfg)
     cfg.validate()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -238,11 +241,13 @@ def train(
     if heldout is not None:
         result.data.update(train_images=int(data.train_y.numel()),
                            heldout_images=int(heldout[1].numel()))
-    print(f"[{cfg.label}] data: {describe_data(result.data)}", flush=True)
-    ckpt, partial = _checkpoints(checkpoint_dir, resume, cfg, model, opt, method, state, result)
+    print(f"[{tag}] data: {describe_data(result.data)}", flush=True)
+    ckpt, partial = _checkpoints(checkpoint_dir, resume, cfg, model, opt, method, state, result,
+                                 tag)
     if epoch_hook is not None and state.step == 0:
         epoch_hook(0, model)
-    bar = _progress(steps_per_epoch * cfg.epochs, cfg) if progress_bar else None
+    bar = _progress(steps_per_epoch * cfg.epochs, cfg, tag) if progress_bar else None
+    first_epoch, first_seconds = state.epoch, state.train_seconds + state.eval_seconds
     if bar is not None and state.step:
         bar.update(state.step)
     while state.epoch < cfg.epochs and not state.stopped:
@@ -263,14 +268,17 @@ def train(
         result.steps += steps_per_epoch
         for w in collapse_warnings(cfg, result.history, data.num_classes):
             result.warnings.append(w)
-            print(f"[{cfg.label}] warning: {w['message']}", flush=True)
+            print(f"[{tag}] warning: {w['message']}", flush=True)
         if epoch_hook is not None:
             epoch_hook(state.epoch, model)
         if bar is not None:
             bar.set_postfix(ep=state.epoch, test=f"{row['test_acc']:.3f}",
                             mem=f"{row['memorised']:.3f}", skip=f"{row['skip_rate']:.2f}")
         elif cfg.progress:
-            print(_epoch_line(cfg.label, row), flush=True)
+            spent = state.train_seconds + state.eval_seconds - first_seconds
+            done = state.epoch - first_epoch
+            eta = spent / done * (cfg.epochs - state.epoch) if done else float("nan")
+            print(_epoch_line(tag, row, cfg.epochs, eta), flush=True)
         if ckpt is not None:
             ckpt.save()
     if bar is not None:
@@ -367,7 +375,7 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
 
 
 def _checkpoints(directory, resume: bool, cfg: TrainConfig, model, opt, method, state,
-                 result) -> tuple[RunCheckpoints | None, PartialEpoch | None]:
+                 result, tag: str) -> tuple[RunCheckpoints | None, PartialEpoch | None]:
     """The run's checkpointer (None without a directory) and, when resuming inside an
     epoch, where that epoch stopped."""
     if directory is None:
@@ -381,11 +389,11 @@ def _checkpoints(directory, resume: bool, cfg: TrainConfig, model, opt, method, 
         return ckpt, None
     partial = ckpt.restore()
     if partial is False:
-        print(f"[{cfg.label}] no checkpoint in {directory}: starting afresh", flush=True)
+        print(f"[{tag}] no checkpoint in {directory}: starting afresh", flush=True)
     else:
         where = (f"epoch {state.epoch + 1}, step {partial.next_step} of that epoch"
                  if partial is not None else f"the end of epoch {state.epoch}")
-        print(f"[{cfg.label}] resumed from {ckpt.restored_from} at {where} "
+        print(f"[{tag}] resumed from {ckpt.restored_from} at {where} "
               f"({state.step} steps done)", flush=True)
     return ckpt, (partial or None)
 
@@ -405,7 +413,7 @@ def _early_stop(cfg: TrainConfig, model: nn.Module, state: LoopState, acc: float
         state.stopped = True
 
 
-def _progress(total: int, cfg: TrainConfig):
+def _progress(total: int, cfg: TrainConfig, tag: str):
     if not cfg.progress:
         return None
     try:
@@ -413,7 +421,7 @@ def _progress(total: int, cfg: TrainConfig):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    bar = tqdm(total=total, desc=cfg.label, unit="step", mininterval=1.0, leave=True,
+    bar = tqdm(total=total, desc=tag, unit="step", mininterval=1.0, leave=True,
                dynamic_ncols=True, disable=None)
     if bar.disable:  # not a terminal: one line per epoch instead
         bar.close()
@@ -421,10 +429,28 @@ def _progress(total: int, cfg: TrainConfig):
     return bar
 
 
-def _epoch_line(label: str, row: dict[str, float]) -> str:
-    return (f"[{label}] epoch {row['epoch']}: test {row['test_acc']:.4f} "
+def run_tag(cfg: TrainConfig, position: str | None = None) -> str:
+    """How printed lines name a run: label, seed and noise (two seeds of a grid differ),
+    and in a grid its position, e.g. ``gaf (tau=0.97) | seed 1 | symmetric 40% | run 2/6``."""
+    noise = cfg.noise if cfg.noise in ("none", "human") else f"{cfg.noise} {cfg.noise_rate:.0%}"
+    parts = [cfg.label, f"seed {cfg.seed}", noise] + ([position] if position else [])
+    return " | ".join(parts)
+
+
+def _epoch_line(tag: str, row: dict[str, float], epochs: int, eta: float) -> str:
+    left = f", ETA {format_duration(eta)}" if math.isfinite(eta) and row["epoch"] < epochs else ""
+    return (f"[{tag}] epoch {row['epoch']}/{epochs}: test {row['test_acc']:.4f} "
             f"memorised {row['memorised']:.4f} skip {row['skip_rate']:.2f} "
-            f"dist {row['distance_mean']:.3f} ({row['epoch_seconds']:.1f}s)")
+            f"dist {row['distance_mean']:.3f} ({row['epoch_seconds']:.1f}s{left})")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def default_threads(jobs: int = 1) -> int:
