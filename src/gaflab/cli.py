@@ -252,7 +252,7 @@ class OutputDirError(OSError):
 PROBE_BYTES = 1 << 16  # what the start-up probe writes and syncs: a full disk shows here
 
 
-def check_out(out: str | None) -> None:
+def check_out(out: str | None, option: str = "--out") -> None:
     """Make sure ``out`` can be written, before any run starts: create it, write a probe
     file, sync and remove it. An OutputDirError says why not (rather than a traceback
     after the first epoch, when the first checkpoint or results.json is written)."""
@@ -260,7 +260,7 @@ def check_out(out: str | None) -> None:
         return
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
-        raise OutputDirError(f"--out {out} is a file, not a directory: give a directory "
+        raise OutputDirError(f"{option} {out} is a file, not a directory: give a directory "
                              "(it is created if missing)")
     probe = path / f".gaf-write-probe-{os.getpid()}"
     try:
@@ -270,7 +270,7 @@ def check_out(out: str | None) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise OutputDirError(f"--out {out} cannot be written ({e.strerror or e}"
+        raise OutputDirError(f"{option} {out} cannot be written ({e.strerror or e}"
                              f"{': ' + str(e.filename) if e.filename else ''}): choose a "
                              "writable directory with free space") from None
     finally:
@@ -367,6 +367,7 @@ def _check_tensorboard(args, parser) -> None:
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         parser.error("--tensorboard needs the tensorboard package: "
                      "pip install 'gaf[tensorboard]'")
+    check_out(args.tensorboard, "--tensorboard")  # written after the runs: check it now
 
 
 def _write_tensorboard(args, runs) -> None:
