@@ -66,6 +66,17 @@ except (TypeError, ValueError) as e:
 """
 
 
+LIBRARY_OTHER_OPTIMIZER = """
+import torch, gaf
+m, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+try:
+    gaf.GAFTrainer(m, torch.optim.SGD(other.parameters(), lr=0.1),
+                   torch.nn.functional.cross_entropy, 2)
+except (TypeError, ValueError) as e:
+    print("refused:", e)
+"""
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, Outcome]:
     tmp = tmp_path_factory.mktemp("silent")
@@ -94,6 +105,7 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
         "data_truncated": GAF + ["data", "--data-dir", str(truncated)],
         "data_dir_missing": GAF + ["train", *TINY, "--data-dir", str(tmp / "nowhere")],
         "rule_options": [sys.executable, "-c", LIBRARY_RULE_OPTIONS],
+        "other_optimizer": [sys.executable, "-c", LIBRARY_OTHER_OPTIMIZER],
     }
     results: dict[str, Outcome] = {}
     with ThreadPoolExecutor(max_workers=3) as pool:
@@ -195,6 +207,13 @@ def test_rule_options_not_a_mapping_is_named(outcomes):
     o = outcomes["rule_options"]
     assert "Traceback" not in o.out, o.out
     assert "refused:" in o.out and "rule_options" in o.out, o.out
+
+
+@pytest.mark.xfail(strict=True, reason="issue 19 case 2 is fixed on the core branch")
+def test_optimizer_over_another_model_is_refused_at_construction(outcomes):
+    o = outcomes["other_optimizer"]
+    assert "Traceback" not in o.out, o.out
+    assert "refused:" in o.out, o.out
 
 
 def test_no_temporary_files_left(outcomes):
