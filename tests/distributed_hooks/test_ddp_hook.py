@@ -9,13 +9,6 @@ import torch.distributed as dist
 import gaf
 from gaf.distributed import GAFDistributedError, GAFHookState, gaf_hook
 
-from .common import launch
-
-
-@pytest.fixture(scope="module", params=[2, 4], ids=["2 ranks", "4 ranks"])
-def report(request, tmp_path_factory):
-    return launch("ddp_hook_worker.py", request.param, tmp_path_factory.mktemp("ddp"))
-
 
 def check_steps(steps: list[dict]) -> None:
     for step in steps:

@@ -85,6 +85,8 @@ def _param_group(module):
     except AttributeError as exc:
         raise RuntimeError("this torch's FSDP2 internals differ from torch 2.13's, which GAF's "
                            "FSDP2 path was written against") from exc
+    if not groups:
+        return None  # a unit without parameters of its own: nothing to reduce
     if len(groups) != 1:
         raise ValueError("GAF's FSDP2 reduce-scatter needs one parameter group per unit "
                          f"(got {len(groups)}: shard_placement_fn with several meshes)")
@@ -165,8 +167,10 @@ class GAFFSDPState(GAFStepState):
         if not units:
             raise ValueError("no fully_shard unit in the model: call fully_shard first")
         for module in units:
-            info = _param_group(module).mesh_info
-            if getattr(info, "replicate_mesh_dim", None) is not None:
+            group = _param_group(module)
+            if group is None:
+                continue
+            if getattr(group.mesh_info, "replicate_mesh_dim", None) is not None:
                 raise ValueError("GAF's FSDP2 path does not support HSDP (a 2-D mesh): FSDP "
                                  "would all-reduce the filtered shards across replicas")
             module.set_custom_reduce_scatter(GAFReduceScatter(self, module))

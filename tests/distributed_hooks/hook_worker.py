@@ -1,9 +1,10 @@
-"""One rank of the DDP hook checks (run under torchrun by test_ddp_hook.py).
+"""One rank of the DDP hook and FSDP2 checks (run under torchrun by conftest.py, once per
+world size, for test_ddp_hook.py and test_fsdp.py).
 
-Every check: DDP with small buckets, each rank its own data, the GAF hook registered;
-after backward each .grad is compared with gaf.filter_gradients over the N ranks' local
-gradients, computed independently on a plain copy of the model and all-gathered.
-Rank 0 writes the findings to OUT/ddp_hook_worker.json.
+Every DDP check: small buckets, each rank its own data, the GAF hook registered; after
+backward each .grad is compared with gaf.filter_gradients over the N ranks' local
+gradients, computed independently on a plain copy of the model and all-gathered. The FSDP2
+checks are in fsdp_checks.py. Rank 0 writes the findings to OUT/hook_worker.json.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 import sys
 from pathlib import Path
 
+import fsdp_checks
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -193,8 +195,9 @@ def main() -> None:
         "no_sync": check_no_sync(spec),
         "tau2": check_tau2_is_ddp_mean(),
         "skip": check_skip(),
+        **fsdp_checks.run_all(),
     }
-    finish(out, "ddp_hook_worker", report)
+    finish(out, "hook_worker", report)
 
 
 if __name__ == "__main__":
