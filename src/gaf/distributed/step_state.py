@@ -120,13 +120,15 @@ class GAFStepState:
 
     # -- the optimizer guard ----------------------------------------------------------------
 
-    def wrap_optimizer(self, optimizer):
+    def wrap_optimizer(self, optimizer, on_step=None):
         """Make ``optimizer.step()`` honour GAF's decision; returns the same optimizer.
 
         ``step`` is replaced on this instance: after a skipped decision it does nothing
         (returns the closure's loss, if a closure was given), after a taken one it steps;
         with no decision since the last step it simply steps (accumulation micro-steps of
-        frameworks that call ``step`` every batch). One line, so it is not forgotten::
+        frameworks that call ``step`` every batch). ``on_step(skipped)``, if given, is
+        called after each decided step (a framework's own skip flag). One line, so it is
+        not forgotten::
 
             optimizer = state.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
         """
@@ -147,8 +149,12 @@ class GAFStepState:
                     loss = closure()
             pending, state._pending = state._pending, None
             if pending == "skip":
+                if on_step is not None:
+                    on_step(True)
                 return loss
             result = inner(*args, **kwargs)
+            if pending is not None and on_step is not None:
+                on_step(False)
             return loss if closure is not None else result
 
         # A bound method, as torch's LR schedulers expect (they wrap ``step.__func__``).
