@@ -44,7 +44,8 @@ Handled: DDP's bucket rebuild after the first iteration (buckets are keyed by in
 step, their buffers reused while the sizes hold), ``gradient_as_bucket_view``, parameters
 without gradients (``find_unused_parameters``: DDP puts zeros in their slots), half
 precision buckets (Gram in float64; the weighted sum in the bucket's dtype, as
-:func:`gaf.filter_gradients` does). ``state.result`` is the step's
+:func:`gaf.filter_gradients` does, whose last bit it may miss: torch can round a block's
+vector body and scalar tail differently). ``state.result`` is the step's
 :class:`~gaf.core.FilterResult` over the N ranks; its ``grad`` is empty: the direction is
 in the parameters' ``.grad``, where DDP writes it.
 """
