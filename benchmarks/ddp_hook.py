@@ -15,9 +15,12 @@ rotates) after warm-up:
 * fsdp+gaf    the same with GAF's reduce-scatter (GAFFSDPState, tau 2).
 
 A repetition's time is the slowest rank's; printed are the median and the spread (min-max)
-per method, the ratios against the matching baseline, and a per-phase profile (forward,
-backward, optimizer step; for the GAF methods also the time of the decision and final
-exchange after the last bucket/unit, the part that cannot overlap backward).
+per method, the ratios against the matching baseline (of the medians, and of the fastest
+repetitions, which the load of a shared machine disturbs least), and a per-phase profile
+on rank 0 (forward, backward, optimizer step; for the GAF methods also the time after the
+last bucket/unit, the part that cannot overlap backward, split into waiting for the last
+exchanges with their partial Grams, the all-reduce of G with the decision, and the
+weighted sums with the final gather; it is included in backward).
 
     .venv/bin/python benchmarks/ddp_hook.py [--ranks 2 4] [--reps 9] [--warmup 3]
 """
@@ -44,7 +47,8 @@ from torch import nn
 from gaf.distributed import DistributedGAFTrainer, GAFFSDPState, GAFHookState, gaf_hook
 
 METHODS = ("ddp", "ddp+gaf", "trainer", "fsdp", "fsdp+gaf")
-PHASES = ("forward", "backward", "step", "decision")
+PHASES = ("forward", "backward", "step", "decision", "wait+gram", "reduce+decide",
+          "sum+gather")
 
 
 def machine() -> str:
@@ -64,16 +68,45 @@ def make_net(width: int, hidden: int) -> nn.Module:
                          nn.ReLU(), nn.Linear(hidden, width))
 
 
+GRAM_TIME = [0.0]  # time spent waiting for exchanges and forming partial Grams
+
+
+def timed_gram(cls) -> None:
+    gram = cls.gram
+
+    def wrapped(self):
+        start = time.perf_counter()
+        try:
+            return gram(self)
+        finally:
+            GRAM_TIME[0] += time.perf_counter() - start
+
+    cls.gram = wrapped
+
+
 def timed_finish(state, phases: dict) -> None:
-    """Record how long each decision (and the exchange after it) takes."""
-    finish = state._finish
+    """Record how long each decision and the exchange after it take, and their parts:
+    waiting for the last exchanges (with their partial Grams), the all-reduce of G with
+    the decision, and the weighted sums with the final exchange."""
+    finish, decide = state._finish, state.decide
+    spent = {}
+
+    def timed_decide(*args):
+        start = time.perf_counter()
+        result = decide(*args)
+        spent["decide"] = time.perf_counter() - start
+        return result
 
     def wrapped(*args):
+        GRAM_TIME[0] = 0.0
         start = time.perf_counter()
         finish(*args)
-        phases["decision"] = time.perf_counter() - start
+        total = time.perf_counter() - start
+        phases.update({"decision": total, "wait+gram": GRAM_TIME[0],
+                       "reduce+decide": spent["decide"],
+                       "sum+gather": total - GRAM_TIME[0] - spent["decide"]})
 
-    state._finish = wrapped
+    state._finish, state.decide = wrapped, timed_decide
 
 
 def worker(rank: int, world: int, init: str, width: int, hidden: int, batch: int, reps: int,
@@ -82,6 +115,12 @@ def worker(rank: int, world: int, init: str, width: int, hidden: int, batch: int
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=10))
     from torch.distributed.fsdp import fully_shard
+
+    from gaf.distributed.fsdp import _Unit
+    from gaf.distributed.shard_exchange import ShardExchange
+
+    timed_gram(ShardExchange)
+    timed_gram(_Unit)
 
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(batch, width, generator=g), torch.randn(batch, width, generator=g)
@@ -183,15 +222,17 @@ def main() -> None:
         t, prof = found["times"], found["profile"]
         med = {k: statistics.median(v) for k, v in t.items()}
         print(f"N = {world}, P = {found['params'] / 1e6:.2f}M")
-        print("| method | step, ms | vs baseline |")
-        print("|---|---|---|")
+        print("| method | step, ms | median vs baseline | fastest vs fastest |")
+        print("|---|---|---|---|")
         baseline = {"ddp": "ddp", "ddp+gaf": "ddp", "trainer": "ddp", "fsdp": "fsdp",
                     "fsdp+gaf": "fsdp"}
         for name in METHODS:
             ratio = med[name] / med[baseline[name]]
-            print(f"| {name} | {fmt_ms(t[name])} | {ratio:.2f}x {baseline[name]} |")
-        print("\nper-phase medians on rank 0, ms (decision: after the last bucket/unit, "
-              "the all-reduce of G, decision and final exchange)")
+            fastest = min(t[name]) / min(t[baseline[name]])
+            print(f"| {name} | {fmt_ms(t[name])} | {ratio:.2f}x {baseline[name]} | "
+                  f"{fastest:.2f}x |")
+        print("\nper-phase medians on rank 0, ms (decision: after the last bucket/unit; "
+              "its parts: wait+gram, reduce+decide, sum+gather)")
         print("| method | " + " | ".join(PHASES) + " |")
         print("|---|" + "---|" * len(PHASES))
         for name in METHODS:
