@@ -104,7 +104,9 @@ class GAFHookState(GAFStepState):
         exchange = ShardExchange(buffer, comm, self.workspace, f"bucket{bucket.index()}",
                                  self.chunk_elements)
         exchange.start()
-        future: torch.futures.Future = torch.futures.Future()
+        # CUDA tensors need a future that knows their device (it records the stream's
+        # events when completed, so DDP's reads are ordered after our writes).
+        future = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
         self._step.append((exchange, future, buffer))
         for earlier, _, _ in self._step[:-1]:
             earlier.poll()  # partial Grams of exchanges that have landed, without waiting

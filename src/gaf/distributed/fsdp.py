@@ -159,6 +159,7 @@ class GAFFSDPState(GAFStepState):
         self.workspace = Workspace()
         self.copied = 0
         self._units: list[_Unit] = []
+        self._events: list = []  # CUDA: one per unit call, on FSDP's reduce-scatter stream
 
     def register(self, model: nn.Module) -> GAFFSDPState:
         """Give every ``fully_shard`` unit in ``model`` GAF's reduce-scatter."""
@@ -209,9 +210,16 @@ class GAFFSDPState(GAFStepState):
         for unit in self._units:
             unit.poll()
         self._units.append(_Unit(owner, output, recv, work, send, comm))
+        if output.is_cuda:
+            # FSDP calls this on its reduce-scatter stream; the decision runs on the
+            # current stream at the end of backward and must follow these ops.
+            self._events.append(torch.cuda.current_stream(output.device).record_event())
 
     def _finish(self) -> None:
         units, self._units = self._units, []
+        events, self._events = self._events, []
+        for event in events:
+            torch.cuda.current_stream(units[0].output.device).wait_event(event)
         comm = units[0].comm
         outputs = [u.output for u in units]
         self.check_ranks(comm, sum(o.numel() for o in outputs), outputs[0].dtype,
