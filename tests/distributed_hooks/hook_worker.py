@@ -67,12 +67,13 @@ def compare(ddp, ref, state, batches, spec) -> dict:
     }
 
 
-def run_steps(spec, steps=3, dtype=torch.float32, **ddp_kwargs) -> list[dict]:
+def run_steps(spec, steps=3, dtype=torch.float32, hook_kwargs=None, **ddp_kwargs
+              ) -> list[dict]:
     rank = dist.get_rank()
     net = make_net(dtype=dtype)
     ref = copy.deepcopy(net)
     ddp = DDP(net, bucket_cap_mb=TINY_BUCKET_MB, **ddp_kwargs)
-    state = GAFHookState(spec)
+    state = GAFHookState(spec, **(hook_kwargs or {}))
     ddp.register_comm_hook(state, gaf_hook)
     optimizer = state.wrap_optimizer(torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9))
     found = []
@@ -232,6 +233,10 @@ def main() -> None:
         "world": dist.get_world_size(),
         "buckets": run_steps(spec),
         "bucket_view": run_steps(spec, gradient_as_bucket_view=True),
+        # The gather NCCL gets (all_gather of equal blocks, a padded short chunk), and
+        # chunks smaller than the buckets.
+        "all_gather": run_steps(spec, hook_kwargs=dict(gather="all_gather",
+                                                       chunk_elements=100)),
         "neighbours": run_steps(gaf.FilterSpec(tau=0.9, rule="neighbours"), steps=2),
         "bfloat16": run_steps(spec, steps=2, dtype=torch.bfloat16),
         "float16": run_steps(spec, steps=2, dtype=torch.float16),

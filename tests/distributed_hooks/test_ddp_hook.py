@@ -20,8 +20,8 @@ def check_steps(steps: list[dict], half: bool = False) -> None:
         assert step["ranks_identical"], step
 
 
-@pytest.mark.parametrize("case", ["buckets", "bucket_view", "neighbours", "bfloat16", "float16",
-                                  "unused"])
+@pytest.mark.parametrize("case", ["buckets", "bucket_view", "all_gather", "neighbours",
+                                  "bfloat16", "float16", "unused"])
 def test_grad_equals_filter_gradients_over_rank_gradients(report, case):
     steps = report[case]
     check_steps(steps, half=case in ("bfloat16", "float16"))
@@ -91,6 +91,8 @@ def test_hook_state_takes_a_spec_or_its_keywords():
         GAFHookState(gaf.FilterSpec(measure="sign"))
     with pytest.raises(ValueError, match="chunk_elements"):
         GAFHookState(chunk_elements=0)
+    with pytest.raises(ValueError, match="unknown gather"):
+        GAFHookState(gather="ring")
 
 
 def test_hook_needs_its_state():

@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from gaf.distributed.comm import Workspace
-from gaf.distributed.protocol import CHUNK_ELEMENTS
+from gaf.distributed.protocol import CHUNK_ELEMENTS, GATHERS
 from gaf.distributed.shard_exchange import ShardExchange
 from gaf.distributed.step_state import GAFStepState, Timeout
 from gaf.spec import FilterSpec
@@ -71,6 +71,8 @@ class GAFHookState(GAFStepState):
         timeout: seconds any collective may take before
             :class:`~gaf.distributed.GAFDistributedError`.
         chunk_elements: elements per all_to_all chunk within a bucket.
+        gather: how the filtered blocks are gathered: "auto" (broadcasts for CPU buckets,
+            all_gather for CUDA ones), "broadcast" or "all_gather".
 
     After each backward: ``state.result`` (:class:`~gaf.core.FilterResult`, rows = ranks),
     ``state.skipped``, ``state.stats`` (:class:`gaf.FilterStats`).
@@ -78,13 +80,16 @@ class GAFHookState(GAFStepState):
 
     def __init__(self, spec: FilterSpec | None = None, *, tau=0.97, rule: str = "mean",
                  rule_options=None, control=None, process_group=None,
-                 timeout: Timeout = None, chunk_elements: int = CHUNK_ELEMENTS):
+                 timeout: Timeout = None, chunk_elements: int = CHUNK_ELEMENTS,
+                 gather: str = "auto"):
         super().__init__(spec, tau=tau, rule=rule, rule_options=rule_options,
                          control=control, process_group=process_group, timeout=timeout)
         if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) \
                 or chunk_elements < 1:
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
-        self.chunk_elements = chunk_elements
+        if gather not in GATHERS:
+            raise ValueError(f"unknown gather {gather!r}; choose one of {', '.join(GATHERS)}")
+        self.chunk_elements, self.gather = chunk_elements, gather
         self.workspace = Workspace()
         self._step: list = []  # (ShardExchange, Future, bucket buffer) of this backward
 
@@ -102,7 +107,7 @@ class GAFHookState(GAFStepState):
         if not buffer.is_floating_point():
             raise TypeError(f"GAF needs floating gradients, got a {buffer.dtype} bucket")
         exchange = ShardExchange(buffer, comm, self.workspace, f"bucket{bucket.index()}",
-                                 self.chunk_elements)
+                                 self.chunk_elements, self.gather)
         exchange.start()
         # CUDA tensors need a future that knows their device (it records the stream's
         # events when completed, so DDP's reads are ordered after our writes).

@@ -14,8 +14,9 @@ data, with the decision left to the caller:
    straight into ``out`` (the bucket itself: its own values were sent in step 1 and are
    no longer needed), then gathered into every rank's ``out``.
 
-The gather is N concurrent broadcasts on CPU tensors (gloo's all_gather is 2-3x slower for
-the same bytes) and ``all_gather`` of equal blocks elsewhere: the collectives NCCL has.
+The gather (``gather="auto"``) is N concurrent broadcasts on CPU tensors (gloo's all_gather
+is 2-3x slower for the same bytes) and ``all_gather`` of equal blocks elsewhere: the
+collectives NCCL has. ``gather="all_gather"`` forces the latter (how gloo tests it).
 """
 
 from __future__ import annotations
@@ -29,22 +30,28 @@ from torch import Tensor
 
 from gaf.core import gram_matrix, weighted_sum
 from gaf.distributed.comm import Comm, Workspace, all_gather_flat
-from gaf.distributed.protocol import CHUNK_ELEMENTS, ShardPlan
+from gaf.distributed.protocol import CHUNK_ELEMENTS, GATHERS, ShardPlan
 
 
 class ShardExchange:
     """The all_to_all, partial Gram and gather of one flat tensor ``flat`` [P]."""
 
     def __init__(self, flat: Tensor, comm: Comm, workspace: Workspace, key: str,
-                 chunk_elements: int = CHUNK_ELEMENTS):
+                 chunk_elements: int = CHUNK_ELEMENTS, gather: str = "auto"):
         if flat.dim() != 1 or not flat.is_contiguous():
             raise ValueError("a shard exchange needs a flat contiguous tensor")
         self.flat, self.comm = flat, comm
+        if gather not in GATHERS:
+            raise ValueError(f"unknown gather {gather!r}; choose one of {', '.join(GATHERS)}")
+        # Broadcasts on CPU tensors ("auto"), all_gather elsewhere (NCCL's ring-optimal one).
+        self.by_broadcast = gather == "broadcast" or (gather == "auto"
+                                                      and flat.device.type == "cpu")
         n = comm.size
         self.plan = ShardPlan.make(flat.numel(), n, chunk_elements)
         self.recv = workspace.get(key, self.plan.chunks * n * self.plan.block, flat.dtype,
                                   flat.device)
-        self.tail = workspace.get(key + "/tail", n * self.plan.block, flat.dtype, flat.device)
+        self.workspace, self.key = workspace, key
+        self.tail: Tensor | None = None  # the padded short chunk's gather (all_gather only)
         self.works: list = []
         self.shards: list[Tensor] = []
         self.partial: Tensor | None = None
@@ -86,7 +93,7 @@ class ShardExchange:
         """Write rank r's blocks of Σ w_i g_i into ``out`` and start gathering the others;
         returns the works (wait for them, then call :meth:`after_gather`)."""
         n, r, b = self.comm.size, self.comm.rank, self.plan.block
-        by_broadcast = out.device.type == "cpu"
+        by_broadcast = self.by_broadcast
         works, self._after = [], []
         what = "gather of a bucket's filtered shards"
         for c, shard in enumerate(self.shards):
@@ -106,7 +113,8 @@ class ShardExchange:
                 weighted_sum(shard, weights, target[r * b : (r + 1) * b])
                 piece = target[r * b : (r + 1) * b]
             else:  # the short last chunk: gather padded blocks, keep the prefix
-                target = self.tail
+                self.tail = target = self.workspace.get(self.key + "/tail", n * b, out.dtype,
+                                                        out.device)
                 piece = target[r * b : (r + 1) * b]
                 weighted_sum(shard, weights, piece[: lens[r]])
                 piece[lens[r] :].zero_()
