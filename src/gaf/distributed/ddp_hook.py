@@ -51,6 +51,8 @@ in the parameters' ``.grad``, where DDP writes it.
 """
 
 # No ``from __future__ import annotations``: DDP checks gaf_hook's annotations as objects.
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -102,25 +104,34 @@ class GAFHookState(GAFStepState):
     # -- the hook's two halves --------------------------------------------------------------
 
     def on_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        comm = self.comm()
-        buffer = bucket.buffer()
-        if not buffer.is_floating_point():
-            raise TypeError(f"GAF needs floating gradients, got a {buffer.dtype} bucket")
-        exchange = ShardExchange(buffer, comm, self.workspace, f"bucket{bucket.index()}",
-                                 self.chunk_elements, self.gather)
-        exchange.start()
-        # CUDA tensors need a future that knows their device (it records the stream's
-        # events when completed, so DDP's reads are ordered after our writes).
-        future = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
-        self._step.append((exchange, future, buffer))
-        for earlier, _, _ in self._step[:-1]:
-            earlier.poll()  # partial Grams of exchanges that have landed, without waiting
+        try:
+            comm = self.comm()
+            buffer = bucket.buffer()
+            if not buffer.is_floating_point():
+                raise TypeError(f"GAF needs floating gradients, got a {buffer.dtype} bucket")
+            exchange = ShardExchange(buffer, comm, self.workspace, f"bucket{bucket.index()}",
+                                     self.chunk_elements, self.gather)
+            exchange.start()
+            # CUDA tensors need a future that knows their device (it records the stream's
+            # events when completed, so DDP's reads are ordered after our writes).
+            future = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
+            self._step.append((exchange, future, buffer))
+            for earlier, _, _ in self._step[:-1]:
+                earlier.poll()  # partial Grams of exchanges that have landed, no waiting
+        except BaseException as exc:
+            self._abandon(exc)  # a failed backward leaves nothing behind for the next one
+            raise
         if bucket.is_last():
             self._finish(comm)
         return future
 
-    def _finish(self, comm) -> None:
+    def _abandon(self, exc: BaseException) -> None:
         step, self._step = self._step, []
+        for _, future, _ in step:
+            future.set_exception(exc)
+
+    def _finish(self, comm) -> None:
+        step = self._step
         try:
             buffers = [buffer for _, _, buffer in step]
             self.check_ranks(comm, sum(b.numel() for b in buffers), buffers[0].dtype,
@@ -138,18 +149,18 @@ class GAFHookState(GAFStepState):
                 for buffer in buffers:
                     buffer.zero_()
             else:
-                works = []
+                works, since = [], time.monotonic()
                 for exchange, _, buffer in step:
                     works.extend(exchange.finish(decision.weights, buffer))
-                comm.wait("gather of the filtered shards", works, exchange.since)
+                comm.wait("gather of the filtered shards", works, since)
                 for exchange, _, _ in step:
                     exchange.after_gather()
             self.record(decision, tau, comm, buffers[0].new_empty(0), overflow=overflow,
                         buckets=len(step), grad_in="the parameters' .grad")
         except BaseException as exc:
-            for _, future, _ in step:
-                future.set_exception(exc)
+            self._abandon(exc)
             raise
+        self._step = []
         for _, future, buffer in step:
             future.set_result(buffer)
 

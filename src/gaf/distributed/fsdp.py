@@ -180,6 +180,15 @@ class GAFFSDPState(GAFStepState):
     # -- during backward --------------------------------------------------------------------
 
     def _on_unit(self, owner: GAFReduceScatter, output: Tensor, inp: Tensor, group, op) -> None:
+        try:
+            self._start_unit(owner, output, inp, group, op)
+        except BaseException:
+            # backward fails and its end-of-backward callback will not run: start afresh
+            self._units, self._events = [], []
+            raise
+
+    def _start_unit(self, owner: GAFReduceScatter, output: Tensor, inp: Tensor, group, op
+                    ) -> None:
         if op != dist.ReduceOp.AVG:
             raise ValueError(
                 f"GAF's FSDP2 reduce-scatter needs op AVG, FSDP asked for {op}: float16 "
@@ -218,6 +227,8 @@ class GAFFSDPState(GAFStepState):
     def _finish(self) -> None:
         units, self._units = self._units, []
         events, self._events = self._events, []
+        if not units:  # the step's units were dropped after a failure
+            return
         for event in events:
             torch.cuda.current_stream(units[0].output.device).wait_event(event)
         comm = units[0].comm
