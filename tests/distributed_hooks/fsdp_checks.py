@@ -158,6 +158,18 @@ def check_skip() -> dict:
                 for m, p in zip(momentum, model.parameters()))}
 
 
+def check_overflow() -> dict:
+    """A rank whose gradient is not finite: an overflow, every shard inf, step skipped."""
+    rank = dist.get_rank()
+    model = shard(make_net())
+    state = GAFFSDPState(tau=2.0).register(model)
+    x, y = rank_batch(rank, 0)
+    (F.cross_entropy(model(x), y) * (float("inf") if rank == 1 else 1.0)).backward()
+    return {"skipped": state.skipped, "overflow": state.result.extra["overflow"],
+            "nonfinite": state.result.num_nonfinite,
+            "all_inf": bool(torch.isinf(flat_grads(model.parameters())).all())}
+
+
 def check_refusals() -> dict:
     """Settings GAF cannot honour fail on every rank with a message that names the fix."""
     rank = dist.get_rank()
@@ -195,5 +207,6 @@ def run_all() -> dict:
                                          shard_dtype=torch.bfloat16),
         "fsdp_accumulation": check_accumulation(spec),
         "fsdp_skip": check_skip(),
+        "fsdp_overflow": check_overflow(),
         "fsdp_refusals": check_refusals(),
     }

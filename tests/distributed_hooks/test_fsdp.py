@@ -52,6 +52,12 @@ def test_skipped_step_leaves_parameters_and_optimizer_state(report):
     assert skip["params_untouched"] and skip["momentum_untouched"]
 
 
+def test_nonfinite_rank_gradient_is_an_overflow(report):
+    found = report["fsdp_overflow"]
+    assert found["skipped"] and found["overflow"] and found["nonfinite"] == 1
+    assert found["all_inf"]
+
+
 def test_unsupported_settings_fail_clearly(report):
     refusals = report["fsdp_refusals"]
     assert "needs op AVG" in refusals["float16"] and "reduce_dtype=torch.float32" \
