@@ -7,11 +7,16 @@ the sharded exchange (:func:`filter_gradients_distributed`);
 :mod:`~gaf.distributed.backend` the collector backend over it; and
 :mod:`~gaf.distributed.frontend` the ``.grad``-level front ends
 (:class:`DistributedGradientCollector`, :class:`DistributedGAFTrainer`) with
-parameter/buffer synchronisation.
+parameter/buffer synchronisation. Inside the engines' own exchange:
+:mod:`~gaf.distributed.ddp_hook` (:class:`GAFHookState`, :func:`gaf_hook`, a DDP
+communication hook) and :mod:`~gaf.distributed.fsdp` (:class:`GAFFSDPState`, FSDP2's
+reduce-scatter), over :mod:`~gaf.distributed.step_state` and
+:mod:`~gaf.distributed.shard_exchange`.
 """
 
 from gaf.distributed.agreement import METHODS
 from gaf.distributed.comm import GAFDistributedError, Workspace
+from gaf.distributed.ddp_hook import GAFHookState, gaf_hook
 from gaf.distributed.frontend import (
     BUFFER_SYNC,
     DistributedGAFTrainer,
@@ -19,6 +24,7 @@ from gaf.distributed.frontend import (
     broadcast_parameters,
     sync_buffers,
 )
+from gaf.distributed.fsdp import GAFFSDPState
 from gaf.distributed.protocol import GATHERS, filter_gradients_distributed
 
 __all__ = [
@@ -27,9 +33,12 @@ __all__ = [
     "METHODS",
     "DistributedGAFTrainer",
     "DistributedGradientCollector",
+    "GAFFSDPState",
+    "GAFHookState",
     "GAFDistributedError",
     "Workspace",
     "broadcast_parameters",
     "filter_gradients_distributed",
+    "gaf_hook",
     "sync_buffers",
 ]
