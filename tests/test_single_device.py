@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 import gaf
 from gaf.collector import GradientCollector
-from gaf.functional import micro_gradients, vectorised_filter_step
+from gaf.micrograds.vmap import micro_gradients, vectorised_filter_step
 from gaf.reference import reference_filter
 
 

@@ -36,9 +36,9 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
 
 from gaf.core import decide, decide_with, result_from_decision
+from gaf.core.measures import make_oracle
 from gaf.experiments.config import TrainConfig
 from gaf.experiments.prepare import prepare_data
-from gaf.measures import make_oracle
 from gaf.thresholds import Threshold, parse_threshold
 
 

@@ -2,15 +2,14 @@
 "The distributed protocol").
 
 :mod:`~gaf.distributed.comm` the communicator, its errors and reusable buffers;
-:mod:`~gaf.distributed.agreement` the cross-rank check; :mod:`~gaf.distributed.protocol`
-the sharded exchange (:func:`filter_gradients_distributed`);
+:mod:`~gaf.distributed.settings_check` the cross-rank settings check;
+:mod:`~gaf.distributed.protocol` the sharded exchange (:func:`filter_gradients_distributed`);
 :mod:`~gaf.distributed.backend` the collector backend over it; and
 :mod:`~gaf.distributed.frontend` the ``.grad``-level front ends
 (:class:`DistributedGradientCollector`, :class:`DistributedGAFTrainer`) with
 parameter/buffer synchronisation.
 """
 
-from gaf.distributed.agreement import METHODS
 from gaf.distributed.comm import GAFDistributedError, Workspace
 from gaf.distributed.frontend import (
     BUFFER_SYNC,
@@ -20,6 +19,7 @@ from gaf.distributed.frontend import (
     sync_buffers,
 )
 from gaf.distributed.protocol import GATHERS, filter_gradients_distributed
+from gaf.distributed.settings_check import METHODS
 
 __all__ = [
     "BUFFER_SYNC",

@@ -66,7 +66,7 @@ class TrainConfig:
     # gaf.thresholds.parse_threshold spec ("null-tail:z=1", "quantile:target_acceptance=0.7",
     # ...): replaces tau for GAF runs when set.
     threshold: str | None = None
-    measure: str = "cosine"  # agreement measure (gaf.measures): cosine, sign, layerwise
+    measure: str = "cosine"  # agreement measure (gaf.core.measures): cosine, sign, layerwise
     micro_batch_size: int = 32
     num_micro_batches: int = 2
     class_balanced: bool = False  # micro-batches with micro_batch_size / K samples per class
@@ -182,7 +182,7 @@ class TrainConfig:
 
             check_krum(self.num_micro_batches)
         self._validate_method_options()
-        from gaf.measures import check_measure
+        from gaf.core.measures import check_measure
         from gaf.thresholds import parse_threshold
 
         check_measure(self.measure)

@@ -9,6 +9,7 @@ import math
 from dataclasses import fields
 
 from gaf.core import check_tau
+from gaf.core.measures import MEASURES
 from gaf.experiments.config import (
     METHODS,
     OPTIMIZERS,
@@ -21,7 +22,6 @@ from gaf.experiments.methods import canonical_method
 from gaf.experiments.models import MODELS
 from gaf.experiments.noise import NOISE_KINDS, check_rate
 from gaf.faults import FAULT_KINDS
-from gaf.measures import MEASURES
 
 
 def fraction(text: str) -> float:

@@ -61,18 +61,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gaf.core import (
-    Decision,
-    DistanceOracle,
-    GramOracle,
-    check_grads,
-    decide_with,
+from gaf.core.decision import Decision, DistanceOracle, GramOracle
+from gaf.core.distance import (
     distance_from_products,
-    gram_matrix,
     pairwise_distances,
+    valid_norm_sq,
     valid_rows,
-    weighted_sum,
 )
+from gaf.core.registry import decide_with
+from gaf.core.tensors import check_grads, gram_matrix, weighted_sum
 
 MEASURES: tuple[str, ...] = ("cosine", "sign", "layerwise")
 
@@ -200,7 +197,7 @@ class SignOracle(DistanceOracle):
         self.rows = check_grads(grads)
         norm_sq = gram_matrix(self.rows).diagonal().to("cpu", torch.float64).numpy()
         self.finite = np.isfinite(norm_sq)
-        self.valid = self.finite & (norm_sq > 0)
+        self.valid = valid_norm_sq(norm_sq)
         # Signs as float32 so the dot products below are exact integers (|sum| <= 2^24 rows
         # would be needed for float32 to round; float64 for larger P).
         dtype = torch.float32 if self.rows.shape[1] < 2**24 else torch.float64
