@@ -260,7 +260,11 @@ def test_state_dict_round_trip():
     for step in range(4):
         trainer.step(*batch(seed=step))
     state = trainer.state_dict()
-    fresh = gaf.GAFTrainer(model, opt, F.cross_entropy, 3, tau=0.5)
+    # A trainer built with another fixed tau refuses the state (issue 19, case 4: it used
+    # to take the saved tau silently); one built with the run's tau resumes it.
+    with pytest.raises(ValueError, match="tau 0.9.*tau 0.5"):
+        gaf.GAFTrainer(model, opt, F.cross_entropy, 3, tau=0.5).load_state_dict(state)
+    fresh = gaf.GAFTrainer(model, opt, F.cross_entropy, 3, tau=0.9)
     fresh.load_state_dict(state)
     assert fresh.stats == trainer.stats
     assert fresh.collector.tau == 0.9

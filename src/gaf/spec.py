@@ -59,15 +59,7 @@ class FilterSpec:
 
     def __post_init__(self) -> None:
         entry = get_rule(self.rule)
-        options = self.rule_options
-        if options is None:
-            options = {}
-        if not isinstance(options, Mapping):
-            raise TypeError(
-                f"rule_options must be a mapping of the rule's keyword options (e.g. "
-                f"{{'f': 1}}), got {type(options).__name__} {options!r}"
-            )
-        checked = MappingProxyType(dict(entry.options(options)))
+        checked = MappingProxyType(entry.options(self.rule_options))
         threshold = self.tau
         if not isinstance(threshold, Threshold):
             threshold = float(as_threshold(threshold).value())

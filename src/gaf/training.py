@@ -60,6 +60,8 @@ from gaf.micrograds import OnePassBackend
 from gaf.spec import FilterSpec
 
 MICRO_GRADIENTS = ("sequential", "one-pass")
+ONE_PASS_ALONE = ("micro_gradients='one-pass' takes no collector, mode or measure: it "
+                  "filters by cosine from its own Gram matrix")
 
 __all__ = ["GAFTrainer", "OnePassFilter", "StepResult", "collect_one_pass",
            "one_pass_filter", "split_batch"]
@@ -158,18 +160,16 @@ class GAFTrainer:
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
         self.micro_gradients = micro_gradients
+        if micro_gradients == "one-pass" and (collector is not None or mode != "auto"):
+            raise ValueError(ONE_PASS_ALONE)
         if collector is None:
             backend = None
             if micro_gradients == "one-pass":
-                if mode != "auto":
-                    raise ValueError("micro_gradients='one-pass' takes no mode: it filters "
-                                     "from its own Gram matrix")
                 backend = lambda flat, spec: OnePassBackend(model, flat, spec)  # noqa: E731
             collector = GradientCollector(optimizer.param_groups, spec, mode=mode,
                                           num_micro_batches=num_micro_batches,
                                           backend=backend, **filter_options)
-        elif spec is not None or filter_options or mode != "auto" \
-                or micro_gradients != "sequential":
+        elif spec is not None or filter_options or mode != "auto":
             raise ValueError("a ready collector brings its own spec and backend: give "
                              "collector= alone, or spec/mode without it")
         self.collector = collector

@@ -38,9 +38,12 @@ def filter_gradients(
     split a row into tensors). ``out`` [P], if given, receives the direction (a training
     loop reuses one buffer instead of allocating P numbers every step). ``verdicts``
     (bool [M], from a blind control of :mod:`gaf.controls`) replaces each row's test
-    ``distance <= tau``; ``rule_options`` are the rule's keyword options.
+    ``distance <= tau``; ``rule_options`` are the rule's keyword options. A ``grads``
+    that requires grad is detached: the result carries no autograd history.
     """
-    grads = check_grads(grads)
+    # The filter is a selection, not a differentiable function: a stack that requires grad
+    # (e.g. rows built from autograd outputs) is filtered as plain numbers.
+    grads = check_grads(grads).detach()
     tau = check_tau(tau)
     rule = check_rule(rule)
     if check_measure(measure) == "cosine":

@@ -26,10 +26,7 @@ class DistributedBackend(StackedBackend):
 
     def __init__(self, flat: FlatGradients, spec: FilterSpec, comm: Comm, method: str,
                  check: bool, sync=None, gather: str = "auto"):
-        if spec.measure != "cosine":
-            raise ValueError(
-                f"measure {spec.measure!r} is not implemented across ranks: the distributed "
-                "protocol exchanges the Gram matrix of the cosine measure only")
+        self.check_spec(spec)
         super().__init__(flat, spec)
         self.comm = comm
         self.method = method
@@ -39,6 +36,14 @@ class DistributedBackend(StackedBackend):
         # Exchange buffers are kept between steps: no allocation per step.
         self.workspace = Workspace()
         self.sync = sync  # called after every step (buffer synchronisation), or None
+
+    @staticmethod
+    def check_spec(spec: FilterSpec) -> None:
+        """Refuse what the protocol cannot run (before any collective is attempted)."""
+        if spec.measure != "cosine":
+            raise ValueError(
+                f"measure {spec.measure!r} is not implemented across ranks: the distributed "
+                "protocol exchanges the Gram matrix of the cosine measure only")
 
     @property
     def world_size(self) -> int:

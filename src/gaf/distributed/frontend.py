@@ -44,7 +44,7 @@ from gaf.distributed.comm import Comm
 from gaf.distributed.protocol import GATHERS, check_method
 from gaf.distributed.settings_check import check_settings, step_fields
 from gaf.micrograds import FlatGradients
-from gaf.spec import FilterSpec
+from gaf.spec import FilterSpec, resolve_spec
 from gaf.training import GAFTrainer, check_optimizer_params
 
 BUFFER_SYNC: tuple[str, ...] = ("broadcast", "mean")
@@ -174,6 +174,8 @@ class DistributedGradientCollector(GradientCollector):
         gather: str = "auto",
         **filter_options,
     ):
+        spec = resolve_spec(spec, **filter_options)
+        DistributedBackend.check_spec(spec)
         method = check_method(method)
         if buffer_sync not in BUFFER_SYNC:
             raise ValueError(
@@ -191,7 +193,7 @@ class DistributedGradientCollector(GradientCollector):
             return DistributedBackend(flat, spec, comm, method, check,
                                       sync if buffer_list else None, gather)
 
-        super().__init__(params, spec, backend=backend, **filter_options)
+        super().__init__(params, spec, backend=backend)
         self.comm, self.method, self.buffers = comm, method, buffer_list
         # Catch a different model on some rank before anything is broadcast over it.
         check_settings(

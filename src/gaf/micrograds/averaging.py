@@ -52,6 +52,7 @@ class AveragingBackend:
             distances=torch.full((m,), float("nan"), dtype=torch.float64),
             weights=torch.full((m,), 1.0 / m, dtype=torch.float64), anchor=0,
             num_invalid=0, tau=2.0, rule="average", valid=torch.ones(m, dtype=torch.bool),
+            min_accepted=1,  # one micro-batch is an ordinary SGD step
         )
 
     def buffers(self) -> list[Tensor]:

@@ -121,8 +121,9 @@ class OnePassBackend:
     def __init__(self, model: nn.Module, flat: FlatGradients, spec: FilterSpec,
                  keep_budget: int | None = None):
         if spec.measure != "cosine":
-            raise ValueError(f"one-pass micro-gradients filter by cosine from their Gram "
-                             f"matrix; measure {spec.measure!r} needs the sequential path")
+            raise ValueError(f"micro_gradients='one-pass' takes no collector, mode or measure: "
+                             f"it filters by cosine from its own Gram matrix (measure "
+                             f"{spec.measure!r} needs the sequential path)")
         self.model = model
         self.flat = flat
         self.rule, self.rule_options = spec.rule, spec.rule_options
