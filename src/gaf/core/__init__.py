@@ -92,6 +92,7 @@ from gaf.core.distance import (
     pairwise_distances,
     valid_norm_sq,
     valid_rows,
+    valid_vector,
 )
 from gaf.core.filter import filter_gradients
 from gaf.core.measures import MEASURES, check_measure
@@ -157,5 +158,6 @@ __all__ = [
     "result_from_decision",
     "valid_norm_sq",
     "valid_rows",
+    "valid_vector",
     "weighted_sum",
 ]

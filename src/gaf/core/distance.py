@@ -70,6 +70,13 @@ def valid_norm_sq(norm_sq):
     return math.isfinite(norm_sq) and norm_sq > ZERO_NORM_SQ
 
 
+def valid_vector(v: Tensor) -> bool:
+    """:func:`valid_norm_sq` of one vector, |v|² taken in float64 (where the squares of a
+    float32 vector can neither overflow nor underflow to zero)."""
+    v = v.detach().double().reshape(-1)
+    return bool(valid_norm_sq(float(v @ v)))
+
+
 def valid_rows(gram: np.ndarray) -> np.ndarray:
     """Rows of a Gram matrix that can take part (:func:`valid_norm_sq` of the diagonal).
 

@@ -67,6 +67,7 @@ from gaf.core.distance import (
     pairwise_distances,
     valid_norm_sq,
     valid_rows,
+    valid_vector,
 )
 from gaf.core.registry import decide_with
 from gaf.core.tensors import check_grads, gram_matrix, weighted_sum
@@ -110,12 +111,10 @@ def sign_distance(a: Tensor, b: Tensor) -> float:
     """
     if a.shape != b.shape or a.dim() != 1:
         raise ValueError(f"expected two flat tensors of equal length, got {a.shape}, {b.shape}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    if not (valid_vector(a) and valid_vector(b)):
         return 2.0
     sa, sb = torch.sign(a).to(torch.float64), torch.sign(b).to(torch.float64)
     na, nb = float(sa.abs().sum()), float(sb.abs().sum())
-    if na == 0 or nb == 0:
-        return 2.0
     return distance_from_products(float(sa @ sb), na, nb)
 
 
@@ -124,9 +123,7 @@ def layerwise_distance(a: Tensor, b: Tensor, segments: Sequence[int]) -> float:
     if a.shape != b.shape or a.dim() != 1:
         raise ValueError(f"expected two flat tensors of equal length, got {a.shape}, {b.shape}")
     sizes = check_segments(segments, a.numel())
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return 2.0
-    if float(a.double() @ a.double()) == 0 or float(b.double() @ b.double()) == 0:
+    if not (valid_vector(a) and valid_vector(b)):
         return 2.0
     ds = []
     for pa, pb in zip(a.double().split(sizes), b.double().split(sizes), strict=True):

@@ -3,7 +3,8 @@
 Written from the definitions on the rows themselves (no Gram matrix, no incremental
 bookkeeping), so that tests can check the fast paths against them on many random inputs.
 :mod:`~gaf.reference.agreement` holds the agreement rules, :mod:`~gaf.reference.robust`
-the robust aggregators; both use one validity check (:mod:`~gaf.reference.validity`).
+the robust aggregators; both ask the library's one validity check
+(:func:`gaf.core.valid_vector`).
 Not for production: O(M²·P) or worse.
 """
 
@@ -13,10 +14,8 @@ from gaf.reference.robust import (
     reference_geometric_median,
     reference_multi_krum,
 )
-from gaf.reference.validity import is_valid_row
 
 __all__ = [
-    "is_valid_row",
     "reference_coordinatewise",
     "reference_distance",
     "reference_filter",

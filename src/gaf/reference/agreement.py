@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gaf.reference.validity import is_valid_row
+from gaf.core import valid_vector
 
 
 def reference_distance(a: Tensor, b: Tensor) -> float:
@@ -28,7 +28,7 @@ def reference_filter(grads: Tensor, tau: float, rule: str = "mean") -> dict:
     """Return dict(accepted: list[bool], distances: list[float], grad: Tensor float64)."""
     m = grads.shape[0]
     rows = [grads[i].double() for i in range(m)]
-    valid = [is_valid_row(r) for r in rows]
+    valid = [valid_vector(r) for r in rows]
     accepted = [False] * m
     distances = [2.0] * m
     if not any(valid):

@@ -12,14 +12,14 @@ import math
 import torch
 from torch import Tensor
 
-from gaf.reference.validity import is_valid_row
+from gaf.core import valid_vector
 
 
 def reference_multi_krum(grads: Tensor, f: int = 1, m: int | None = None) -> dict:
     """dict(accepted: list[bool], scores: dict[int, float], grad: Tensor float64)."""
     rows = [r.double() for r in grads]
     keep = len(rows) - f if m is None else m
-    idx = [i for i, r in enumerate(rows) if is_valid_row(r)]
+    idx = [i for i, r in enumerate(rows) if valid_vector(r)]
     n = len(idx)
     k = min(max(1, n - f - 2), n - 1) if n > 1 else 0
     scores = {}
@@ -37,7 +37,7 @@ def reference_geometric_median(
 ) -> dict:
     """dict(weights: list[float], grad: Tensor float64): Weiszfeld on the rows themselves."""
     rows = [r.double() for r in grads]
-    idx = [i for i, r in enumerate(rows) if is_valid_row(r)]
+    idx = [i for i, r in enumerate(rows) if valid_vector(r)]
     weights = [0.0] * len(rows)
     if not idx:
         return {"weights": weights, "grad": torch.zeros_like(rows[0])}
@@ -61,7 +61,7 @@ def reference_coordinatewise(grads: Tensor, trim: int | None) -> Tensor:
     """Per coordinate over the valid rows: the median (``trim=None``), or the mean after
     dropping the ``trim`` largest and ``trim`` smallest values (at most (n - 1) // 2 each,
     n the number of valid rows)."""
-    rows = [r.double() for r in grads if is_valid_row(r)]
+    rows = [r.double() for r in grads if valid_vector(r)]
     if not rows:
         return torch.zeros(grads.shape[1], dtype=torch.float64)
     out = []
