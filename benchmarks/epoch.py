@@ -17,7 +17,7 @@ setting: samples/s (median and IQR over repetitions) and the ratio GAF / averagi
 time per step (median of the per-repetition ratios, with IQR). Evaluation (forward only,
 eval mode, no grad) is timed per model for the estimates.
 
-Recipe estimates: for every ``gaf.experiments.recipes`` recipe, the hours of one run and
+Recipe estimates: for every ``gaflab.recipes`` recipe, the hours of one run and
 of the whole grid, from the rates measured here for the recipe's model:
 ``epochs × (samples per epoch / training rate + (train + test) / evaluation rate)``. The
 rate is the GAF rate (the experiment loop steps every method, averaging included, through
@@ -44,10 +44,10 @@ import torch
 from torch.nn import functional as F
 
 import gaf
-from gaf.experiments.models import build_model
-from gaf.experiments.recipes import RECIPES
-from gaf.experiments.speed import amp_dtype, prepare_model, step_input
-from gaf.experiments.train import augment_batch
+from gaflab.models import build_model
+from gaflab.recipes import RECIPES
+from gaflab.speed import amp_dtype, prepare_model, step_input
+from gaflab.train import augment_batch
 
 # (channels, side, classes) of the synthetic data each model is timed on
 SHAPES = {"small_cnn": (1, 28, 10), "resnet18": (3, 32, 100), "resnet34": (3, 32, 100)}

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gaf
-from gaf.experiments.models import build_model
+from gaflab.models import build_model
 
 GRID = ((8, 1), (8, 4), (8, 16), (8, 64), (2, 4), (32, 4), (2, 64), (32, 16))
 

@@ -89,9 +89,9 @@ def trainer_run(rule: str, mode: str, measure: str) -> dict:
 
 
 def experiment_run(method: str) -> dict:
-    from gaf.experiments.config import TrainConfig
-    from gaf.experiments.prepare import PreparedData
-    from gaf.experiments.train import train
+    from gaflab.config import TrainConfig
+    from gaflab.prepare import PreparedData
+    from gaflab.train import train
 
     gen = torch.Generator().manual_seed(5)
     n, k = 256, 10

@@ -17,7 +17,7 @@ import gaf
 import gaf.micrograds.one_pass.linear
 from gaf import OnePassFilter
 from gaf.core import RULES, pairwise_distances
-from gaf.experiments.models import build_model
+from gaflab.models import build_model
 
 DT = torch.float64
 MS = (2, 3, 5, 8, 16)

@@ -402,8 +402,8 @@ def test_warmup_accepts_everything_then_hands_over(cls):
 
 
 def test_train_config_threshold_and_measure_reach_the_collector():
-    from gaf.experiments.config import TrainConfig
-    from gaf.experiments.methods import make_collector as _make_collector
+    from gaflab.config import TrainConfig
+    from gaflab.methods import make_collector as _make_collector
 
     cfg = TrainConfig(threshold="null-tail:z=1.5", measure="layerwise").validate()
     assert cfg.label == "gaf (null-tail:z=1.5, layerwise)"

@@ -165,7 +165,7 @@ def write_runs(log_dir: str | Path, runs: Iterable, *, tensorboard: bool = True)
 
     ``runs``: objects with ``label``, ``config`` (a dict with ``seed``), ``history`` (a list
     of per-epoch dicts holding ``epoch``) and ``distance_trace`` (floats per step), such as
-    :class:`gaf.experiments.results.RunResult`.
+    :class:`gaflab.results.RunResult`.
     """
     root = Path(log_dir)
     written: list[Path] = []
