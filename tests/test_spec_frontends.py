@@ -184,3 +184,40 @@ def test_accelerate_helper_filters_by_the_spec_it_is_given():
                                     rule_options={"f": 0, "m": 2})
     assert gaf_step.last_outcome.result.accepted.tolist() == expected.accepted.tolist()
     assert expected.num_accepted == 2  # m = 2 kept (before, the helper took no options)
+
+
+def _distributed_spec_checks(rank: int, n: int) -> None:
+    from gaf.distributed import DistributedGAFTrainer, DistributedGradientCollector
+
+    spec = gaf.FilterSpec(rule="multi-krum", rule_options={"f": 1, "m": 3})
+    torch.manual_seed(0)
+    base = mlp()
+    model, one_model = copy.deepcopy(base), copy.deepcopy(base)
+    trainer = DistributedGAFTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    F.cross_entropy, 4, spec)
+    assert trainer.collector.spec is spec
+    one = gaf.GAFTrainer(one_model, torch.optim.SGD(one_model.parameters(), lr=0.1),
+                         F.cross_entropy, 4 * n, spec=spec, mode="stacked")
+    x, y = krum_batch(m=4 * n, per=3, seed=5)
+    per_rank = x.shape[0] // n
+    out = trainer.step(x[rank * per_rank:(rank + 1) * per_rank],
+                       y[rank * per_rank:(rank + 1) * per_rank])
+    ref = one.step(x, y)
+    assert out.result.accepted.tolist() == ref.result.accepted.tolist()
+    assert out.result.num_accepted == 3  # the spec's m, over both ranks' rows
+    for p, q in zip(model.parameters(), one_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # Keyword sugar, and the spec's errors before any collective.
+    sugar = DistributedGradientCollector(mlp().parameters(), rule="multi-krum",
+                                         rule_options={"f": 1, "m": 3})
+    assert sugar.spec == spec
+    with pytest.raises(ValueError, match="both spec= and tau="):
+        DistributedGradientCollector(mlp().parameters(), spec, tau=0.5)
+    with pytest.raises(ValueError, match="not implemented across ranks"):
+        DistributedGradientCollector(mlp().parameters(), gaf.FilterSpec(measure="sign"))
+
+
+def test_distributed_front_ends_take_a_spec(tmp_path):
+    from test_distributed import spawn
+
+    spawn(_distributed_spec_checks, 2, tmp_path)
