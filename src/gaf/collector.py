@@ -11,7 +11,7 @@ Usage::
         optimizer.step()
     optimizer.zero_grad()
 
-Two modes:
+Two filtering modes (and ``"average"``, plain accumulation with no filter):
 
 ``"streaming"`` (rules "mean" and "halving"): keeps one running sum ``s`` on the device and
     tests each micro-gradient against it as it arrives; extra memory is O(P), independent
@@ -51,8 +51,11 @@ Semantics:
   as zero.
 * Non-finite or zero micro-gradients are rejected and counted (``num_invalid``,
   ``num_nonfinite``); they never reach the update.
+* ``collect()`` with nothing new in ``.grad`` since the last ``begin()``/``collect()``
+  (no backward in between) is an error, not an all-zero micro-gradient.
 * Running counters are in :attr:`stats`; ``state_dict()`` holds them and the threshold's
-  state.
+  state. ``load_state_dict`` refuses a state saved under another rule, measure, mode or
+  fixed tau, and a dict that is not a collector's, with nothing changed.
 """
 
 from __future__ import annotations
