@@ -1,4 +1,5 @@
-"""Models: a small CNN for 28×28 images, ResNet18/34 with a CIFAR-style stem for 32×32.
+"""Models: an MLP and a small CNN for 28×28 images, ResNet18/34 with a CIFAR-style stem for
+32×32.
 
 The small CNN has no normalisation layers, so a micro-batch's gradient depends on that
 micro-batch alone. The ResNets use BatchNorm as in the paper; their running statistics are
@@ -10,7 +11,21 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
-MODELS: tuple[str, ...] = ("small_cnn", "resnet18", "resnet34")
+MODELS: tuple[str, ...] = ("mlp", "small_cnn", "resnet18", "resnet34")
+
+
+class MLP(nn.Module):
+    """in_features → hidden → classes with a ReLU; images are flattened first.
+
+    The studies' model (hidden 96: fast enough on a CPU for grids of hundreds of runs)."""
+
+    def __init__(self, hidden: int, classes: int = 10, in_features: int = 784):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
 class SmallCNN(nn.Module):
@@ -103,6 +118,8 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
     """Model by name (``width``: first-layer channels, None for the default); ValueError
     naming the known models for anything else."""
     key = str(name).strip().lower().replace("-", "_")
+    if key == "mlp":
+        return MLP(width or 96, num_classes, in_channels * image_size * image_size)
     if key in ("small_cnn", "cnn"):
         return SmallCNN(in_channels, num_classes, image_size, **({"width": width} if width else {}))
     if key == "resnet18":

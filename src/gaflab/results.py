@@ -44,6 +44,9 @@ class RunResult:
     skipped_steps: int = 0
     noise_fraction: float = 0.0
     train_seconds: float = 0.0
+    # CPU seconds of training (this process, every thread): what a step costs, whatever
+    # else the machine runs.
+    train_cpu_seconds: float = 0.0
     eval_seconds: float = 0.0
     warnings: list[dict[str, Any]] = field(default_factory=list)
     stopped_epoch: int | None = None  # early-stop: the epoch whose weights were kept
@@ -105,6 +108,7 @@ class RunResult:
             "stopped_epoch": self.stopped_epoch,
             "warnings": len(self.warnings),
             "train_seconds": self.train_seconds,
+            "train_cpu_seconds": self.train_cpu_seconds,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +123,7 @@ class RunResult:
             "skipped_steps": self.skipped_steps,
             "noise_fraction": self.noise_fraction,
             "train_seconds": self.train_seconds,
+            "train_cpu_seconds": self.train_cpu_seconds,
             "eval_seconds": self.eval_seconds,
             "warnings": self.warnings,
             "stopped_epoch": self.stopped_epoch,
@@ -137,6 +142,7 @@ class RunResult:
             skipped_steps=d.get("skipped_steps", 0),
             noise_fraction=d.get("noise_fraction", 0.0),
             train_seconds=d.get("train_seconds", 0.0),
+            train_cpu_seconds=d.get("train_cpu_seconds", 0.0),
             eval_seconds=d.get("eval_seconds", 0.0),
             warnings=list(d.get("warnings", [])),
             stopped_epoch=d.get("stopped_epoch"),

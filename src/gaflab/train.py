@@ -165,6 +165,7 @@ class LoopState:
     epoch: int = 0  # epochs completed
     step: int = 0  # steps attempted, skipped ones included (the lr schedule counts them)
     train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0
     eval_seconds: float = 0.0
     best_heldout: float = -math.inf  # early stopping: best held-out accuracy so far
     best_epoch: int | None = None
@@ -274,6 +275,7 @@ def train(
         model.load_state_dict(state.best_weights)
         result.stopped_epoch = state.best_epoch
     result.train_seconds = state.train_seconds
+    result.train_cpu_seconds = state.train_cpu_seconds
     result.eval_seconds = state.eval_seconds
     result.model = model
     return result
@@ -286,7 +288,7 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
     """One epoch of steps through the method's trainer; returns the epoch's history row
     (without the evaluation). ``partial`` continues an epoch a checkpoint interrupted;
     ``ckpt`` takes the mid-epoch checkpoints."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     dev = data.train_x.device
     m, b = cfg.num_micro_batches, cfg.micro_batch_size
     total_steps = steps_per_epoch * cfg.epochs
@@ -336,6 +338,7 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
         kept.clear()
     t1 = time.perf_counter()
     state.train_seconds += t1 - t0
+    state.train_cpu_seconds += time.process_time() - cpu0
     dist = log.step_distance
     finite = [d for d in dist if math.isfinite(d)]
     row = {

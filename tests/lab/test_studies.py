@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from gaflab.cli import main as gaf_main
+from gaflab.models import MLP
 from gaflab.studies import agreement_report, faults, thresholds, thresholds_report
-from gaflab.studies.common import MLP, parse_noise, sgd_step, stacked_copies
+from gaflab.studies.common import parse_noise, sgd_step, stacked_copies
 
 from .conftest import write_idx_dataset
 

@@ -9,6 +9,7 @@ agreement       ``gaf study agreement``             ``gaf study agreement-report
 thresholds      ``gaf study thresholds``            ``gaf study thresholds-report``
 collapse        ``gaf study collapse``              (the page quotes the JSON)
 faults          ``gaf study faults``                ``gaf study faults --report-only``
+compute         ``gaf study compute``               ``gaf study compute-report``
 ==============  ==================================  =======================================
 
 ``python -m gaflab.studies.<module>`` runs the same entry points.
@@ -21,4 +22,6 @@ STUDIES = {
     "thresholds-report": "gaflab.studies.thresholds_report",
     "collapse": "gaflab.studies.collapse",
     "faults": "gaflab.studies.faults",
+    "compute": "gaflab.studies.compute",
+    "compute-report": "gaflab.studies.compute_report",
 }

@@ -55,8 +55,8 @@ from torch.nn import functional as F  # noqa: N812
 
 from gaf.core import RULES, decide, result_from_decision
 from gaf.thresholds import parse_threshold
+from gaflab.models import MLP
 from gaflab.studies.common import (
-    MLP,
     parse_noise,
     sgd_step,
     stacked_copies,

@@ -1,5 +1,5 @@
-"""What the studies share: the small MLP, its noise names, R stacked copies of it and the
-masked SGD step that advances only the copies that did not skip."""
+"""What the studies share: their noise names, R stacked copies of the model
+(gaflab.models.MLP) and the masked SGD step that advances only the copies that did not skip."""
 
 from __future__ import annotations
 
@@ -9,22 +9,9 @@ import sys
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 from gaflab.config import TrainConfig
 from gaflab.prepare import PreparedData, prepare_data
-
-
-class MLP(nn.Module):
-    """784 → hidden → classes with a ReLU: the model every study trains."""
-
-    def __init__(self, hidden: int, classes: int = 10):
-        super().__init__()
-        self.fc1 = nn.Linear(784, hidden)
-        self.fc2 = nn.Linear(hidden, classes)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
 
 
 def parse_noise(spec: str) -> tuple[str, float]:

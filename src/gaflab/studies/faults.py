@@ -37,7 +37,7 @@ from gaf.controls import RandomDrop
 from gaf.core.coordinatewise import aggregate_coordinatewise
 from gaf.faults import FAULT_KINDS, FaultInjector
 from gaflab.data import load_dataset
-from gaflab.studies.common import MLP
+from gaflab.models import MLP
 
 RESULTS = Path("results/fault-study/results.json")
 REPORT = Path("docs/fault-study.md")
