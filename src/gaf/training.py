@@ -81,7 +81,9 @@ class StepResult:
 def check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Refuse an optimizer that updates none of ``model``'s parameters: the filter would
     read gradients no backward writes, skip every step, and ``.grad`` of the real model
-    would grow without bound."""
+    would grow without bound. (A model that is not an ``nn.Module`` is not checked.)"""
+    if not isinstance(model, nn.Module):
+        return
     own = {id(p) for p in model.parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if own and params and not any(id(p) in own for p in params):
