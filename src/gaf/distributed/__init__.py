@@ -2,8 +2,8 @@
 "The distributed protocol").
 
 :mod:`~gaf.distributed.comm` the communicator, its errors and reusable buffers;
-:mod:`~gaf.distributed.agreement` the cross-rank check; :mod:`~gaf.distributed.protocol`
-the sharded exchange (:func:`filter_gradients_distributed`);
+:mod:`~gaf.distributed.settings_check` the cross-rank settings check;
+:mod:`~gaf.distributed.protocol` the sharded exchange (:func:`filter_gradients_distributed`);
 :mod:`~gaf.distributed.backend` the collector backend over it; and
 :mod:`~gaf.distributed.frontend` the ``.grad``-level front ends
 (:class:`DistributedGradientCollector`, :class:`DistributedGAFTrainer`) with
@@ -14,7 +14,6 @@ reduce-scatter), over :mod:`~gaf.distributed.step_state` and
 :mod:`~gaf.distributed.shard_exchange`.
 """
 
-from gaf.distributed.agreement import METHODS
 from gaf.distributed.comm import GAFDistributedError, Workspace
 from gaf.distributed.ddp_hook import GAFHookState, gaf_hook
 from gaf.distributed.frontend import (
@@ -26,6 +25,7 @@ from gaf.distributed.frontend import (
 )
 from gaf.distributed.fsdp import GAFFSDPState
 from gaf.distributed.protocol import GATHERS, filter_gradients_distributed
+from gaf.distributed.settings_check import METHODS
 
 __all__ = [
     "BUFFER_SYNC",

@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
 
 from gaf.core import decide, decide_with, result_from_decision
-from gaf.measures import make_oracle
+from gaf.core.measures import make_oracle
 from gaf.thresholds import Threshold, parse_threshold
 from gaflab.models import MLP
 from gaflab.studies.common import parse_noise, sgd_step, stacked_copies, study_data, versions

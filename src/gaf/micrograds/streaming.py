@@ -16,10 +16,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gaf.backends.buffers import OutputBuffer
-from gaf.core import Decision, FilterResult, fold_row, fold_weights, gram_dtype
+from gaf.core import (
+    Decision,
+    FilterResult,
+    fold_row,
+    fold_weights,
+    get_rule,
+    gram_dtype,
+    valid_norm_sq,
+)
 from gaf.core import result_from_decision as make_result
-from gaf.flat import FlatGradients
+from gaf.micrograds.backend import BatchPass, needs_backwards
+from gaf.micrograds.flat import FlatGradients, OutputBuffer
+from gaf.spec import FilterSpec
 
 
 class StreamingBackend:
@@ -27,11 +36,13 @@ class StreamingBackend:
 
     mode = "streaming"
     world_size = 1
+    one_pass = False
+    divides_loss = False
 
-    def __init__(self, flat: FlatGradients, rule: str, halving: bool):
+    def __init__(self, flat: FlatGradients, spec: FilterSpec):
         self.flat = flat
-        self.rule = rule
-        self.halving = halving
+        self.rule = spec.rule
+        self.halving = get_rule(spec.rule).halving
         # Decisions stay on the device (no host sync per micro-batch) except on the CPU,
         # where a sync is free and branching avoids a full-size torch.where.
         self.device_side = flat.device.type != "cpu"
@@ -75,7 +86,7 @@ class StreamingBackend:
         s = self._sum
         norm_sq_g = float(g_acc @ g_acc)
         finite = math.isfinite(norm_sq_g)
-        valid = finite and norm_sq_g > 0
+        valid = valid_norm_sq(norm_sq_g)
         dot = 0.0
         if valid and self._host_have_anchor:  # only then is s·g needed
             s_acc = s if s.dtype == g_acc.dtype else s.to(g_acc.dtype)
@@ -99,7 +110,7 @@ class StreamingBackend:
         norm_sq_g = g_acc @ g_acc
         dot = s_acc @ g_acc
         finite = torch.isfinite(norm_sq_g)
-        valid = finite & (norm_sq_g > 0)
+        valid = valid_norm_sq(norm_sq_g)
         step = fold_row(self.halving, self._norm_sq, self._have_anchor, dot, norm_sq_g, valid,
                         self._tau, verdict)
         accept = step.accept
@@ -115,6 +126,12 @@ class StreamingBackend:
         self._have_anchor.copy_(step.have_anchor)
         self._stats.append(torch.stack([accept.to(acc), step.distance.to(acc), finite.to(acc),
                                         valid.to(acc)]))
+
+    def collect_batch(self, batch: BatchPass) -> Tensor:
+        raise needs_backwards(self.mode)
+
+    def state(self) -> dict:
+        return {}
 
     def buffers(self) -> list[Tensor]:
         """The P-sized buffers held between steps (for memory accounting)."""

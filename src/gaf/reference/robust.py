@@ -1,7 +1,7 @@
 """Slow, obviously correct float64 references for the robust rules.
 
 Written from the definitions on the rows themselves (no Gram matrix, no vectorised
-sorting), so that tests can check :mod:`gaf.core.robust` and :mod:`gaf.coordinatewise` against
+sorting), so that tests can check :mod:`gaf.core.robust` and :mod:`gaf.core.coordinatewise` against
 them. Not for production: O(M²·P) and Python loops over coordinates.
 """
 
@@ -12,16 +12,14 @@ import math
 import torch
 from torch import Tensor
 
-
-def _valid(row: Tensor) -> bool:
-    return bool(torch.isfinite(row).all()) and bool((row != 0).any())
+from gaf.core import valid_vector
 
 
 def reference_multi_krum(grads: Tensor, f: int = 1, m: int | None = None) -> dict:
     """dict(accepted: list[bool], scores: dict[int, float], grad: Tensor float64)."""
     rows = [r.double() for r in grads]
     keep = len(rows) - f if m is None else m
-    idx = [i for i, r in enumerate(rows) if _valid(r)]
+    idx = [i for i, r in enumerate(rows) if valid_vector(r)]
     n = len(idx)
     k = min(max(1, n - f - 2), n - 1) if n > 1 else 0
     scores = {}
@@ -39,7 +37,7 @@ def reference_geometric_median(
 ) -> dict:
     """dict(weights: list[float], grad: Tensor float64): Weiszfeld on the rows themselves."""
     rows = [r.double() for r in grads]
-    idx = [i for i, r in enumerate(rows) if _valid(r)]
+    idx = [i for i, r in enumerate(rows) if valid_vector(r)]
     weights = [0.0] * len(rows)
     if not idx:
         return {"weights": weights, "grad": torch.zeros_like(rows[0])}
@@ -63,7 +61,7 @@ def reference_coordinatewise(grads: Tensor, trim: int | None) -> Tensor:
     """Per coordinate over the valid rows: the median (``trim=None``), or the mean after
     dropping the ``trim`` largest and ``trim`` smallest values (at most (n - 1) // 2 each,
     n the number of valid rows)."""
-    rows = [r.double() for r in grads if _valid(r)]
+    rows = [r.double() for r in grads if valid_vector(r)]
     if not rows:
         return torch.zeros(grads.shape[1], dtype=torch.float64)
     out = []

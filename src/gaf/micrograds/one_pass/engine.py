@@ -1,4 +1,4 @@
-"""GAF from one forward and one backward of the whole batch.
+"""The one-pass backend: GAF from one forward and one backward of the whole batch.
 
 The sequential collector runs M forward/backward passes of small micro-batches; small
 passes use the hardware badly. Every rule needs only the Gram matrix G of the M
@@ -16,13 +16,14 @@ into M contiguous micro-batches
    activation gradients; the output hook of each layer receives δ = ∂L/∂output, whose
    rows of micro-batch i are the output gradients of L_i alone (L_j ignores the samples
    of micro-batch i). The layer's contribution G_layer[i, j] = <g_i, g_j> over its own
-   parameters is formed there (:mod:`gaf.one_pass_layers` has the algebra and the per-
+   parameters is formed there (:mod:`~gaf.micrograds.one_pass.linear` has the algebra and the per-
    layer choice between the "ghost" block products and materialised [M, P_l] blocks).
 3. G = Σ_layers G_layer; the rule decides from G with :func:`gaf.core.decide`.
 4. Σ_i w_i g_i per layer, from the same pieces: the kept [M, P_l] blocks weighted, or one
    weight-gradient product with each sample's δ scaled by its micro-batch's weight (the
    gradient of Σ_i w_i L_i). No second backward. Written into ``.grad`` (left ``None`` on
-   a skipped step, whose direction is not computed: ``result.grad`` is then zero).
+   a skipped step, whose direction is not computed: ``result.grad`` is then zero) by the
+   collector, as for every backend.
 
 Requirements:
 
@@ -45,103 +46,45 @@ is recomputed from), plus kept blocks up to ``keep_budget`` numbers (default P, 
 gradient's worth); one [M, P_l] chunk or [R, R] product at a time as work space. That is
 never more than M·P beyond the budget and usually far less; the stacked mode holds
 (M + 1)·P. ``result.extra["held"]`` counts it, ``result.extra["plan"]`` says per
-parameter how its pieces were computed (:mod:`gaf.one_pass_layers`).
+parameter how its pieces were computed (:mod:`gaf.micrograds.one_pass.linear`).
 
 Distributed: the sharded protocol (docs/design.md, "The distributed protocol") pairs rows
 of different ranks, so the Gram pieces of one rank do not serve it; it needs every rank's
-rows. :func:`collect_one_pass` gives any collector (a
+rows. :func:`gaf.collect_one_pass` gives any collector (a
 :class:`~gaf.distributed.DistributedGradientCollector` included) the rank's m rows from
-one forward and backward (:meth:`OnePassFilter.micro_gradients`, which materialises [m, P]
-like the stacked mode) instead of m passes.
+one forward and backward (:meth:`OnePassBackend.micro_gradients`, which materialises
+[m, P] like the stacked mode) instead of m passes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gaf.collector import FilterStats
-from gaf.core import FilterResult, check_rule, decide, result_from_decision
-from gaf.flat import FlatGradients
-from gaf.one_pass_conv import (
-    GhostBatchNorm,
-    conv_direction,
-    conv_pieces,
-    norm_pieces,
-    normalised,
-)
-from gaf.one_pass_layers import (
-    Budget,
-    Captured,
-    MicroBatches,
-    Weights,
+from gaf.core import FilterResult, decide, result_from_decision
+from gaf.micrograds.backend import BatchPass, needs_one_pass
+from gaf.micrograds.flat import FlatGradients, OutputBuffer
+from gaf.micrograds.one_pass.conv import conv_direction, conv_pieces
+from gaf.micrograds.one_pass.linear import (
     embedding_direction,
     embedding_pieces,
     linear_direction,
     linear_pieces,
 )
-from gaf.thresholds import Threshold, as_threshold
+from gaf.micrograds.one_pass.norm import GhostBatchNorm, norm_pieces, normalised
+from gaf.micrograds.one_pass.pieces import Budget, Captured, MicroBatches, Weights
+from gaf.micrograds.one_pass.plan import BATCH_NORM, plan_model
+from gaf.spec import FilterSpec
 
-_BATCH_NORM = nn.modules.batchnorm._BatchNorm
 PIECES = {"linear": linear_pieces, "conv": conv_pieces, "embedding": embedding_pieces,
           "norm": norm_pieces, "batchnorm": norm_pieces}
 # Plans whose direction is computed from held rows (not from kept blocks), by layer kind.
 DIRECTIONS = {"linear": linear_direction, "embedding": embedding_direction,
               "conv": conv_direction}
-
-
-def module_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-        return "norm"
-    if isinstance(module, _BATCH_NORM):
-        return "batchnorm"
-    return None
-
-
-def plan_model(model: nn.Module, params: Sequence[Tensor]) -> list[Captured]:
-    """One :class:`Captured` per module owning trainable parameters; raises ValueError
-    for what the one-pass mode cannot handle, naming the module and parameter."""
-    trainable = {id(p) for p in params}
-    owners: dict[int, str] = {}
-    captures = []
-    for name, module in model.named_modules():
-        own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in trainable}
-        if not own:
-            continue
-        label = f"{name or '<root>'} ({type(module).__name__})"
-        kind = module_kind(module)
-        if kind is None or set(own) - {"weight", "bias"}:
-            first = sorted(set(own) - {"weight", "bias"} or own)[0]
-            raise ValueError(
-                f"one-pass micro-gradients cannot handle parameter {first!r} of module "
-                f"{label}: supported are the weight and bias of Linear, Conv1d/2d/3d, "
-                "Embedding, LayerNorm, GroupNorm and BatchNorm. Freeze it or use the "
-                "sequential path (micro_gradients='sequential')")
-        if kind == "embedding" and (module.sparse or module.scale_grad_by_freq):
-            raise ValueError(f"one-pass micro-gradients need a dense Embedding without "
-                             f"scale_grad_by_freq; module {label} has sparse="
-                             f"{module.sparse}, scale_grad_by_freq={module.scale_grad_by_freq}")
-        for pname, p in own.items():
-            if id(p) in owners:
-                raise ValueError(f"parameter {name}.{pname} is shared with {owners[id(p)]}: "
-                                 "tied parameters are not supported in one-pass mode")
-            owners[id(p)] = f"{name}.{pname}"
-        captures.append(Captured(module, name, kind, own))
-    for i, p in enumerate(params):
-        if id(p) not in owners:
-            raise ValueError(f"trainable parameter {i} (shape {tuple(p.shape)}) is not a "
-                             "parameter of the model given to the one-pass mode")
-    return captures
 
 
 class _Start(torch.autograd.Function):
@@ -157,95 +100,107 @@ class _Start(torch.autograd.Function):
         return None, None
 
 
-class OnePassFilter:
-    """Filter M micro-gradients of ``model`` from one forward and one backward.
+class OnePassBackend:
+    """The micro-gradients of ``model`` from one forward and one backward (module docstring).
 
     Args:
-        model: the module; every module owning one of ``params`` must be supported.
-        params: the parameters to filter (default: the model's trainable ones), or an
-            optimizer's ``param_groups``.
-        tau: threshold in [0, 2] or a :class:`~gaf.thresholds.Threshold`.
-        rule: any of :data:`gaf.core.RULES`.
+        model: the module; every module owning one of ``flat``'s parameters must be
+            supported (:mod:`~gaf.micrograds.one_pass.plan`).
+        flat: the collector's view of the parameters to filter.
+        spec: the filter spec; its rule and rule options decide from the pass's Gram
+            matrix (the measure must be "cosine").
         keep_budget: how many micro-gradient numbers weight layers may keep for the
             direction instead of recomputing it (default: P, one gradient's worth).
-
-    Quacks like a :class:`~gaf.collector.GradientCollector` where the trainer needs it
-    (``flat``, ``stats``, ``threshold``, ``state_dict``).
     """
 
     mode = "one-pass"
-    measure = "cosine"
+    world_size = 1
+    one_pass = True
+    divides_loss = False
 
-    def __init__(self, model: nn.Module, params: Iterable | None = None,
-                 tau: float | Threshold = 0.97, rule: str = "mean",
+    def __init__(self, model: nn.Module, flat: FlatGradients, spec: FilterSpec,
                  keep_budget: int | None = None):
+        if spec.measure != "cosine":
+            raise ValueError(f"micro_gradients='one-pass' takes no collector, mode or measure: "
+                             f"it filters by cosine from its own Gram matrix (measure "
+                             f"{spec.measure!r} needs the sequential path)")
         self.model = model
-        self.rule = check_rule(rule)
-        self.threshold = as_threshold(tau)
-        self.flat = FlatGradients(model.parameters() if params is None else params)
-        self.captures = plan_model(model, self.flat.params)
-        self.keep_budget = self.flat.numel if keep_budget is None else int(keep_budget)
-        self.stats = FilterStats()
-        self._index = {id(p): i for i, p in enumerate(self.flat.params)}
+        self.flat = flat
+        self.rule, self.rule_options = spec.rule, spec.rule_options
+        self.captures = plan_model(model, flat.params)
+        self.keep_budget = flat.numel if keep_budget is None else int(keep_budget)
+        self.output = OutputBuffer(flat)
+        self._index = {id(p): i for i, p in enumerate(flat.params)}
         self._owner = {id(p): (c, n) for c in self.captures for n, p in c.params.items()}
-        self._out: Tensor | None = None
         self._micro_batches: tuple | None = None  # (B, M, device) → MicroBatches, reused
+        self._pass: tuple | None = None  # (gram, MicroBatches, losses) until finish()
 
-    @property
-    def tau(self) -> float:
-        return self.threshold.value()
+    # -- the Backend interface ----------------------------------------------------------------
 
-    def step(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
-             loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
-             scale: Callable[[Tensor], Tensor] | None = None,
-             autocast: Callable[[], object] = nullcontext) -> tuple[FilterResult, Tensor]:
-        """Forward, backward, decide, write ``.grad``. Returns (result, mean micro loss).
+    def start_step(self, tau: float) -> None:
+        """Drop what an unfinished pass left."""
+        if self._pass is not None:
+            self._reset_captures()
+            self._pass = None
 
-        ``scale`` (e.g. ``GradScaler.scale``) is applied to L before the backward.
-        """
-        tau = self.threshold.value()
-        first = inputs if isinstance(inputs, Tensor) else inputs[0]
-        key = (first.shape[0], num_micro_batches, first.device)
+    def begin(self) -> Tensor:
+        raise needs_one_pass(self.mode)
+
+    def collect(self, k: int, verdict: bool | None) -> None:
+        raise needs_one_pass(self.mode)
+
+    def collect_batch(self, batch: BatchPass) -> Tensor:
+        """Forward and backward of the whole batch; keeps every layer's Gram piece."""
+        first = batch.inputs if isinstance(batch.inputs, Tensor) else batch.inputs[0]
+        key = (first.shape[0], batch.num_micro_batches, first.device)
         if self._micro_batches is None or self._micro_batches[0] != key:
             self._micro_batches = (key, MicroBatches(*key))
         mb = self._micro_batches[1]
-        if targets.shape[0] != mb.total:
-            raise ValueError(f"inputs have {mb.total} samples but targets {targets.shape[0]}")
-        losses = self._backward(inputs, targets, loss_fn, mb, scale, autocast)
+        if batch.targets.shape[0] != mb.total:
+            raise ValueError(f"inputs have {mb.total} samples but targets "
+                             f"{batch.targets.shape[0]}")
+        losses = self._backward(batch.inputs, batch.targets, batch.loss_fn, mb, batch.scale,
+                                batch.autocast or nullcontext)
         gram = None
         for cap in self.captures:
             if cap.gram is not None:
                 gram = cap.gram if gram is None else gram + cap.gram
         if gram is None:
+            self._reset_captures()
             raise ValueError("no trainable layer received a gradient: the loss does not "
                              "depend on the filtered parameters")
-        decision = decide(gram, tau, self.rule)
+        self._pass = (gram, mb, losses)
+        return losses
+
+    def finish(self, count: int, tau: float, verdicts: np.ndarray | None) -> FilterResult:
+        if self._pass is None:
+            raise RuntimeError("finish() before collect_batch(): no pass to decide over")
+        gram, mb, losses = self._pass
+        self._pass = None
+        decision = decide(gram, tau, self.rule, verdicts, self.rule_options)
         held = sum(t.numel() for cap in self.captures for t in cap.kept.values()) + sum(
             t.numel() for cap in self.captures for v in cap.extra.values()
             for t in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(t, Tensor))
-        if self._out is None:
-            self._out = self.flat.new_buffer()
+        out = self.output.get()
         if decision.skipped:
-            self._out.zero_()
+            out.zero_()
         else:
-            self._direction(decision, mb)
-        result = result_from_decision(decision, self._out, tau, self.rule)
+            self._direction(decision, mb, out)
+        result = result_from_decision(decision, out, tau, self.rule)
         result.extra.update(measure="cosine", mode="one-pass", losses=losses, held=held,
                             gram=gram.detach().to("cpu", torch.float64),
                             plan={f"{c.name}.{n}": how for c in self.captures
                                   for n, how in c.plan.items()})
-        for cap in self.captures:
-            cap.release()
-            cap.gram, cap.kept, cap.extra, cap.plan = None, {}, {}, {}
-        self.stats.update(result)
-        self.threshold.observe(result)
-        if result.skipped:
-            self.flat.clear()
-        else:
-            self.flat.write(self._out, cache=True)
-        return result, losses.mean()
+        self._reset_captures()
+        return result
 
-    # -- the pass ---------------------------------------------------------------------------
+    def buffers(self) -> list[Tensor]:
+        return [t for t in (self.output.tensor,) if t is not None]
+
+    def state(self) -> dict:
+        return {}
+
+    # -- the pass -------------------------------------------------------------------------
 
     def micro_gradients(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
                         loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
@@ -255,7 +210,7 @@ class OnePassFilter:
         Rows in the order of ``flat`` (as the collectors stack them). Holds [M, P], like the
         stacked mode, but costs one forward and backward: the way to feed a collector that
         needs the rows themselves, e.g. the distributed protocol (see
-        :func:`collect_one_pass`). ``.grad`` is left untouched.
+        :func:`gaf.collect_one_pass`). ``.grad`` is left untouched.
         """
         first = inputs if isinstance(inputs, Tensor) else inputs[0]
         mb = MicroBatches(first.shape[0], num_micro_batches, first.device)
@@ -272,9 +227,13 @@ class OnePassFilter:
                 else:
                     rows[:, offset:offset + n].copy_(block.reshape(mb.m, n))
                 offset += n
-        for cap in self.captures:
-            cap.gram, cap.kept, cap.extra, cap.plan = None, {}, {}, {}
+        self._reset_captures()
         return rows, losses
+
+    def _reset_captures(self) -> None:
+        for cap in self.captures:
+            cap.release()
+            cap.gram, cap.kept, cap.extra, cap.plan = None, {}, {}, {}
 
     def _backward(self, inputs, targets, loss_fn, mb, scale, autocast,
                   materialise: bool = False) -> Tensor:
@@ -313,7 +272,7 @@ class OnePassFilter:
 
         handles, ghosts = [], []
         for module in self.model.modules():
-            if isinstance(module, _BATCH_NORM) and (module.training or
+            if isinstance(module, BATCH_NORM) and (module.training or
                                                     module.running_mean is None):
                 cap = by_module.get(id(module))
                 module.forward = GhostBatchNorm(
@@ -351,10 +310,10 @@ class OnePassFilter:
         return micro.detach().float()
 
     @torch.no_grad()
-    def _direction(self, decision, mb: MicroBatches) -> None:
+    def _direction(self, decision, mb: MicroBatches, out: Tensor) -> None:
         finite = bool(np.all(decision.finite if decision.finite is not None else True))
-        weights = Weights(decision.weights, finite, self._out.device)
-        views = self.flat.views(self._out, cache=True)
+        weights = Weights(decision.weights, finite, out.device)
+        views = self.flat.views(out, cache=True)
         for cap in self.captures:
             for name, p in cap.params.items():
                 view = views[self._index[id(p)]]
@@ -364,53 +323,3 @@ class OnePassFilter:
                     DIRECTIONS[cap.kind](cap, weights, view)
                 else:
                     view.zero_()  # the layer never reached the loss
-
-    # -- collector-like interface -----------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        return {"stats": self.stats.state_dict(), "threshold": self.threshold.state_dict(),
-                "rule": self.rule, "mode": self.mode, "measure": self.measure}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("rule", self.rule) != self.rule:
-            raise ValueError(f"state was saved with rule {state['rule']!r}, not {self.rule!r}")
-        self.stats.load_state_dict(state["stats"])
-        self.threshold.load_state_dict(state["threshold"])
-
-
-def collect_one_pass(collector, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                     inputs: Tensor | Sequence[Tensor], targets: Tensor,
-                     num_micro_batches: int, engine: OnePassFilter | None = None) -> Tensor:
-    """Hand ``collector`` the M micro-gradients of one pass, as M ``collect()`` calls would.
-
-    For collectors that need the rows themselves: a
-    :class:`~gaf.distributed.DistributedGradientCollector` shards every rank's rows for
-    its protocol (the cross-rank Gram entries pair rows of different ranks, so the per-rank
-    Gram pieces alone cannot serve it). Each rank then runs one forward and backward
-    instead of m. Returns the micro-batch losses; call ``collector.finish()`` after.
-    """
-    engine = engine or OnePassFilter(model, collector.flat.params)
-    rows, losses = engine.micro_gradients(inputs, targets, loss_fn, num_micro_batches)
-    for row in rows:
-        collector.flat.write(row)
-        collector.collect()
-    return losses
-
-
-def one_pass_filter(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                    inputs: Tensor | Sequence[Tensor], targets: Tensor, num_micro_batches: int,
-                    tau: float = 0.97, rule: str = "mean", params: Iterable | None = None,
-                    keep_budget: int | None = None) -> FilterResult:
-    """GAF over ``num_micro_batches`` contiguous micro-batches from one forward/backward.
-
-    Writes the filtered direction into the ``.grad`` of ``params`` (default: the model's
-    trainable parameters), or sets them to ``None`` when the step is skipped, and returns
-    the :class:`~gaf.core.FilterResult` (``extra["losses"]``: the M micro-batch losses,
-    ``extra["gram"]``: G). Same decisions and direction as the sequential collector over the
-    same micro-batches; see the module docstring for what the model and loss must satisfy.
-    In a training loop, keep one :class:`OnePassFilter` (or ``GAFTrainer(...,
-    micro_gradients="one-pass")``) instead: it reuses its buffers.
-    """
-    engine = OnePassFilter(model, params, tau, rule, keep_budget)
-    result, _ = engine.step(inputs, targets, loss_fn, num_micro_batches)
-    return result

@@ -76,7 +76,7 @@ def options_hash(options: Mapping | None) -> int:
 def step_fields(numel: int, rows: int, dtype: torch.dtype, rule: str, tau: float, method: str,
                 layout: Sequence[Sequence[int]] | None, options: Mapping | None = None
                 ) -> tuple[int, ...]:
-    """The values :func:`check_agreement` compares, one per entry of ``FIELDS``."""
+    """The values :func:`check_settings` compares, one per entry of ``FIELDS``."""
     return (
         numel, rows, DTYPE_CODES.get(dtype, 0), ALL_RULES.index(rule) if rule in ALL_RULES else -1,
         tau_bits(tau), METHODS.index(method),
@@ -86,7 +86,7 @@ def step_fields(numel: int, rows: int, dtype: torch.dtype, rule: str, tau: float
     )
 
 
-def check_agreement(comm: Comm, values: Sequence[int], device: torch.device, what: str) -> None:
+def check_settings(comm: Comm, values: Sequence[int], device: torch.device, what: str) -> None:
     """All-gather ``values`` (from :func:`step_fields`) and raise on every rank if any
     differ. Every rank sees the same table, so every rank raises the same error."""
     mine = torch.tensor(list(values), dtype=torch.int64, device=device)

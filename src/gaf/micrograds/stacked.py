@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 from torch import Tensor
 
-from gaf.backends.buffers import OutputBuffer, RowBuffer
-from gaf.core import FilterResult
-from gaf.filter import filter_gradients
-from gaf.flat import FlatGradients
+from gaf.core import FilterResult, filter_gradients
+from gaf.micrograds.backend import BatchPass, needs_backwards
+from gaf.micrograds.flat import FlatGradients, OutputBuffer, RowBuffer
+from gaf.spec import FilterSpec
 
 
 class StackedBackend:
@@ -22,13 +20,15 @@ class StackedBackend:
 
     mode = "stacked"
     world_size = 1
+    one_pass = False
+    divides_loss = False
 
-    def __init__(self, flat: FlatGradients, rule: str, measure: str = "cosine",
-                 expected_rows: int | None = None, rule_options: Mapping | None = None):
+    def __init__(self, flat: FlatGradients, spec: FilterSpec,
+                 expected_rows: int | None = None):
         self.flat = flat
-        self.rule = rule
-        self.measure = measure
-        self.rule_options = rule_options
+        self.rule = spec.rule
+        self.measure = spec.measure
+        self.rule_options = spec.rule_options
         self.buffer = RowBuffer(flat, expected_rows)
         self.output = OutputBuffer(flat)
 
@@ -51,6 +51,12 @@ class StackedBackend:
         self.flat.gather(rows[k])
         rows[k + 1].zero_()
         self.flat.bind(rows[k + 1])
+
+    def collect_batch(self, batch: BatchPass) -> Tensor:
+        raise needs_backwards(self.mode)
+
+    def state(self) -> dict:
+        return {}
 
     def finish(self, count: int, tau: float, verdicts: np.ndarray | None) -> FilterResult:
         return self.filter_rows(self.buffer.rows[:count], tau, verdicts)

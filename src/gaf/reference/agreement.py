@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gaf.core import valid_vector
+
 
 def reference_distance(a: Tensor, b: Tensor) -> float:
     """1 - cos(a, b) in float64, clamped to [0, 2]; 2 if either vector is zero (a zero
@@ -22,15 +24,11 @@ def reference_distance(a: Tensor, b: Tensor) -> float:
     return float(torch.clamp(1 - (a @ b) / (na * nb), 0.0, 2.0))
 
 
-def _is_valid(g: Tensor) -> bool:
-    return bool(torch.isfinite(g).all()) and bool((g.double() != 0).any())
-
-
 def reference_filter(grads: Tensor, tau: float, rule: str = "mean") -> dict:
     """Return dict(accepted: list[bool], distances: list[float], grad: Tensor float64)."""
     m = grads.shape[0]
     rows = [grads[i].double() for i in range(m)]
-    valid = [_is_valid(r) for r in rows]
+    valid = [valid_vector(r) for r in rows]
     accepted = [False] * m
     distances = [2.0] * m
     if not any(valid):

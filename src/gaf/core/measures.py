@@ -61,18 +61,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gaf.core import (
-    Decision,
-    DistanceOracle,
-    GramOracle,
-    check_grads,
-    decide_with,
+from gaf.core.decision import Decision, DistanceOracle, GramOracle
+from gaf.core.distance import (
     distance_from_products,
-    gram_matrix,
     pairwise_distances,
+    valid_norm_sq,
     valid_rows,
-    weighted_sum,
+    valid_vector,
 )
+from gaf.core.registry import decide_with
+from gaf.core.tensors import check_grads, gram_matrix, weighted_sum
 
 MEASURES: tuple[str, ...] = ("cosine", "sign", "layerwise")
 
@@ -113,12 +111,10 @@ def sign_distance(a: Tensor, b: Tensor) -> float:
     """
     if a.shape != b.shape or a.dim() != 1:
         raise ValueError(f"expected two flat tensors of equal length, got {a.shape}, {b.shape}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    if not (valid_vector(a) and valid_vector(b)):
         return 2.0
     sa, sb = torch.sign(a).to(torch.float64), torch.sign(b).to(torch.float64)
     na, nb = float(sa.abs().sum()), float(sb.abs().sum())
-    if na == 0 or nb == 0:
-        return 2.0
     return distance_from_products(float(sa @ sb), na, nb)
 
 
@@ -127,9 +123,7 @@ def layerwise_distance(a: Tensor, b: Tensor, segments: Sequence[int]) -> float:
     if a.shape != b.shape or a.dim() != 1:
         raise ValueError(f"expected two flat tensors of equal length, got {a.shape}, {b.shape}")
     sizes = check_segments(segments, a.numel())
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return 2.0
-    if float(a.double() @ a.double()) == 0 or float(b.double() @ b.double()) == 0:
+    if not (valid_vector(a) and valid_vector(b)):
         return 2.0
     ds = []
     for pa, pb in zip(a.double().split(sizes), b.double().split(sizes), strict=True):
@@ -200,7 +194,7 @@ class SignOracle(DistanceOracle):
         self.rows = check_grads(grads)
         norm_sq = gram_matrix(self.rows).diagonal().to("cpu", torch.float64).numpy()
         self.finite = np.isfinite(norm_sq)
-        self.valid = self.finite & (norm_sq > 0)
+        self.valid = valid_norm_sq(norm_sq)
         # Signs as float32 so the dot products below are exact integers (|sum| <= 2^24 rows
         # would be needed for float32 to round; float64 for larger P).
         dtype = torch.float32 if self.rows.shape[1] < 2**24 else torch.float64

@@ -63,6 +63,9 @@ class FlatGradients:
         self.numel = sum(self.numels)
         self._bound: list[Tensor | None] = [None] * len(self.params)
         self._views: dict[tuple, list[Tensor]] = {}
+        # The zeroed buffer bind() pointed .grad at and its version counter then: while
+        # both are unchanged and every .grad is still its view, no backward has run since.
+        self._fresh: tuple[Tensor, int] | None = None
 
     def new_buffer(self, *leading: int) -> Tensor:
         return torch.zeros(*leading, self.numel, dtype=self.dtype, device=self.device)
@@ -138,12 +141,25 @@ class FlatGradients:
             else:
                 p.grad = None
                 self._bound[i] = None
+        self._fresh = (flat, flat._version)
+
+    def untouched(self) -> bool:
+        """Whether nothing wrote a gradient since the last :meth:`bind`: every ``.grad`` is
+        still its bound view (or None) and the buffer was not modified in place. A backward
+        either adds into the views (the version counter moves) or replaces ``.grad``."""
+        if self._fresh is None:
+            return False
+        flat, version = self._fresh
+        if flat._version != version:
+            return False
+        return all(p.grad is bound for p, bound in zip(self.params, self._bound, strict=True))
 
     def write(self, flat: Tensor, cache: bool = False) -> None:
         """Set every ``param.grad`` to the matching slice of ``flat`` (bound as views).
 
         ``cache``: ``flat`` is a long-lived buffer whose views may be kept (see :meth:`views`).
         """
+        self._fresh = None
         views = self.views(flat, cache=cache)
         for i, (p, view) in enumerate(zip(self.params, views, strict=True)):
             if p.dtype == flat.dtype:
@@ -155,6 +171,56 @@ class FlatGradients:
 
     def clear(self) -> None:
         """Drop every ``param.grad`` (set to None): no stale gradient survives a skip."""
+        self._fresh = None
         for i, p in enumerate(self.params):
             p.grad = None
             self._bound[i] = None
+
+
+# -- buffers kept between steps -------------------------------------------------------------
+# A fresh P-sized allocation every step costs page faults on the CPU and allocator work
+# elsewhere; DDP keeps its buckets for the same reason.
+
+
+class OutputBuffer:
+    """The [P] buffer a step's direction is written to, reused across steps."""
+
+    def __init__(self, flat: FlatGradients):
+        self.flat = flat
+        self.tensor: Tensor | None = None
+
+    def get(self) -> Tensor:
+        if self.tensor is None:
+            self.tensor = self.flat.new_buffer()
+        return self.tensor
+
+    def swap(self, other: Tensor) -> Tensor:
+        """Make ``other`` the output and return the previous one (allocated if needed):
+        the streaming sum becomes the result in place, the old result the next sum."""
+        previous = self.get()
+        self.tensor = other
+        return previous
+
+
+class RowBuffer:
+    """Rows [capacity, P] for a step's micro-gradients; row k + 1 is bound to ``.grad``
+    while row k is taken, so M micro-batches need M + 1 rows. Grows by doubling."""
+
+    def __init__(self, flat: FlatGradients, expected_rows: int | None):
+        self.flat = flat
+        self.expected = expected_rows
+        self.rows: Tensor | None = None
+
+    def ensure(self, needed: int, filled: int) -> Tensor:
+        """At least ``needed`` rows, keeping the first ``filled``."""
+        if self.rows is not None and needed <= self.rows.shape[0]:
+            return self.rows
+        first = (self.expected or 3) + 1
+        capacity = max(needed, first if self.rows is None else 2 * self.rows.shape[0])
+        rows = self.flat.new_buffer(capacity)
+        self.flat.forget_views()  # cached views would keep the old buffer alive
+        if self.rows is not None:
+            rows[:filled].copy_(self.rows[:filled])
+            # .grad may be bound to the old buffer's row k: gather() copies it over.
+        self.rows = rows
+        return rows

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from gaf.core import FilterResult
-from gaf.filter import filter_gradients
-from gaf.flat import FlatGradients
+from gaf.core.filter import filter_gradients
+from gaf.micrograds.flat import FlatGradients
 
 
 def check_vectorisable(model: nn.Module) -> None:

@@ -32,13 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gaf.core import (
-    Decision,
-    FilterResult,
-    check_grads,
-    direction_buffer,
-    result_from_decision,
-)
+from gaf.core.decision import Decision, FilterResult, result_from_decision
+from gaf.core.distance import valid_norm_sq
+from gaf.core.tensors import check_grads, direction_buffer
 
 COORDINATEWISE_RULES: tuple[str, ...] = ("median", "trimmed-mean")
 
@@ -58,10 +54,10 @@ def check_trim(rows: int, trim: object) -> int:
 
 
 def _valid_mask(grads: Tensor) -> np.ndarray:
-    # One reduction over the stack and one small device→host copy.
-    finite = torch.isfinite(grads).all(dim=1)
-    nonzero = (grads != 0).any(dim=1)
-    return torch.stack([finite, finite & nonzero]).cpu().numpy()
+    # One reduction over the stack and one small device→host copy. Squared norms in
+    # float64: finite float32 entries can neither overflow nor underflow to zero there.
+    norm_sq = torch.linalg.vector_norm(grads, dim=1, dtype=torch.float64).square()
+    return torch.stack([torch.isfinite(norm_sq), valid_norm_sq(norm_sq)]).cpu().numpy()
 
 
 def coordinatewise(grads: Tensor, trim: int | None, out: Tensor) -> Decision:

@@ -1,6 +1,6 @@
 """``filter_gradients``: one call from a stack of micro-gradients to the filtered direction.
 
-Sits above :mod:`gaf.measures` (the agreement measures) and :mod:`gaf.core` (the rules),
+Sits above :mod:`gaf.core.measures` (the agreement measures) and :mod:`gaf.core` (the rules),
 so the core imports nothing of gaf (docs/design.md, "Layering").
 """
 
@@ -11,18 +11,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
-from gaf.core import (
-    FilterResult,
-    check_grads,
-    check_rule,
-    check_tau,
-    decide,
-    direction_buffer,
-    gram_matrix,
-    result_from_decision,
-    weighted_sum,
-)
-from gaf.measures import check_measure, decide_measure
+from gaf.core.decision import FilterResult, result_from_decision
+from gaf.core.distance import check_tau
+from gaf.core.measures import check_measure, decide_measure
+from gaf.core.registry import check_rule, decide
+from gaf.core.tensors import check_grads, direction_buffer, gram_matrix, weighted_sum
 
 
 def filter_gradients(
@@ -40,14 +33,17 @@ def filter_gradients(
     Returns a :class:`~gaf.core.FilterResult` whose ``grad`` [P] is the filtered update
     direction in ``grads.dtype`` on ``grads.device``; see :mod:`gaf.core` for the rules.
 
-    ``measure`` picks the agreement measure (:mod:`gaf.measures`): "cosine" (default, the
+    ``measure`` picks the agreement measure (:mod:`gaf.core.measures`): "cosine" (default, the
     Gram path), "sign" or "layerwise" (which needs ``segments``, the parameter sizes that
     split a row into tensors). ``out`` [P], if given, receives the direction (a training
     loop reuses one buffer instead of allocating P numbers every step). ``verdicts``
     (bool [M], from a blind control of :mod:`gaf.controls`) replaces each row's test
-    ``distance <= tau``; ``rule_options`` are the rule's keyword options.
+    ``distance <= tau``; ``rule_options`` are the rule's keyword options. A ``grads``
+    that requires grad is detached: the result carries no autograd history.
     """
-    grads = check_grads(grads)
+    # The filter is a selection, not a differentiable function: a stack that requires grad
+    # (e.g. rows built from autograd outputs) is filtered as plain numbers.
+    grads = check_grads(grads).detach()
     tau = check_tau(tau)
     rule = check_rule(rule)
     if check_measure(measure) == "cosine":
