@@ -24,10 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gaf.collector import FilterStats
-from gaf.core import Decision, FilterResult, decide, result_from_decision
-from gaf.distributed.agreement import check_agreement, step_fields
+from gaf.core import Decision, FilterResult, FilterStats, decide, result_from_decision
 from gaf.distributed.comm import Comm, GAFDistributedError
+from gaf.distributed.settings_check import check_settings, step_fields
 from gaf.spec import FilterSpec, resolve_spec
 
 Timeout = float | datetime.timedelta | None
@@ -91,7 +90,7 @@ class GAFStepState:
         if self._checked == key:
             return
         tau = self.threshold.value()
-        check_agreement(comm, step_fields(numel, 1, dtype, self.spec.rule, tau, "sharded",
+        check_settings(comm, step_fields(numel, 1, dtype, self.spec.rule, tau, "sharded",
                                           layout, self.spec.rule_options),
                         device, "the GAF hook's first exchange")
         self._checked = key
