@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import gaf
-from gaf.coordinatewise import check_trim, coordinatewise
 from gaf.core import gram_matrix, weighted_sum
+from gaf.core.coordinatewise import check_trim, coordinatewise
 from gaf.core.robust import check_krum, geometric_median, multi_krum
-from gaf.reference_robust import (
+from gaf.reference.robust import (
     reference_coordinatewise,
     reference_geometric_median,
     reference_multi_krum,

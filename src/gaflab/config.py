@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from gaf.core import check_rule, check_tau
+from gaf.core.measures import check_measure
 from gaf.core.robust import check_krum
 from gaf.faults import FAULT_KINDS
-from gaf.measures import check_measure
 from gaf.thresholds import parse_threshold
 from gaflab.data import DATASETS, canonical_name
 from gaflab.methods import CONTROLS, METHODS, canonical_method
@@ -72,7 +72,7 @@ class TrainConfig:
     # gaf.thresholds.parse_threshold spec ("null-tail:z=1", "quantile:target_acceptance=0.7",
     # ...): replaces tau for GAF runs when set.
     threshold: str | None = None
-    measure: str = "cosine"  # agreement measure (gaf.measures): cosine, sign, layerwise
+    measure: str = "cosine"  # agreement measure (gaf.core.measures): cosine, sign, layerwise
     micro_batch_size: int = 32
     num_micro_batches: int = 2
     class_balanced: bool = False  # micro-batches with micro_batch_size / K samples per class

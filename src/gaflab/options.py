@@ -9,8 +9,8 @@ import math
 from dataclasses import fields
 
 from gaf.core import check_tau
+from gaf.core.measures import MEASURES
 from gaf.faults import FAULT_KINDS
-from gaf.measures import MEASURES
 from gaflab.config import (
     METHODS,
     OPTIMIZERS,

@@ -60,8 +60,9 @@ def test_best_lr_is_chosen_per_method_and_the_control_follows_gaf(tmp_path):
     preset = compute.PRESETS["fmnist"]
     lrs = preset.lrs
     assert compute.best_lrs(preset, tmp_path, "sym40", 4) is None  # grid not done yet
-    table = {lrs[0]: (0.50, 0.60, 0.70), lrs[1]: (0.80, 0.55, 0.65),
-             lrs[2]: (None, 0.75, 0.90), lrs[3]: (0.10, 0.20, 0.30)}
+    scores = [(0.50, 0.60, 0.70), (0.80, 0.55, 0.65), (None, 0.75, 0.90), (0.10, 0.20, 0.30)]
+    scores += [(0.05, 0.05, 0.05)] * (len(lrs) - len(scores))  # a grid of any length
+    table = dict(zip(lrs, scores, strict=True))
     for lr, (avg, gaf, ctl) in table.items():
         _cell(tmp_path, "sym40", 4, lr, {"average": avg, "gaf": gaf, "random-skip": ctl})
     best = compute.best_lrs(preset, tmp_path, "sym40", 4)

@@ -67,8 +67,16 @@ class Rule:
     check_rows: Callable[..., object] | None = None
 
     def options(self, options: Mapping | None) -> dict:
-        """``options`` checked for this rule (an empty dict when None)."""
-        options = dict(options or {})
+        """``options`` checked for this rule (an empty dict when None): the one check of
+        ``rule_options``, which :class:`gaf.FilterSpec` and :func:`decide` both use."""
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise TypeError(
+                f"rule_options must be a mapping of the rule's keyword options (e.g. "
+                f"{{'f': 1}}), got {type(options).__name__} {options!r}"
+            )
+        options = dict(options)
         if self.check_options is not None:
             return dict(self.check_options(**options))
         allowed = [p.name for p in inspect.signature(self.decide).parameters.values()

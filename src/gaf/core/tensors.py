@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gaf.core.distance import ZERO_DISTANCE
+from gaf.core.distance import ZERO_DISTANCE, valid_norm_sq
 
 
 def check_grads(grads: object) -> Tensor:
@@ -116,7 +116,7 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
     dot, na, nb = a64 @ b64, a64 @ a64, b64 @ b64
-    ok = torch.isfinite(dot) & torch.isfinite(na) & torch.isfinite(nb) & (na > 0) & (nb > 0)
+    ok = torch.isfinite(dot) & valid_norm_sq(na) & valid_norm_sq(nb)
     cos = dot / torch.sqrt(torch.where(ok, na * nb, torch.ones_like(na)))
     dist = torch.clamp(1.0 - cos, 0.0, 2.0)
     return torch.where(ok, dist, torch.full_like(dist, ZERO_DISTANCE))

@@ -53,7 +53,7 @@ Deliberate choices:
   and ``weighted_sum`` never touches zero-weight rows, so it cannot poison the result.
 * Buffers. Repeated calls can reuse a :class:`Workspace` and an ``out`` tensor (the
   collector does), so a step allocates nothing: fresh large buffers cost page faults.
-* Every step first runs the cross-rank check (:mod:`gaf.distributed.agreement`), and
+* Every step first runs the cross-rank check (:mod:`gaf.distributed.settings_check`), and
   every collective fails clearly (:mod:`gaf.distributed.comm`).
 """
 
@@ -80,8 +80,8 @@ from gaf.core import (
     result_from_decision,
     weighted_sum,
 )
-from gaf.distributed.agreement import DTYPE_CODES, METHODS, check_agreement, step_fields
 from gaf.distributed.comm import AllToAllUnsupported, Comm, Workspace, all_gather_flat
+from gaf.distributed.settings_check import DTYPE_CODES, METHODS, check_settings, step_fields
 
 GATHERS: tuple[str, ...] = ("auto", "broadcast", "all_gather")
 
@@ -305,7 +305,7 @@ def run_protocol(
     ws = workspace if workspace is not None else Workspace()
     if check:
         values = step_fields(p, m, rows.dtype, rule, tau, method, layout, rule_options)
-        check_agreement(comm, values, rows.device, "the GAF exchange")
+        check_settings(comm, values, rows.device, "the GAF exchange")
     used = method
     if comm.size == 1:
         decision = decide(gram_matrix(rows), tau, rule, verdicts, rule_options)

@@ -46,7 +46,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 from torch import nn
 
-from gaf.collector import FilterStats
+from gaf.core import FilterStats
 from gaf.integrations.common import (
     MicroGradientWindow,
     WindowOutcome,
@@ -55,7 +55,7 @@ from gaf.integrations.common import (
     step_statistics,
     trainable_params,
 )
-from gaf.thresholds import Threshold
+from gaf.spec import FilterSpec, resolve_spec
 
 __all__ = ["GAFAccumulator"]
 
@@ -82,15 +82,15 @@ class GAFAccumulator:
         accelerator: Accelerator,
         model: nn.Module,
         optimizer: AcceleratedOptimizer,
-        tau: float | Threshold = 0.97,
-        rule: str = "mean",
-        mode: str = "auto",
-        measure: str = "cosine",
+        spec: FilterSpec | None = None,
         *,
+        mode: str = "auto",
         method: str = "sharded",
         timeout: float | None = None,
         num_micro_batches: int | None = None,
+        **filter_options,
     ):
+        spec = resolve_spec(spec, **filter_options)
         if num_micro_batches is None:
             num_micro_batches = accelerator.gradient_accumulation_steps
         if not isinstance(optimizer, AcceleratedOptimizer):
@@ -116,9 +116,8 @@ class GAFAccumulator:
         self.accelerator = accelerator
         self.optimizer = optimizer
         self.collector = build_collector(
-            optimizer.optimizer, distributed=distributed, tau=tau, rule=rule, mode=mode,
-            measure=measure, method=method, timeout=timeout,
-            num_micro_batches=num_micro_batches,
+            optimizer.optimizer, spec, distributed=distributed, mode=mode, method=method,
+            timeout=timeout, num_micro_batches=num_micro_batches,
         )
         self.window = MicroGradientWindow(self.collector, trainable_params(optimizer.optimizer))
         self.overflow_steps = 0

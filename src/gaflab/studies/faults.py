@@ -34,7 +34,7 @@ from torch import nn
 
 import gaf
 from gaf.controls import RandomDrop
-from gaf.coordinatewise import aggregate_coordinatewise
+from gaf.core.coordinatewise import aggregate_coordinatewise
 from gaf.faults import FAULT_KINDS, FaultInjector
 from gaflab.data import load_dataset
 from gaflab.models import MLP

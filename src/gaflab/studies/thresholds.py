@@ -34,7 +34,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
 
 from gaf.core import decide, decide_with, result_from_decision
-from gaf.measures import make_oracle
+from gaf.core.measures import make_oracle
 from gaf.thresholds import Threshold, parse_threshold
 from gaflab.models import MLP
 from gaflab.results import strict_json
