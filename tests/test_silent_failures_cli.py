@@ -202,14 +202,12 @@ def test_missing_data_dir_is_an_error_not_a_fallback(outcomes):
             "/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 19 case 11 is fixed on the core branch")
 def test_rule_options_not_a_mapping_is_named(outcomes):
     o = outcomes["rule_options"]
     assert "Traceback" not in o.out, o.out
     assert "refused:" in o.out and "rule_options" in o.out, o.out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 19 case 2 is fixed on the core branch")
 def test_optimizer_over_another_model_is_refused_at_construction(outcomes):
     o = outcomes["other_optimizer"]
     assert "Traceback" not in o.out, o.out
