@@ -100,3 +100,42 @@ def test_cosine_distance_of_extreme_vectors():
     a, b = torch.tensor([3.0, 4.0]), torch.tensor([4.0, 3.0])
     for scale in SCALES:
         assert gaf.cosine_distance(a * scale, b * scale).item() == pytest.approx(1 - 24 / 25)
+
+
+class Mixed(nn.Module):
+    """An embedding, a conv and a wide linear layer, so the one-pass plan holds kept blocks
+    and ghost products."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 6)
+        self.conv = nn.Conv1d(6, 8, 3)
+        self.wide = nn.Linear(8 * 6, 400)
+        self.head = nn.Linear(400, 3)
+
+    def forward(self, tokens):
+        h = self.conv(self.emb(tokens).transpose(1, 2)).relu()
+        return self.head(torch.tanh(self.wide(h.flatten(1))))
+
+
+@pytest.mark.parametrize("scale", (1e20, 1e-30))
+def test_one_pass_scaled_loss_decides_as_unscaled(scale):
+    def step(micro_gradients, loss_scale):
+        torch.manual_seed(0)
+        model = Mixed()
+        trainer = gaf.GAFTrainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.0),
+            lambda out, y: nn.functional.cross_entropy(out, y) * loss_scale, 4, tau=1.0,
+            micro_gradients=micro_gradients)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randint(0, 50, (16, 8), generator=gen)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        return trainer.step(x, y).result
+
+    ref = step("sequential", 1.0)
+    assert 2 <= ref.num_accepted < 4
+    out = step("one-pass", scale)
+    assert "ghost" in out.extra["plan"].values()  # the ghost products are exercised
+    assert out.num_invalid == 0
+    assert out.accepted.tolist() == ref.accepted.tolist()
+    torch.testing.assert_close(out.distances, ref.distances, rtol=0, atol=1e-4)

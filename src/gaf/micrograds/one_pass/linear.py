@@ -46,7 +46,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gaf.core import gram_dtype
 from gaf.micrograds.one_pass.pieces import (
     Budget,
     Captured,
@@ -54,6 +53,7 @@ from gaf.micrograds.one_pass.pieces import (
     Weights,
     common_dtype,
     gram,
+    self_products,
 )
 
 # Numbers in one chunk of [M, c, in] blocks of a Linear layer that is not kept (about 4 MB
@@ -106,8 +106,9 @@ def linear_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
     # most half of the rows (see Weights).
     materialised = r * p_l + m * m * p_l + (m * p_l if keep else r * p_l // 2)
     if ghost < materialised and not budget.materialise:
-        acc = gram_dtype(dtype)
-        prod = (x @ x.T).to(acc) * (d @ d.T).to(acc)
+        xx, dd = self_products(x, dtype), self_products(d, dtype)
+        acc = torch.promote_types(xx.dtype, dd.dtype)
+        prod = xx.to(acc) * dd.to(acc)
         cap.add(mb.block_sum(prod, ids, regular))
         cap.plan["weight"] = "ghost"
         cap.extra["rows"] = (x, d, ids)
@@ -163,7 +164,6 @@ def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
                         torch.zeros((), dtype=d.dtype, device=d.device), d)
     m, r, dim = mb.m, d.shape[0], d.shape[1]
     vocab = module.num_embeddings
-    acc = gram_dtype(d.dtype)
     # Three ways, by cost: dense [M, V, D] blocks (M²·V·D; no sort) when the vocabulary is
     # no larger than the rows, else compact blocks over the U distinct indices (a sort,
     # then M²·U·D), or the ghost product [idx_a = idx_b] ∘ Δ Δᵀ (R²·D).
@@ -177,8 +177,9 @@ def embedding_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
             return
         cap.plan["weight"] = "dense"
     elif r * r < m * m * min(vocab, r):
-        same = (idx[:, None] == idx[None, :]).to(acc)
-        cap.add(mb.block_sum(same * (d @ d.T).to(acc), ids, regular))
+        dd = self_products(d, d.dtype)
+        same = (idx[:, None] == idx[None, :]).to(dd.dtype)
+        cap.add(mb.block_sum(same * dd, ids, regular))
         cap.plan["weight"] = "ghost"
     else:
         uniq, inverse = torch.unique(idx, return_inverse=True)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gaf.core import gram_dtype
+from gaf.core import gram_dtype, gram_matrix
 
 
 class MicroBatches:
@@ -81,11 +81,19 @@ class Budget:
 
 
 def gram(rows: Tensor) -> Tensor:
-    """[M, ...] micro-gradient blocks → their [M, M] Gram matrix in the accumulation dtype."""
-    flat = rows.reshape(rows.shape[0], -1)
-    acc = gram_dtype(flat.dtype)
-    flat = flat if flat.dtype == acc else flat.to(acc)
-    return flat @ flat.T
+    """[M, ...] micro-gradient blocks → their [M, M] Gram matrix in the accumulation dtype
+    (:func:`gaf.core.gram_matrix`: float64 where float32 would over- or underflow)."""
+    return gram_matrix(rows.reshape(rows.shape[0], -1))
+
+
+def self_products(a: Tensor, dtype: torch.dtype) -> Tensor:
+    """a aᵀ for the ghost products, in the accumulation dtype of ``dtype``; float32 rows
+    whose products would over- or underflow are multiplied in float64 (as
+    :func:`gaf.core.gram_matrix`), so the sum of the pieces may be float64."""
+    acc = gram_dtype(dtype)
+    if a.dtype == torch.float32 and acc == torch.float32:
+        return gram_matrix(a)
+    return (a @ a.T).to(acc)
 
 
 class Weights:
@@ -164,7 +172,12 @@ class Captured:
     extra: dict = field(default_factory=dict)
 
     def add(self, g: Tensor) -> None:
-        self.gram = g if self.gram is None else self.gram.add_(g)
+        if self.gram is None:
+            self.gram = g
+        elif g.dtype != self.gram.dtype:  # a float64 piece (gram_matrix's fallback)
+            self.gram = self.gram.to(torch.promote_types(g.dtype, self.gram.dtype)) + g
+        else:
+            self.gram.add_(g)
 
     def release(self) -> None:
         self.saved, self.deltas = [], []
