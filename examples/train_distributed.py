@@ -183,8 +183,7 @@ def main() -> None:
     net = nn.parallel.DistributedDataParallel(model) if args.ddp else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     trainer = DistributedGAFTrainer(
-        net, optimizer, nn.functional.cross_entropy, m, tau=spec.tau, rule=spec.rule,
-        rule_options=dict(spec.rule_options),
+        net, optimizer, nn.functional.cross_entropy, m, spec=spec,
         method=args.method, buffer_sync="broadcast",
     )
     fault = hook = None
