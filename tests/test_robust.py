@@ -267,3 +267,12 @@ def test_trainer_with_a_robust_rule_ignores_a_scaled_micro_batch(micro_gradients
         assert out.result.num_accepted == 5 and not out.skipped
         if hook is not None:
             assert not out.result.accepted[2]
+
+
+def test_trainer_refuses_too_few_rows_for_krum_at_construction():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy
+    with pytest.raises(ValueError, match=r"more than 2f \+ 2 = 4 micro-gradients, got M = 4"):
+        gaf.GAFTrainer(model, opt, loss, 4, rule="multi-krum")
+    gaf.GAFTrainer(model, opt, loss, 5, rule="multi-krum")  # M = 5 > 4

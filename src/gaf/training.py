@@ -181,6 +181,8 @@ class GAFTrainer:
                 "with no other, so every step would be skipped; use M >= 2 (or "
                 "mode='average' for plain steps)"
             )
+        if collector.mode != "average":  # e.g. multi-Krum's M > 2f + 2, known here
+            collector.spec.check_rows(num_micro_batches * collector.world_size)
         self.overflow_steps = 0
 
     @property
