@@ -128,10 +128,14 @@ def main() -> None:
         "reference_stats": ref.stats.state_dict(), "ranks_agree": gathered[0] == gathered[1],
     }
     (out / f"rank{rank}.json").write_text(json.dumps(report))
-    # Leave together and close the group here: a group torn down at interpreter exit
-    # aborts gloo's threads.
+    # Leave together, close the group, and end without the interpreter's shutdown: the DDP
+    # model keeps gloo's threads alive past destroy_process_group, and one that takes the
+    # GIL while Python finalises aborts the process (see distributed_hooks/common.exit_now).
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def check_two_rank_run(framework: str, tmp_path: Path, micro_batches_per_rank: i
     must end bit-identical to DistributedGAFTrainer, with the same counters, skipped and
     taken steps both present, and the decisions covering both ranks' micro-gradients."""
     worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: should a rank abort in C++, its Python stacks land in the report.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", str(worker), framework, str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
