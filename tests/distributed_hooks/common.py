@@ -76,12 +76,14 @@ def exit_now() -> NoReturn:
     """End a worker without the interpreter's shutdown.
 
     A process that built a DistributedDataParallel model keeps its gloo process group (two
-    ``pt_gloo_runloop`` threads and ``gloo_tcp_loop``) alive after
-    ``destroy_process_group()``: torch holds it from C++ (torch 2.13; measured: the threads
-    are still there after ``del model; gc.collect()``). Those threads then run while Python
-    finalises, and a gloo thread that takes the GIL then (to free a tensor or a Python comm
-    hook) is ended by Python mid-C++, which aborts the process: "terminate called without
-    an active exception". Leaving with ``os._exit`` after the work is done skips that window.
+    ``pt_gloo_runloop`` threads, one ``gloo_tcp_loop``) alive after
+    ``destroy_process_group()``: torch 2.13 holds it from C++, even after ``del model;
+    gc.collect()``. A gloo thread may still be dropping the last finished work (the barrier
+    above, which holds the collective before it) when the main thread is already in
+    ``Py_FinalizeEx``; freeing that work's tensors takes the GIL, Python ends the thread
+    with ``pthread_exit`` inside a C++ destructor, and the rank aborts with "terminate
+    called without an active exception" (seen in a core dump of a test worker). Leaving
+    with ``os._exit`` once the work is done skips finalisation, and with it that window.
     """
     sys.stdout.flush()
     sys.stderr.flush()
