@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -62,17 +63,38 @@ def reference(local: torch.Tensor, spec: gaf.FilterSpec) -> gaf.FilterResult:
                                 rule_options=spec.rule_options)
 
 
-def finish(out: Path, name: str, report: dict) -> None:
+def finish(out: Path, name: str, report: dict) -> NoReturn:
+    """Write the report (rank 0), leave together, close the group and end the process."""
     if dist.get_rank() == 0:
         (out / f"{name}.json").write_text(json.dumps(report))
     dist.barrier()
-    dist.destroy_process_group()  # closed here: a group torn down at exit aborts gloo
+    dist.destroy_process_group()
+    exit_now()
+
+
+def exit_now() -> NoReturn:
+    """End a worker without the interpreter's shutdown.
+
+    A process that built a DistributedDataParallel model keeps its gloo process group (two
+    ``pt_gloo_runloop`` threads, one ``gloo_tcp_loop``) alive after
+    ``destroy_process_group()``: torch 2.13 holds it from C++, even after ``del model;
+    gc.collect()``. A gloo thread may still be dropping the last finished work (the barrier
+    above, which holds the collective before it) when the main thread is already in
+    ``Py_FinalizeEx``; freeing that work's tensors takes the GIL, Python ends the thread
+    with ``pthread_exit`` inside a C++ destructor, and the rank aborts with "terminate
+    called without an active exception" (seen in a core dump of a test worker). Leaving
+    with ``os._exit`` once the work is done skips finalisation, and with it that window.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(worker: str, world: int, out: Path, *args: str, timeout: int = 240) -> dict:
     """Run ``worker`` (a file beside this one) in ``world`` gloo processes; its report."""
     path = Path(__file__).with_name(worker)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the worker imports ``common`` beside it
+    # PYTHONFAULTHANDLER: should a rank abort in C++, its Python stacks land in the report.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(world), str(path), str(out), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
