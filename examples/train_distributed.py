@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
+import json
 import os
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gaf import ALL_RULES
+from gaf import ALL_RULES, FilterSpec
 from gaf.distributed import DistributedGAFTrainer
 from gaf.faults import FAULT_KINDS, FaultInjector
 
@@ -46,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--tau", type=float, default=0.97, help="cosine-distance threshold (2: mean)")
     p.add_argument("--rule", default="mean", choices=list(ALL_RULES))
+    p.add_argument("--rule-options", type=json.loads, default=None,
+                   help='the rule\'s options as JSON, e.g. \'{"f": 2}\' for multi-krum '
+                        "(default for multi-krum with --fault: f = the faulty rows)")
     p.add_argument("--method", default="sharded", choices=["sharded", "allgather"])
     p.add_argument("--noise", type=float, default=0.4, help="symmetric label-noise rate")
     p.add_argument("--lr", type=float, default=0.05)
@@ -60,6 +64,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
     return p.parse_args()
+
+
+def filter_spec(args, world: int) -> FilterSpec:
+    """The filter, checked against M = ranks × micro-batches before any process starts
+    training: multi-Krum with f faulty rows needs M > 2f + 2 (with 2 ranks of 2
+    micro-batches and one faulty rank, f = 2 needs M > 6)."""
+    if args.fault and not 0 < args.faulty_ranks <= world:
+        raise SystemExit(f"--faulty-ranks must be in 1..{world}, got {args.faulty_ranks}")
+    options = dict(args.rule_options or {})
+    if args.rule == "multi-krum" and args.fault and "f" not in options:
+        options["f"] = args.faulty_ranks * args.micro_batches  # every row of a faulty rank
+    rows = world * args.micro_batches
+    try:
+        spec = FilterSpec(tau=args.tau, rule=args.rule, rule_options=options)
+        spec.check_rows(rows)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"error: {exc} (M = {world} ranks × {args.micro_batches} "
+                         "micro-batches)") from None
+    return spec
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -132,6 +155,9 @@ def main() -> None:
         # Ranks on one machine share its cores.
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+    # Checked before the group starts: a rule that cannot run on M rows fails here, on
+    # every rank, rather than in a traceback at the first step.
+    spec = filter_spec(args, int(os.environ["WORLD_SIZE"]))
     # The group's timeout bounds every collective: a rank that dies makes the others raise
     # (gaf.distributed.GAFDistributedError) instead of hanging.
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
@@ -148,7 +174,7 @@ def main() -> None:
     steps = int(args.epochs * len(x_train) / per_step)
     log(f"{name}: {len(x_train)} training samples ({args.noise:.0%} noisy labels), "
         f"{world} ranks × {m} micro-batches × {b} samples, {steps} steps, backend {backend}, "
-        f"tau={args.tau}, rule={args.rule}, method={args.method}")
+        f"tau={args.tau}, rule={args.rule} {dict(spec.rule_options)}, method={args.method}")
 
     torch.manual_seed(args.seed)  # rank 0's initialisation is broadcast to all ranks anyway
     model = nn.Sequential(
@@ -157,13 +183,11 @@ def main() -> None:
     net = nn.parallel.DistributedDataParallel(model) if args.ddp else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     trainer = DistributedGAFTrainer(
-        net, optimizer, nn.functional.cross_entropy, m, tau=args.tau, rule=args.rule,
+        net, optimizer, nn.functional.cross_entropy, m, spec=spec,
         method=args.method, buffer_sync="broadcast",
     )
     fault = hook = None
     if args.fault:
-        if not 0 < args.faulty_ranks <= world:
-            raise SystemExit(f"--faulty-ranks must be in 1..{world}, got {args.faulty_ranks}")
         bad = range((world - args.faulty_ranks) * m, world * m)  # rows of the last ranks
         fault = FaultInjector.make(args.fault, bad, seed=args.seed)
         hook = fault.gradient_hook(model.parameters(), m, first_row=rank * m)

@@ -206,6 +206,24 @@ def _protocol_checks(rank: int, n: int) -> None:
         assert torch.isfinite(res.grad).all()
         assert torch.equal(res.grad, single.grad)
 
+    # Finite float32 rows of extreme size (|g|² over- or underflows float32) on some ranks
+    # only: they decide as the unscaled rows, and every rank reduces the same dtype.
+    m, p = 2, 257
+    x = micro_gradients(47, n * m, p, torch.float32)
+    ref = gaf.filter_gradients(x, 0.97)
+    assert 2 <= ref.num_accepted < n * m
+    for scale in (1e20, 1e-30):
+        y = x.clone()
+        y[: m] *= scale  # rank 0's rows only
+        for method in ("sharded", "allgather"):
+            res = filter_gradients_distributed(y[rank * m : (rank + 1) * m], 0.97,
+                                               method=method)
+            assert res.num_invalid == 0, (scale, method)
+            assert torch.equal(res.accepted, gaf.filter_gradients(y, 0.97).accepted)
+        z = x * scale  # every rank's rows
+        res = filter_gradients_distributed(z[rank * m : (rank + 1) * m], 0.97)
+        assert res.num_invalid == 0 and torch.equal(res.accepted, ref.accepted), scale
+
     # A passed group: the ranks of a sub-group filter among themselves.
     if n >= 4:
         sub_ranks = [1, 3]
@@ -443,3 +461,9 @@ def test_dead_rank_fails_within_timeout(tmp_path, scenario):
     if scenario == "hangs":
         assert float(elapsed) >= 1.4
     assert "GAF rank 0/2" in message and "cross-rank check" in message, message
+    if scenario == "exits":  # a reset connection is named as such, not as a timeout
+        assert "reset or closed" in message and "died" in message, message
+        assert "timeout" not in message.split("(no timeout expired)")[0], message
+        assert "(no timeout expired)" in message
+    else:
+        assert "timed out after" in message and "timeout=1.5 s" in message, message

@@ -3,7 +3,11 @@
 Each block runs in its own fresh process and directory, so a block cannot lean on another's
 names. A block preceded by ``<!-- snippet: torchrun N -->`` runs as N processes of one gloo
 group, launched the way torchrun launches them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT in the environment), and every process must exit cleanly.
+MASTER_PORT in the environment), and every process must exit cleanly. A multi-process block
+ends through ``os._exit`` once it has run: with torch 2.13, a DistributedDataParallel model
+keeps gloo's threads alive past ``destroy_process_group()``, and one of them taking Python's
+lock while the interpreter finalises aborts the process ("terminate called without an active
+exception", seen in a core dump of a test worker). That is torch's teardown, not the block.
 """
 
 from __future__ import annotations
@@ -51,9 +55,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Runs snippet.py as __main__; a block that raises still exits non-zero with its traceback.
+EXIT_WITHOUT_FINALISING = """\
+import os, runpy, sys, traceback
+try:
+    runpy.run_path("snippet.py", run_name="__main__")
+    code = 0
+except SystemExit as stop:
+    code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+except BaseException:
+    traceback.print_exc()
+    code = 1
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)
+"""
+
+
 def run_snippet(code: str, world_size: int, workdir: Path) -> list[tuple[int, str]]:
     script = workdir / "snippet.py"
     script.write_text(code, encoding="utf-8")
+    if world_size > 1:
+        (workdir / "launch.py").write_text(EXIT_WITHOUT_FINALISING, encoding="utf-8")
+        script = workdir / "launch.py"
     port = free_port()
     procs = []
     for rank in range(world_size):
@@ -121,3 +145,10 @@ def test_runner_launches_one_gloo_group(tmp_path):
     )
     results = run_snippet(code, 2, tmp_path)
     assert [rc for rc, _ in results] == [0, 0], results
+
+
+def test_runner_reports_a_failing_multi_process_snippet(tmp_path):
+    code = "import os\nif os.environ['RANK'] == '1':\n    raise ValueError('rank one')\n"
+    results = run_snippet(code, 2, tmp_path)
+    assert results[0][0] == 0
+    assert results[1][0] != 0 and "rank one" in results[1][1]

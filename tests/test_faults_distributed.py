@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import gaf
-from gaf.coordinatewise import aggregate_coordinatewise
+from gaf.core.coordinatewise import aggregate_coordinatewise
 from gaf.distributed import DistributedGAFTrainer, filter_gradients_distributed
 from gaf.distributed.coordinatewise import aggregate_coordinatewise_distributed
 from gaf.faults import FaultInjector

@@ -13,8 +13,8 @@ from torch import nn
 import gaf
 from gaf.collector import GradientCollector
 from gaf.core import decide, gram_matrix
-from gaf.filter import filter_gradients
-from gaf.measures import (
+from gaf.core.filter import filter_gradients
+from gaf.core.measures import (
     MEASURES,
     GramOracle,
     LayerwiseOracle,

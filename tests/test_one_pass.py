@@ -14,9 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import gaf
-import gaf.one_pass_layers
+import gaf.micrograds.one_pass.linear
+from gaf import OnePassFilter
 from gaf.core import RULES, pairwise_distances
-from gaf.one_pass import OnePassFilter
 from gaflab.models import build_model
 
 DT = torch.float64
@@ -186,7 +186,8 @@ def test_linear_path_choice(layer, m, per_micro, budget, expected):
 
 
 def test_recomputed_linear_in_chunks_of_output_features(monkeypatch):
-    monkeypatch.setattr(gaf.one_pass_layers, "CHUNK_NUMBERS", 3 * 4 * 16)  # 3 features a chunk
+    # 3 features a chunk
+    monkeypatch.setattr(gaf.micrograds.one_pass.linear, "CHUNK_NUMBERS", 3 * 4 * 16)
     for rule in RULES:
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).to(DT)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gaf
-from gaf.one_pass import OnePassFilter
+from gaf import OnePassFilter
 from test_one_pass import DT, MODELS, sequential, setup, tau_for
 
 

@@ -13,7 +13,7 @@ def test_core_imports_without_optional_extras():
         "import sys\n"
         "for name in ('matplotlib', 'tqdm', 'rich', 'tensorboard'):\n"
         "    sys.modules[name] = None\n"
-        "import gaf, gaf.collector, gaf.training, gaf.functional, gaf.measures\n"
+        "import gaf, gaf.collector, gaf.training, gaf.micrograds.vmap, gaf.core.measures\n"
         "import gaf.thresholds, gaf.distributed\n"
         "import torch\n"
         "r = gaf.filter_gradients(torch.eye(3), tau=2.0)\n"
@@ -31,7 +31,7 @@ def test_library_imports_no_lab_plotting_or_framework_module():
     # (tqdm is not in the list: torch.hub imports it whenever it is installed.)
     code = (
         "import sys\n"
-        "import gaf, gaf.collector, gaf.training, gaf.functional, gaf.measures\n"
+        "import gaf, gaf.collector, gaf.training, gaf.micrograds.vmap, gaf.core.measures\n"
         "import gaf.thresholds, gaf.distributed, gaf.faults, gaf.controls\n"
         "heavy = ('gaflab', 'matplotlib', 'lightning', 'pytorch_lightning',\n"
         "         'transformers', 'accelerate', 'tensorboard')\n"

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import gaf
-from gaf.coordinatewise import check_trim, coordinatewise
 from gaf.core import gram_matrix, weighted_sum
+from gaf.core.coordinatewise import check_trim, coordinatewise
 from gaf.core.robust import check_krum, geometric_median, multi_krum
-from gaf.reference_robust import (
+from gaf.reference.robust import (
     reference_coordinatewise,
     reference_geometric_median,
     reference_multi_krum,
@@ -102,6 +102,18 @@ def test_krum_rejects_too_few_rows_clearly():
     with pytest.raises(ValueError, match="needs more than that many"):
         check_trim(4, 2)
     assert check_krum(4, f=0) == (0, 4)
+
+
+def test_spec_checks_the_row_count_before_any_step():
+    # A front end that knows M (ranks × micro-batches) refuses before the first step.
+    spec = gaf.FilterSpec(rule="multi-krum", rule_options={"f": 2})
+    with pytest.raises(ValueError, match=r"more than 2f \+ 2 = 6 micro-gradients, got M = 4"):
+        spec.check_rows(4)
+    spec.check_rows(7)
+    with pytest.raises(ValueError, match="at most M - f = 5"):
+        gaf.FilterSpec(rule="multi-krum", rule_options={"f": 2, "m": 6}).check_rows(7)
+    for rule in gaf.RULES + ("geometric-median",):  # no row-count condition
+        gaf.FilterSpec(rule=rule).check_rows(1)
 
 
 # -- against the float64 references ------------------------------------------------------
@@ -255,3 +267,12 @@ def test_trainer_with_a_robust_rule_ignores_a_scaled_micro_batch(micro_gradients
         assert out.result.num_accepted == 5 and not out.skipped
         if hook is not None:
             assert not out.result.accepted[2]
+
+
+def test_trainer_refuses_too_few_rows_for_krum_at_construction():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy
+    with pytest.raises(ValueError, match=r"more than 2f \+ 2 = 4 micro-gradients, got M = 4"):
+        gaf.GAFTrainer(model, opt, loss, 4, rule="multi-krum")
+    gaf.GAFTrainer(model, opt, loss, 5, rule="multi-krum")  # M = 5 > 4

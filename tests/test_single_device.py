@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 import gaf
 from gaf.collector import GradientCollector
-from gaf.functional import micro_gradients, vectorised_filter_step
+from gaf.micrograds.vmap import micro_gradients, vectorised_filter_step
 from gaf.reference import reference_filter
 
 
@@ -260,7 +260,11 @@ def test_state_dict_round_trip():
     for step in range(4):
         trainer.step(*batch(seed=step))
     state = trainer.state_dict()
-    fresh = gaf.GAFTrainer(model, opt, F.cross_entropy, 3, tau=0.5)
+    # A trainer built with another fixed tau refuses the state (issue 19, case 4: it used
+    # to take the saved tau silently); one built with the run's tau resumes it.
+    with pytest.raises(ValueError, match="tau 0.9.*tau 0.5"):
+        gaf.GAFTrainer(model, opt, F.cross_entropy, 3, tau=0.5).load_state_dict(state)
+    fresh = gaf.GAFTrainer(model, opt, F.cross_entropy, 3, tau=0.9)
     fresh.load_state_dict(state)
     assert fresh.stats == trainer.stats
     assert fresh.collector.tau == 0.9

@@ -13,7 +13,7 @@ from torch import nn
 
 from gaf.collector import GradientCollector
 from gaf.core import FilterResult
-from gaf.filter import filter_gradients
+from gaf.core.filter import filter_gradients
 from gaf.thresholds import (
     THRESHOLDS,
     FixedThreshold,

@@ -1,13 +1,15 @@
 """gaf: Gradient Agreement Filtering for PyTorch.
 
 The pure core (:mod:`gaf.core`) decides from the Gram matrix of micro-gradients which of
-them agree; thin front ends apply that decision on one device (:mod:`gaf.collector`,
-:mod:`gaf.training`) and across torch.distributed ranks (:mod:`gaf.distributed`). Blind
+them agree; :class:`gaf.FilterSpec` says how to filter; the backends of
+:mod:`gaf.micrograds` hold a step's micro-gradients (streaming, stacked, one pass); thin
+front ends apply the decision on one device (:mod:`gaf.collector`, :mod:`gaf.training`)
+and across torch.distributed ranks (:mod:`gaf.distributed`). Blind
 controls (:mod:`gaf.controls`) take the same step with the choice made at random.
 See docs/design.md for the method, the rules and the layering.
 """
 
-from gaf.collector import FilterStats, GradientCollector
+from gaf.collector import GradientCollector
 from gaf.controls import Control, RandomDrop, RandomSkip
 from gaf.core import (
     ALL_RULES,
@@ -15,14 +17,14 @@ from gaf.core import (
     RULES,
     Decision,
     FilterResult,
+    FilterStats,
     cosine_distance,
     decide,
+    filter_gradients,
     gram_matrix,
 )
-from gaf.filter import filter_gradients
-from gaf.flat import FlatGradients
+from gaf.micrograds import Backend, FlatGradients
 from gaf.noise_scale import NoiseScale
-from gaf.one_pass import OnePassFilter, collect_one_pass, one_pass_filter
 from gaf.spec import FilterSpec, resolve_spec
 from gaf.thresholds import (
     FixedThreshold,
@@ -35,7 +37,13 @@ from gaf.thresholds import (
     make_threshold,
     parse_threshold,
 )
-from gaf.training import GAFTrainer, StepResult
+from gaf.training import (
+    GAFTrainer,
+    OnePassFilter,
+    StepResult,
+    collect_one_pass,
+    one_pass_filter,
+)
 
 # The one source of the version: pyproject.toml reads it from here.
 __version__ = "0.1.0"
@@ -44,6 +52,7 @@ __all__ = [
     "ALL_RULES",
     "ROBUST_RULES",
     "RULES",
+    "Backend",
     "Control",
     "Decision",
     "FilterResult",

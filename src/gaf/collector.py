@@ -11,7 +11,7 @@ Usage::
         optimizer.step()
     optimizer.zero_grad()
 
-Two modes:
+Two filtering modes (and ``"average"``, plain accumulation with no filter):
 
 ``"streaming"`` (rules "mean" and "halving"): keeps one running sum ``s`` on the device and
     tests each micro-gradient against it as it arrives; extra memory is O(P), independent
@@ -20,10 +20,15 @@ Two modes:
 ``"stacked"`` (every rule): keeps all M micro-gradients as rows of an [M, P] buffer and
     decides from their Gram matrix with :func:`gaf.core.decide`. Extra memory O(M·P).
 
-The collector holds a backend chosen at construction (:mod:`gaf.backends`: streaming,
-stacked, or the distributed one of :mod:`gaf.distributed`); what is common to all of them
-(the step's threshold, a control's verdicts, ``.grad`` on a skip, statistics and state)
-lives here. See docs/design.md, "Front ends".
+The collector holds one backend chosen at construction (:mod:`gaf.micrograds`:
+streaming, stacked, one-pass, averaging, or the distributed one of
+:mod:`gaf.distributed`) and talks to it only through the
+:class:`~gaf.micrograds.Backend` interface. What is common to all of them lives here: the
+filter spec (:class:`gaf.FilterSpec`: threshold, rule, options, measure, control), the
+control's verdicts, writing the direction into ``.grad`` (the one place that does), AMP
+overflow (the one place that poisons ``.grad`` with inf), statistics and state. See
+docs/design.md, "Front ends". :meth:`GradientCollector.collect_batch` runs a whole batch's
+micro-batches (or the one pass) for :class:`gaf.GAFTrainer`.
 
 ``mode="auto"`` picks streaming where the rule allows it. Both modes make the same
 decisions (tests check this in float64).
@@ -46,84 +51,77 @@ Semantics:
   as zero.
 * Non-finite or zero micro-gradients are rejected and counted (``num_invalid``,
   ``num_nonfinite``); they never reach the update.
+* ``collect()`` with nothing new in ``.grad`` since the last ``begin()``/``collect()``
+  (no backward in between) is an error, not an all-zero micro-gradient.
 * Running counters are in :attr:`stats`; ``state_dict()`` holds them and the threshold's
-  state.
+  state. ``load_state_dict`` refuses a state saved under another rule, measure, mode or
+  fixed tau, and a dict that is not a collector's, with nothing changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 
 import numpy as np
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from gaf.backends import StackedBackend, StreamingBackend
-from gaf.controls import Control
-from gaf.core import STREAMING_RULES, FilterResult, get_rule
-from gaf.flat import FlatGradients
-from gaf.measures import check_measure
-from gaf.thresholds import Threshold, as_threshold
+from gaf.core import FilterResult, FilterStats
+from gaf.micrograds import (
+    AveragingBackend,
+    Backend,
+    BatchPass,
+    FlatGradients,
+    StackedBackend,
+    StreamingBackend,
+)
+from gaf.spec import FilterSpec, resolve_spec
 
-MODES = ("auto", "streaming", "stacked")
+MODES = ("auto", "streaming", "stacked", "average")
 
-
-@dataclass
-class FilterStats:
-    """Running counters over filtered steps (host integers: no device sync to read)."""
-
-    steps: int = 0
-    skipped_steps: int = 0
-    micro_batches: int = 0
-    accepted: int = 0
-    invalid: int = 0
-    nonfinite: int = 0
-
-    def update(self, result: FilterResult) -> None:
-        self.steps += 1
-        self.skipped_steps += int(result.skipped)
-        self.micro_batches += result.num_micro_batches
-        self.accepted += result.num_accepted
-        self.invalid += result.num_invalid
-        self.nonfinite += result.num_nonfinite
-
-    @property
-    def skip_rate(self) -> float:
-        return self.skipped_steps / self.steps if self.steps else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.micro_batches if self.micro_batches else 0.0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            if not hasattr(self, key):
-                raise KeyError(f"unknown FilterStats field {key!r}")
-            setattr(self, key, int(value))
+BackendFactory = Callable[[FlatGradients, FilterSpec], Backend]
 
 
-def choose_mode(mode: str, rule: str, measure: str) -> str:
-    """The backend a rule and measure allow: "auto" streams where it can."""
+def split_batch(batch: Tensor | Sequence[Tensor], num_micro_batches: int) -> list:
+    """Split a tensor (or a tuple/list of tensors) into M micro-batches along dim 0."""
+    if isinstance(batch, Tensor):
+        n = batch.shape[0]
+    elif isinstance(batch, (tuple, list)) and batch and all(isinstance(t, Tensor) for t in batch):
+        n = batch[0].shape[0]
+        if any(t.shape[0] != n for t in batch):
+            raise ValueError("all tensors of a batch must have the same size along dim 0")
+    else:
+        raise TypeError("a batch must be a tensor or a tuple/list of tensors")
+    if num_micro_batches > n:
+        raise ValueError(
+            f"cannot split a batch of {n} samples into {num_micro_batches} micro-batches"
+        )
+    if isinstance(batch, Tensor):
+        return list(torch.tensor_split(batch, num_micro_batches))
+    parts = [torch.tensor_split(t, num_micro_batches) for t in batch]
+    return [type(batch)(p[k] for p in parts) for k in range(num_micro_batches)]
+
+
+def choose_backend(mode: str, spec: FilterSpec, num_micro_batches: int | None
+                   ) -> BackendFactory:
+    """The backend ``mode`` names for ``spec``: "auto" streams where the spec allows it."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    # Other measures (gaf.measures) need every row at once: the streaming path computes
-    # cosine against the running sum only.
-    if mode == "streaming" and measure != "cosine":
-        raise ValueError(
-            f"measure {measure!r} needs every micro-gradient at once; use mode='stacked' "
-            "(streaming supports the cosine measure only)"
-        )
-    if mode == "auto":
-        return "streaming" if rule in STREAMING_RULES and measure == "cosine" else "stacked"
-    if mode == "streaming" and rule not in STREAMING_RULES:
-        raise ValueError(
-            f"rule {rule!r} needs every micro-gradient at once; use mode='stacked' "
-            f"(streaming supports {', '.join(STREAMING_RULES)})"
-        )
-    return mode
+    if mode == "average":
+        if spec.control is not None:
+            raise ValueError("mode='average' (plain averaging) filters nothing: it takes no "
+                             "control")
+        return lambda flat, spec: AveragingBackend(flat)
+    if mode == "streaming" and not spec.streams:
+        # The streaming path computes cosine against the running sum only.
+        what = (f"measure {spec.measure!r}" if spec.measure != "cosine"
+                else f"rule {spec.rule!r}")
+        raise ValueError(f"{what} needs every micro-gradient at once; use mode='stacked' "
+                         "(streaming supports the cosine measure with rules mean, halving)")
+    if mode == "streaming" or (mode == "auto" and spec.streams):
+        return lambda flat, spec: StreamingBackend(flat, spec)
+    return lambda flat, spec: StackedBackend(flat, spec, num_micro_batches)
 
 
 class GradientCollector:
@@ -131,63 +129,43 @@ class GradientCollector:
 
     Args:
         params: the parameters the optimizer updates (or its ``param_groups``).
-        tau: cosine-distance threshold in [0, 2], or a :class:`gaf.thresholds.Threshold`.
-        rule: a name in :data:`gaf.core.RULES` ("mean", the paper's, by default).
-        mode: "auto", "streaming" or "stacked" (see the module docstring).
+        spec: the filter (:class:`gaf.FilterSpec`). Keyword arguments ``tau``, ``rule``,
+            ``rule_options``, ``measure`` and ``control`` are sugar that build it
+            (:func:`gaf.resolve_spec`); giving both is an error.
+        mode: "auto", "streaming", "stacked" (module docstring) or "average" (plain
+            gradient accumulation, no filter).
         num_micro_batches: expected M, if known: the stacked buffer is sized for it once
             instead of growing by doubling. Needed with a control in streaming mode.
-        measure: agreement measure, "cosine" (default), "sign" or "layerwise"
-            (:mod:`gaf.measures`); the latter two use the stacked mode. With "layerwise"
-            the tensors are this collector's parameters.
-        control: a blind control (:mod:`gaf.controls`) whose verdicts replace the rule's
-            test ``distance <= tau``; ``None`` (default) filters by agreement.
-        rule_options: keyword options of the rule (:mod:`gaf.core.registry`).
-        backend: ``backend(flat) -> backend``, building the collector's backend from its
-            :class:`~gaf.flat.FlatGradients` (the distributed collector passes one); then
-            ``mode`` is ignored.
+        backend: ``backend(flat, spec) -> Backend``, building the collector's backend from
+            its :class:`~gaf.micrograds.FlatGradients` (the distributed collector and the
+            one-pass front ends pass one); then ``mode`` is ignored.
     """
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
-        tau: float | Threshold = 0.97,
-        rule: str = "mean",
+        spec: FilterSpec | None = None,
+        *,
         mode: str = "auto",
         num_micro_batches: int | None = None,
-        measure: str = "cosine",
-        control: Control | None = None,
-        rule_options: Mapping | None = None,
-        backend=None,
+        backend: BackendFactory | None = None,
+        **filter_options,
     ):
-        entry = get_rule(rule)
-        self.rule = entry.name
-        self.rule_options = entry.options(rule_options)
-        self.measure = check_measure(measure)
+        self.spec = spec = resolve_spec(spec, **filter_options)
+        self.rule, self.rule_options, self.measure = spec.rule, spec.rule_options, spec.measure
         self.flat = FlatGradients(params)
         if backend is None:
-            mode = choose_mode(mode, self.rule, self.measure)
-            if mode == "streaming":
-                backend = StreamingBackend(self.flat, self.rule, entry.halving)
-            else:
-                backend = StackedBackend(self.flat, self.rule, self.measure,
-                                         num_micro_batches, self.rule_options)
-        else:
-            backend = backend(self.flat)
-        self.backend = backend
-        self.mode = backend.mode
-        if control is not None and not isinstance(control, Control):
-            raise TypeError(
-                f"control must have draw(num_rows), state_dict() and load_state_dict() "
-                f"(see gaf.controls), got {type(control).__name__}"
-            )
-        if control is not None and self.mode == "streaming" and not num_micro_batches:
+            backend = choose_backend(mode, spec, num_micro_batches)
+        self.backend: Backend = backend(self.flat, spec)
+        self.mode = self.backend.mode
+        if spec.control is not None and self.mode == "streaming" and not num_micro_batches:
             raise ValueError(
                 "a control in streaming mode needs num_micro_batches= (its verdicts are "
                 "drawn before the step's micro-gradients arrive)"
             )
-        self.control = control
+        self.control = spec.control
         self._expected = num_micro_batches
-        self.threshold = as_threshold(tau)
+        self.threshold = spec.threshold
         self.stats = FilterStats()
         self._reset_step()
 
@@ -236,16 +214,67 @@ class GradientCollector:
 
     def collect(self) -> None:
         """Take the micro-gradient now in ``.grad`` and prepare ``.grad`` for the next one."""
+        if self.flat.untouched():
+            raise RuntimeError(
+                "collect() found no new gradient: nothing was written to .grad since the "
+                f"last {'collect()' if self._count else 'begin()'}. Run the micro-batch's "
+                "backward before each collect() (a second collect() without a backward "
+                "would add an all-zero micro-gradient)"
+            )
         if self._count == 0 and self.control is not None and self._expected:
             self._draw_verdicts(self._expected)
         verdict = None if self._verdicts is None else bool(self._verdicts[self._count])
         self.backend.collect(self._count, verdict)
         self._count += 1
 
-    def finish(self) -> FilterResult:
+    def collect_batch(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                      inputs: Tensor | Sequence[Tensor], targets: Tensor,
+                      num_micro_batches: int, *,
+                      scale: Callable[[Tensor], Tensor] | None = None,
+                      autocast: Callable[[], object] = nullcontext,
+                      on_micro_gradient: Callable[[int], None] | None = None) -> Tensor:
+        """Every micro-gradient of one batch split into ``num_micro_batches``; returns the
+        mean micro-batch loss (detached). Call :meth:`finish` after.
+
+        A per-backward backend gets M forward/backward passes, each followed by
+        :meth:`collect` (``on_micro_gradient(k)`` runs in between, while ``.grad`` holds
+        micro-gradient k); a one-pass backend gets the batch in one pass. ``scale`` (e.g.
+        ``GradScaler.scale``) is applied to each loss before its backward.
+        """
+        if self.backend.one_pass:
+            if on_micro_gradient is not None:
+                raise ValueError("on_micro_gradient needs micro_gradients='sequential': one "
+                                 "pass never holds a micro-gradient in .grad")
+            if self._count:
+                raise RuntimeError("collect_batch() in the middle of a step (after collect())")
+            losses = self.backend.collect_batch(BatchPass(
+                model, loss_fn, inputs, targets, num_micro_batches, scale, autocast))
+            self._count = num_micro_batches
+            return losses.mean()
+        m = num_micro_batches
+        self.begin()  # .grad → zeroed buffer: backward writes in place
+        total = None
+        for k, (x, y) in enumerate(zip(split_batch(inputs, m), split_batch(targets, m),
+                                       strict=True)):
+            with autocast():
+                out = model(*x) if isinstance(x, (tuple, list)) else model(x)
+                loss = loss_fn(out, y)
+            back = loss / m if self.backend.divides_loss else loss
+            (scale(back) if scale is not None else back).backward()
+            if on_micro_gradient is not None:
+                on_micro_gradient(k)
+            self.collect()
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+        return total / m
+
+    def finish(self, *, amp: bool = False) -> FilterResult:
         """Filter the collected micro-gradients and write the result into ``.grad``.
 
-        If the step is skipped, every ``.grad`` is set to ``None``.
+        If the step is skipped, every ``.grad`` is set to ``None``. With ``amp`` (a
+        GradScaler scales the losses), a non-finite micro-gradient is an overflow: every
+        ``.grad`` is set to inf instead, so that ``scaler.step`` finds the overflow it
+        would have found without GAF, skips the step and lowers its scale;
+        ``result.extra["overflow"]`` says so.
         """
         if self._count == 0:
             raise RuntimeError("finish() called before any collect(): no micro-gradients")
@@ -262,16 +291,16 @@ class GradientCollector:
         result = self.backend.finish(self._count, self._step_tau, self._verdicts)
         self.stats.update(result)
         self.threshold.observe(result)
-        if result.skipped:
+        overflow = amp and result.num_nonfinite > 0
+        result.extra["overflow"] = overflow
+        if overflow:
+            self.flat.write(self.flat.new_buffer().fill_(float("inf")))
+        elif result.skipped:
             self.flat.clear()
         else:
             self.flat.write(result.grad, cache=result.grad is self.backend.output.tensor)
         self._reset_step()
         return result
-
-    def signal_overflow(self) -> None:
-        """Write inf into every ``.grad``, so that a GradScaler sees an overflow."""
-        self.flat.write(self.flat.new_buffer().fill_(float("inf")))
 
     def state_dict(self) -> dict:
         state = {
@@ -283,18 +312,28 @@ class GradientCollector:
         }
         if self.control is not None:
             state["control"] = self.control.state_dict()
-        state.update(getattr(self.backend, "state", dict)())
+        state.update(self.backend.state())
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("rule", self.rule) != self.rule:
-            raise ValueError(f"state was saved with rule {state['rule']!r}, not {self.rule!r}")
-        if state.get("measure", "cosine") != self.measure:
-            raise ValueError(
-                f"state was saved with measure {state['measure']!r}, not {self.measure!r}"
-            )
-        self.stats.load_state_dict(state["stats"])
+        """Restore statistics, the threshold's and the control's state.
+
+        Refused, with nothing changed, when ``state`` is not a collector's or was saved
+        under another rule, measure or mode, or with another fixed tau (a setting of the
+        run: the constructor's is kept, never replaced).
+        """
+        if not isinstance(state, dict) or not {"stats", "threshold"} <= set(state):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a GradientCollector state_dict (it needs 'stats' and "
+                             f"'threshold'; got {keys})")
+        for name in ("rule", "measure", "mode"):
+            mine = getattr(self, name)
+            if state.get(name, mine) != mine:
+                raise ValueError(
+                    f"state was saved with {name} {state[name]!r}, but this collector has "
+                    f"{name} {mine!r}: build it with {name}={state[name]!r} to resume")
         self.threshold.load_state_dict(state["threshold"])
+        self.stats.load_state_dict(state["stats"])
         if self.control is not None and "control" in state:
             self.control.load_state_dict(state["control"])
         self._step_tau = self.threshold.value()  # the next step tests the restored tau

@@ -162,7 +162,7 @@ class FaultInjector:
         micro-batches per step on this process).
 
         ``accumulated=True`` is for loops where ``.grad`` holds the running sum of the
-        micro-gradients so far (plain gradient accumulation, ``GAFTrainer(average=True)``):
+        micro-gradients so far (plain gradient accumulation, ``GAFTrainer(mode="average")``):
         the hook then recovers micro-gradient k as the difference from the sum it saw at
         k - 1, corrupts that, and writes back the previous sum plus the corrupted term. It
         keeps one copy of the gradient (P numbers) to do so.

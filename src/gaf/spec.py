@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from gaf.controls import Control
-from gaf.core import get_rule
-from gaf.measures import check_measure
+from gaf.core import STREAMING_RULES, check_measure, get_rule
 from gaf.thresholds import Threshold, as_threshold
 
 # The keyword arguments that front ends accept as sugar for a spec, with their defaults.
@@ -44,7 +43,7 @@ class FilterSpec:
             a :class:`gaf.thresholds.Threshold` (scheduled or adaptive).
         rule: a rule name of :data:`gaf.ALL_RULES` ("mean", the paper's, by default).
         rule_options: the rule's keyword options, checked against the rule here.
-        measure: "cosine" (default), "sign" or "layerwise" (:mod:`gaf.measures`).
+        measure: "cosine" (default), "sign" or "layerwise" (:mod:`gaf.core.measures`).
         control: a blind control (:mod:`gaf.controls`) whose verdicts replace the test
             ``distance <= tau``; ``None`` filters by agreement.
 
@@ -60,15 +59,7 @@ class FilterSpec:
 
     def __post_init__(self) -> None:
         entry = get_rule(self.rule)
-        options = self.rule_options
-        if options is None:
-            options = {}
-        if not isinstance(options, Mapping):
-            raise TypeError(
-                f"rule_options must be a mapping of the rule's keyword options (e.g. "
-                f"{{'f': 1}}), got {type(options).__name__} {options!r}"
-            )
-        checked = MappingProxyType(dict(entry.options(options)))
+        checked = MappingProxyType(entry.options(self.rule_options))
         threshold = self.tau
         if not isinstance(threshold, Threshold):
             threshold = float(as_threshold(threshold).value())
@@ -88,9 +79,22 @@ class FilterSpec:
         return as_threshold(self.tau)
 
     @property
+    def streams(self) -> bool:
+        """Whether the streaming backend can run this filter (one running sum, cosine)."""
+        return self.rule in STREAMING_RULES and self.measure == "cosine"
+
+    @property
     def fixed_tau(self) -> float | None:
         """tau when it is a fixed number, else None (scheduled or adaptive)."""
         return None if isinstance(self.tau, Threshold) else float(self.tau)
+
+    def check_rows(self, num_rows: int) -> None:
+        """Raise ValueError if the rule cannot decide over ``num_rows`` micro-gradients
+        (multi-Krum with f needs M > 2f + 2); call it wherever M is known before a step,
+        e.g. M = ranks × micro-batches per rank."""
+        entry = get_rule(self.rule)
+        if entry.check_rows is not None:
+            entry.check_rows(num_rows, **self.rule_options)
 
     def describe(self) -> dict:
         """A JSON-able summary (for logs, checkpoints and cross-rank checks)."""

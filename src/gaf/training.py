@@ -4,11 +4,11 @@
 each, filters the micro-gradients with a :class:`~gaf.collector.GradientCollector`, and
 steps the optimizer, or skips the step. Per step::
 
-    for each micro-batch k:            (under torch.autocast if asked)
-        loss_k = loss_fn(model(x_k), y_k)
-        backward(scaler.scale(loss_k) if scaler else loss_k)
-        collector.collect()
-    result = collector.finish()        # filtered direction now in .grad
+    collector.collect_batch(...)       # for each micro-batch k (under torch.autocast if
+                                       # asked): loss_k = loss_fn(model(x_k), y_k);
+                                       # backward(scaler.scale(loss_k) if scaler else loss_k);
+                                       # collector.collect()  (one-pass: one pass instead)
+    result = collector.finish(amp=scaler is not None)   # filtered direction now in .grad
     if result.skipped:                 # fewer than 2 micro-gradients agree
         no optimizer.step(), no scaler.update(); StepResult.skipped is True
     else:
@@ -20,7 +20,7 @@ steps the optimizer, or skips the step. Per step::
 Notes on AMP: cosine distance is scale-invariant, so filtering the scaled micro-gradients
 decides exactly as filtering unscaled ones would. A micro-gradient that overflowed is
 rejected by the filter; with a GradScaler the step is then handed to the scaler as an
-overflow (the filtered gradient is poisoned with inf before ``scaler.step``), so the
+overflow (the collector poisons ``.grad`` with inf before ``scaler.step``), so the
 scaler skips the step and lowers its scale, as it does without GAF. Without a scaler a
 non-finite micro-gradient is simply rejected and counted.
 
@@ -33,34 +33,38 @@ micro-gradient k (already scaled, under a GradScaler): the place to snapshot it,
 it, or corrupt it (fault injection). Changes made to ``.grad`` in place there are what
 the filter sees.
 
-Plain averaging (``average=True``) shares the same forward/backward loop without a
-filter: every ``.grad`` is cleared (set to None) before the first micro-batch, each
-micro-batch's loss is divided by M and back-propagated into the same ``.grad``, then
-clip and step as above (plain gradient accumulation, what data-parallel SGD computes).
+Plain averaging (``mode="average"``; ``average=True`` is a deprecated alias) is the
+collector's averaging backend (:mod:`gaf.micrograds.averaging`): the same loop without a
+filter, each micro-batch's loss divided by M and back-propagated into the same ``.grad``,
+then clip and step as above (plain gradient accumulation, what data-parallel SGD computes).
 ``on_micro_gradient(k)`` then sees the *accumulated* gradient Σ_{i<=k} ∇loss_i / M. The
 step's ``result`` reports every micro-batch accepted and the step taken; its ``grad`` is
-empty (the gradient is in ``.grad``) and its ``distances`` are NaN (nothing measured).
+the accumulated gradient and its ``distances`` are NaN (nothing measured).
 With a GradScaler the scaler may still skip an overflowing step by itself, as it does
 without GAF; ``StepResult.overflow`` does not report it (that would cost a host sync).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from gaf.collector import FilterStats, GradientCollector
-from gaf.controls import Control
-from gaf.core import FilterResult
-from gaf.flat import FlatGradients
-from gaf.one_pass import OnePassFilter
-from gaf.thresholds import Threshold
+from gaf.collector import GradientCollector, split_batch
+from gaf.core import FilterResult, FilterStats
+from gaf.micrograds import OnePassBackend
+from gaf.spec import FilterSpec
 
 MICRO_GRADIENTS = ("sequential", "one-pass")
+ONE_PASS_ALONE = ("micro_gradients='one-pass' takes no collector, mode or measure: it "
+                  "filters by cosine from its own Gram matrix")
+
+__all__ = ["GAFTrainer", "OnePassFilter", "StepResult", "collect_one_pass",
+           "one_pass_filter", "split_batch"]
 
 
 @dataclass
@@ -74,24 +78,18 @@ class StepResult:
     result: FilterResult
 
 
-def split_batch(batch: Tensor | Sequence[Tensor], num_micro_batches: int) -> list:
-    """Split a tensor (or a tuple/list of tensors) into M micro-batches along dim 0."""
-    if isinstance(batch, Tensor):
-        n = batch.shape[0]
-    elif isinstance(batch, (tuple, list)) and batch and all(isinstance(t, Tensor) for t in batch):
-        n = batch[0].shape[0]
-        if any(t.shape[0] != n for t in batch):
-            raise ValueError("all tensors of a batch must have the same size along dim 0")
-    else:
-        raise TypeError("a batch must be a tensor or a tuple/list of tensors")
-    if num_micro_batches > n:
+def check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer that updates none of ``model``'s parameters: the filter would
+    read gradients no backward writes, skip every step, and ``.grad`` of the real model
+    would grow without bound. (A model that is not an ``nn.Module`` is not checked.)"""
+    if not isinstance(model, nn.Module):
+        return
+    own = {id(p) for p in model.parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if own and params and not any(id(p) in own for p in params):
         raise ValueError(
-            f"cannot split a batch of {n} samples into {num_micro_batches} micro-batches"
-        )
-    if isinstance(batch, Tensor):
-        return list(torch.tensor_split(batch, num_micro_batches))
-    parts = [torch.tensor_split(t, num_micro_batches) for t in batch]
-    return [type(batch)(p[k] for p in parts) for k in range(num_micro_batches)]
+            f"the optimizer's {len(params)} parameters include none of the model's: build "
+            "it over this model, e.g. torch.optim.SGD(model.parameters(), ...)")
 
 
 class GAFTrainer:
@@ -102,19 +100,21 @@ class GAFTrainer:
         optimizer: any ``torch.optim.Optimizer`` over (some of) the model's parameters.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean over the micro-batch).
         num_micro_batches: M, the number of micro-batches each batch is split into.
-        tau, rule, mode, measure: as for :class:`~gaf.collector.GradientCollector`.
+        spec: the filter (:class:`gaf.FilterSpec`); keyword arguments ``tau``, ``rule``,
+            ``rule_options``, ``measure``, ``control`` are sugar that build it.
+        mode: the backend, as for :class:`~gaf.collector.GradientCollector`: "auto",
+            "streaming", "stacked" or "average" (plain averaging through the same loop,
+            no filter; module docstring).
         max_grad_norm: clip the filtered gradient to this norm (None: no clipping).
         scaler: a ``torch.amp.GradScaler`` for mixed precision (None: no scaling).
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype.
         collector: a ready collector (e.g. a distributed one) to use instead of building
-            one from ``tau``, ``rule``, ``mode``, ``measure`` and ``control``.
-        control: a blind control (:mod:`gaf.controls`) deciding in place of agreement.
-        rule_options: keyword options of the rule (:mod:`gaf.core.registry`).
-        average: plain gradient averaging through the same loop, no filter (module
-            docstring); ``tau``, ``rule``, ``mode``, ``measure``, ``control`` unused.
+            one from ``spec`` and ``mode``.
         micro_gradients: "sequential" (M forward/backward passes, the default) or
             "one-pass" (one forward and backward of the whole batch, same decisions and
-            direction; see :mod:`gaf.one_pass` for the layers and losses it supports).
+            direction; see :mod:`gaf.micrograds.one_pass` for the layers and losses it
+            supports).
+        average: deprecated alias of ``mode="average"``.
 
     One micro-batch per step on one device is refused: one micro-gradient can agree with
     no other, so every step would be skipped (distributed, m = 1 per rank is fine).
@@ -126,26 +126,34 @@ class GAFTrainer:
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         num_micro_batches: int,
-        tau: float | Threshold = 0.97,
-        rule: str = "mean",
+        spec: FilterSpec | None = None,
+        *,
         mode: str = "auto",
         max_grad_norm: float | None = None,
         scaler: torch.amp.GradScaler | None = None,
         autocast_dtype: torch.dtype | None = None,
-        measure: str = "cosine",
         collector: GradientCollector | None = None,
-        control: Control | None = None,
-        average: bool = False,
         micro_gradients: str = "sequential",
-        rule_options: Mapping | None = None,
+        average: bool = False,
+        **filter_options,
     ):
         if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) \
                 or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches!r}")
-        if average and (collector is not None or control is not None):
-            raise ValueError("average=True filters nothing: it takes no collector or control")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        if micro_gradients not in MICRO_GRADIENTS:
+            raise ValueError(f"unknown micro_gradients {micro_gradients!r}; choose one of "
+                             f"{', '.join(MICRO_GRADIENTS)}")
+        check_optimizer_params(model, optimizer)
+        if average:
+            warnings.warn("GAFTrainer(average=True) is deprecated: use mode='average'",
+                          DeprecationWarning, stacklevel=2)
+            mode = "average"
+        if mode == "average" and (collector is not None or micro_gradients != "sequential"
+                                  or spec is not None or filter_options):
+            raise ValueError("mode='average' (plain averaging) filters nothing: it takes no "
+                             "collector, spec, filter options or one-pass micro-gradients")
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -153,74 +161,77 @@ class GAFTrainer:
         self.max_grad_norm = max_grad_norm
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
-        self.average = bool(average)
-        if micro_gradients not in MICRO_GRADIENTS:
-            raise ValueError(f"unknown micro_gradients {micro_gradients!r}; choose one of "
-                             f"{', '.join(MICRO_GRADIENTS)}")
         self.micro_gradients = micro_gradients
-        if micro_gradients == "one-pass":
-            if collector is not None or mode != "auto" or measure != "cosine" or average \
-                    or control is not None:
-                raise ValueError("micro_gradients='one-pass' takes no collector, mode or "
-                                 "measure (nor control or average): it filters by cosine from "
-                                 "its own Gram matrix")
-            collector = OnePassFilter(model, optimizer.param_groups, tau=tau, rule=rule)
-        # The trainer's own view of the parameters (clipping, autocast's device, AMP overflow):
-        # it uses a collector through its public interface only.
-        self._flat = FlatGradients(optimizer.param_groups)
-        if self.average:
-            collector = None
-            self._average_stats = FilterStats()
-        elif collector is None:
-            collector = GradientCollector(
-                optimizer.param_groups, tau=tau, rule=rule, mode=mode,
-                num_micro_batches=num_micro_batches, measure=measure, control=control,
-                rule_options=rule_options,
-            )
+        if micro_gradients == "one-pass" and (collector is not None or mode != "auto"):
+            raise ValueError(ONE_PASS_ALONE)
+        if collector is None:
+            backend = None
+            if micro_gradients == "one-pass":
+                backend = lambda flat, spec: OnePassBackend(model, flat, spec)  # noqa: E731
+            collector = GradientCollector(optimizer.param_groups, spec, mode=mode,
+                                          num_micro_batches=num_micro_batches,
+                                          backend=backend, **filter_options)
+        elif spec is not None or filter_options or mode != "auto":
+            raise ValueError("a ready collector brings its own spec and backend: give "
+                             "collector= alone, or spec/mode without it")
         self.collector = collector
-        if collector is not None and num_micro_batches * getattr(collector, "world_size", 1) < 2:
+        if collector.mode != "average" and num_micro_batches * collector.world_size < 2:
             raise ValueError(
                 "num_micro_batches=1 on one device: a single micro-gradient can agree "
                 "with no other, so every step would be skipped; use M >= 2 (or "
-                "average=True for plain steps)"
+                "mode='average' for plain steps)"
             )
+        if collector.mode != "average":  # e.g. multi-Krum's M > 2f + 2, known here
+            collector.spec.check_rows(num_micro_batches * collector.world_size)
         self.overflow_steps = 0
 
     @property
+    def average(self) -> bool:
+        """Whether the steps are plain averaging (``mode="average"``)."""
+        return self.collector.mode == "average"
+
+    @property
     def stats(self) -> FilterStats:
-        return self._average_stats if self.average else self.collector.stats
+        return self.collector.stats
 
     @property
     def params(self) -> list[Tensor]:
         """The trainable parameters the step updates (and clips), in the optimizer's order."""
-        return self._flat.params
+        return self.collector.params
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
-        return torch.autocast(device_type=self._flat.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(device_type=self.collector.flat.device.type,
+                              dtype=self.autocast_dtype)
 
-    def _micro_batches(self, inputs, targets, on_micro_gradient, after_backward) -> Tensor:
-        """Forward and backward of each micro-batch; returns the mean loss (detached)."""
-        m = self.num_micro_batches
-        micro_inputs = split_batch(inputs, m)
-        micro_targets = split_batch(targets, m)
-        total = None
-        for k, (x, y) in enumerate(zip(micro_inputs, micro_targets, strict=True)):
-            with self._autocast():
-                out = self.model(*x) if isinstance(x, (tuple, list)) else self.model(x)
-                loss = self.loss_fn(out, y)
-            back = loss / m if self.average else loss
-            (self.scaler.scale(back) if self.scaler is not None else back).backward()
-            if on_micro_gradient is not None:
-                on_micro_gradient(k)
-            after_backward()
-            total = loss.detach().float() if total is None else total + loss.detach().float()
-        return total / m
+    def step(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
+             on_micro_gradient: Callable[[int], None] | None = None) -> StepResult:
+        """One training step over ``inputs``/``targets`` split into M micro-batches.
 
-    def _apply(self) -> None:
-        """Unscale, clip and step on the gradient now in ``.grad``."""
-        if self.scaler is not None:
+        ``on_micro_gradient(k)``, if given, runs after micro-batch k's backward while
+        ``.grad`` holds micro-gradient k (with averaging: the accumulated gradient),
+        before the collector takes it; see the module docstring.
+        """
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        # A DDP model's own all-reduce must not run: it would average the micro-gradients
+        # before the filter sees them (and move P values for nothing).
+        with self.model.no_sync() if ddp and not self.average else nullcontext():
+            loss = self.collector.collect_batch(
+                self.model, self.loss_fn, inputs, targets, self.num_micro_batches,
+                scale=self.scaler.scale if self.scaler is not None else None,
+                autocast=self._autocast, on_micro_gradient=on_micro_gradient)
+        result = self.collector.finish(amp=self.scaler is not None)
+        if result.extra["overflow"]:
+            # .grad holds inf: the scaler skips the step and lowers its scale.
+            self.overflow_steps += 1
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss, True, True, result)
+        if result.skipped:
+            return StepResult(loss, True, False, result)
+        if self.scaler is not None:  # clip and step on unscaled gradients
             self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -229,92 +240,116 @@ class GAFTrainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-
-    def step(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
-             on_micro_gradient: Callable[[int], None] | None = None) -> StepResult:
-        """One training step over ``inputs``/``targets`` split into M micro-batches.
-
-        ``on_micro_gradient(k)``, if given, runs after micro-batch k's backward while
-        ``.grad`` holds micro-gradient k (with ``average=True``: the accumulated gradient),
-        before the collector takes it; see the module docstring.
-        """
-        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        # A DDP model's own all-reduce must not run: it would average the micro-gradients
-        # before the filter sees them (and move P values for nothing).
-        with self.model.no_sync() if ddp and not self.average else nullcontext():
-            return self._step(inputs, targets, on_micro_gradient)
-
-    def _step(self, inputs, targets, on_micro_gradient) -> StepResult:
-        if self.average:
-            return self._average_step(inputs, targets, on_micro_gradient)
-        if self.micro_gradients == "one-pass":
-            if on_micro_gradient is not None:
-                raise ValueError("on_micro_gradient needs micro_gradients='sequential': one "
-                                 "pass never holds a micro-gradient in .grad")
-            scale = self.scaler.scale if self.scaler is not None else None
-            result, loss = self.collector.step(inputs, targets, self.loss_fn,
-                                               self.num_micro_batches, scale, self._autocast)
-            return self._filtered_step(result, loss)
-        self.collector.begin()  # .grad → zeroed collector buffer: backward writes in place
-        loss = self._micro_batches(inputs, targets, on_micro_gradient, self.collector.collect)
-        return self._filtered_step(self.collector.finish(), loss)
-
-    def _filtered_step(self, result: FilterResult, loss: Tensor) -> StepResult:
-        """Step the optimizer on the filtered gradient now in ``.grad``, or skip."""
-        overflow = self.scaler is not None and result.num_nonfinite > 0
-        if overflow:
-            self._step_scaler_overflow()
-            return StepResult(loss, True, True, result)
-        if result.skipped:
-            return StepResult(loss, True, False, result)
-        self._apply()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, False, False, result)
-
-    def _average_step(self, inputs, targets, on_micro_gradient) -> StepResult:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._micro_batches(inputs, targets, on_micro_gradient, _nothing)
-        self._apply()
-        m = self.num_micro_batches
-        result = FilterResult(
-            grad=torch.empty(0), accepted=torch.ones(m, dtype=torch.bool),
-            distances=torch.full((m,), float("nan"), dtype=torch.float64),
-            weights=torch.full((m,), 1.0 / m, dtype=torch.float64), anchor=0,
-            num_invalid=0, tau=2.0, rule="average", valid=torch.ones(m, dtype=torch.bool),
-        )
-        self._average_stats.update(result)
-        return StepResult(loss, False, False, result)
-
-    def _step_scaler_overflow(self) -> None:
-        """Let the GradScaler see the overflow it would have seen without GAF: it skips the
-        step and lowers its scale."""
-        self.overflow_steps += 1
-        flat = self._flat
-        poisoned = flat.new_buffer().fill_(float("inf"))
-        flat.write(poisoned)
-        self.scaler.step(self.optimizer)  # finds inf, does not call optimizer.step()
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        if self.average:
-            state = {"average_stats": self._average_stats.state_dict()}
-        else:
-            state = {"collector": self.collector.state_dict()}
-        state["overflow_steps"] = self.overflow_steps
+        state = {"collector": self.collector.state_dict(), "overflow_steps": self.overflow_steps}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if self.average:
-            self._average_stats.load_state_dict(state["average_stats"])
-        else:
-            self.collector.load_state_dict(state["collector"])
+        """Restore the collector's state (refused on another rule, measure, mode or fixed
+        tau: :meth:`GradientCollector.load_state_dict`), the counters and the scaler."""
+        if isinstance(state, dict) and "average_stats" in state and self.average:
+            # States saved before averaging was a backend held only its counters.
+            state = {**state, "collector": {"stats": state["average_stats"],
+                                            "threshold": self.collector.threshold.state_dict()}}
+        if not isinstance(state, dict) or "collector" not in state:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a GAFTrainer state_dict (it needs 'collector'; got {keys})")
+        self.collector.load_state_dict(state["collector"])
         self.overflow_steps = int(state.get("overflow_steps", 0))
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def _nothing() -> None:
-    """The averaging path's stand-in for ``collector.collect``: .grad keeps accumulating."""
+# -- one-pass front ends ------------------------------------------------------------------------
+
+
+class OnePassFilter(GradientCollector):
+    """A :class:`~gaf.collector.GradientCollector` over the one-pass backend: M
+    micro-gradients of ``model`` filtered from one forward and one backward
+    (:mod:`gaf.micrograds.one_pass`).
+
+    Args:
+        model: the module; every module owning one of ``params`` must be supported.
+        params: the parameters to filter (default: the model's trainable ones), or an
+            optimizer's ``param_groups``.
+        spec: the filter (its measure must be "cosine"); ``tau``, ``rule``,
+            ``rule_options``, ``control`` as keyword sugar.
+        keep_budget: how many micro-gradient numbers weight layers may keep for the
+            direction instead of recomputing it (default: P, one gradient's worth).
+    """
+
+    def __init__(self, model: nn.Module, params: Iterable | None = None,
+                 spec: FilterSpec | None = None, *, keep_budget: int | None = None,
+                 **filter_options):
+        self.model = model
+        super().__init__(
+            model.parameters() if params is None else params, spec,
+            backend=lambda flat, spec: OnePassBackend(model, flat, spec, keep_budget),
+            **filter_options)
+
+    @property
+    def captures(self) -> list:
+        return self.backend.captures
+
+    def step(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
+             loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
+             scale: Callable[[Tensor], Tensor] | None = None,
+             autocast: Callable[[], object] = nullcontext) -> tuple[FilterResult, Tensor]:
+        """Forward, backward, decide, write ``.grad``. Returns (result, mean micro loss).
+
+        ``scale`` (e.g. ``GradScaler.scale``) is applied to L before the backward.
+        """
+        loss = self.collect_batch(self.model, loss_fn, inputs, targets, num_micro_batches,
+                                  scale=scale, autocast=autocast)
+        return self.finish(), loss
+
+    def micro_gradients(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
+                        loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
+                        out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(rows [M, P], micro losses [M]) from one pass; see
+        :meth:`gaf.micrograds.OnePassBackend.micro_gradients`."""
+        return self.backend.micro_gradients(inputs, targets, loss_fn, num_micro_batches, out)
+
+
+def collect_one_pass(collector: GradientCollector, model: nn.Module,
+                     loss_fn: Callable[[Tensor, Tensor], Tensor],
+                     inputs: Tensor | Sequence[Tensor], targets: Tensor,
+                     num_micro_batches: int, engine: OnePassFilter | None = None) -> Tensor:
+    """Hand ``collector`` the M micro-gradients of one pass, as M ``collect()`` calls would.
+
+    For collectors that need the rows themselves: a
+    :class:`~gaf.distributed.DistributedGradientCollector` shards every rank's rows for
+    its protocol (the cross-rank Gram entries pair rows of different ranks, so the per-rank
+    Gram pieces alone cannot serve it). Each rank then runs one forward and backward
+    instead of m. Returns the micro-batch losses; call ``collector.finish()`` after.
+    """
+    engine = engine or OnePassFilter(model, collector.flat.params)
+    rows, losses = engine.micro_gradients(inputs, targets, loss_fn, num_micro_batches)
+    for row in rows:
+        collector.flat.write(row)
+        collector.collect()
+    return losses
+
+
+def one_pass_filter(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                    inputs: Tensor | Sequence[Tensor], targets: Tensor, num_micro_batches: int,
+                    spec: FilterSpec | None = None, *, params: Iterable | None = None,
+                    keep_budget: int | None = None, **filter_options) -> FilterResult:
+    """GAF over ``num_micro_batches`` contiguous micro-batches from one forward/backward.
+
+    Writes the filtered direction into the ``.grad`` of ``params`` (default: the model's
+    trainable parameters), or sets them to ``None`` when the step is skipped, and returns
+    the :class:`~gaf.core.FilterResult` (``extra["losses"]``: the M micro-batch losses,
+    ``extra["gram"]``: G). Same decisions and direction as the sequential collector over the
+    same micro-batches; see :mod:`gaf.micrograds.one_pass` for what the model and loss must
+    satisfy. In a training loop, keep one :class:`OnePassFilter` (or ``GAFTrainer(...,
+    micro_gradients="one-pass")``) instead: it reuses its buffers.
+    """
+    engine = OnePassFilter(model, params, spec, keep_budget=keep_budget, **filter_options)
+    result, _ = engine.step(inputs, targets, loss_fn, num_micro_batches)
+    return result

@@ -16,9 +16,9 @@ Every option left unset keeps the recipe's (or the default configuration's) valu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -27,9 +27,9 @@ from pathlib import Path
 
 from gaf.core import ALL_RULES
 from gaflab.checkpoint import CheckpointError, CheckpointMismatchError
-from gaflab.compare import expand_grid, run_comparison, write_outputs
+from gaflab.compare import data_key, expand_grid, run_comparison, write_outputs
 from gaflab.config import TrainConfig
-from gaflab.data import DatasetNotFoundError, load_dataset
+from gaflab.data import DatasetFileError, DatasetNotFoundError, load_dataset
 from gaflab.goal import check_goal, describe
 from gaflab.methods import CONTROLS
 from gaflab.noise_scale import add_parser as add_noise_scale_parser
@@ -46,8 +46,10 @@ from gaflab.options import (
     method_name,
     nonneg_int,
     positive,
+    show_defaults,
     tau_value,
 )
+from gaflab.prepare import describe_data, prepare_data
 from gaflab.probe import ProbeConfig, run_probe, write_probe
 from gaflab.recipes import describe_recipes, get_recipe
 from gaflab.report import (
@@ -59,6 +61,7 @@ from gaflab.report import (
     selection_rows,
     summary_rows,
 )
+from gaflab.results import strict_json
 from gaflab.studies import STUDIES
 
 
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=nonneg_int)
     add_long_run_options(t)
     _add_tensorboard_option(t)
+    _add_dry_run_option(t)
+    show_defaults(t, TrainConfig())
 
     c = sub.add_parser("compare", help="several methods/settings/seeds side by side")
     add_common_options(c)
@@ -97,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", nargs="+", type=nonneg_int)
     add_long_run_options(c)
     _add_tensorboard_option(c)
+    _add_dry_run_option(c)
     c.add_argument("--jobs", type=positive, default=None,
                    help="runs in parallel processes (default: 2 when there are 2+ CPUs and "
                         "the device is cpu, else 1)")
@@ -106,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "check.json; exit 1 if the comparison is incomplete")
     c.add_argument("--require-goal", action="store_true",
                    help="with --check: also exit 1 when the goal is not met")
+    show_defaults(c, get_recipe("plain").base, ", or the --recipe's")
 
     p = sub.add_parser("probe", help="micro-gradient cosine distance over training and "
                                      "against micro-batch size")
@@ -119,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=positive, default=16, help="pairs per size")
     p.add_argument("--probe-epochs", nargs="+", type=nonneg_int,
                    help="epochs at which to probe (0 = before training)")
+    show_defaults(p, ProbeConfig().train)
 
     rep = sub.add_parser("report", help="redraw report.md and plots from a results.json")
     rep.add_argument("results", help="a results.json written by gaf compare/train")
@@ -149,8 +157,11 @@ def cmd_train(args, parser) -> int:
     if cfg.method in CONTROLS and cfg.control_rate is None:
         parser.error(f"{cfg.method} needs --control-rate in gaf train (gaf compare matches it "
                      "to the GAF run of the same setting and seed)")
+    if args.dry_run:
+        return _dry_run([cfg])
     _check_resume(args, parser)
     _check_tensorboard(args, parser)
+    check_out(args.out)
     comp = run_comparison([cfg], args.out, jobs=1, title=f"gaf train: {cfg.label}",
                           plots=args.plots, resume=args.resume)
     print(format_table(summary_rows(comp.runs), markdown=False))
@@ -201,10 +212,13 @@ def cmd_compare(args, parser) -> int:
     jobs = args.jobs or _default_jobs(configs)
     print(f"gaf compare: {len(configs)} runs ({', '.join(sorted({c.label for c in configs}))})"
           f" on {cfg.dataset}, {cfg.device}, {jobs} at a time", flush=True)
+    if args.dry_run:
+        return _dry_run(configs)
     paper = recipe.paper if recipe.paper else None
     title = f"GAF against averaging ({recipe.name if args.recipe else cfg.dataset})"
     _check_resume(args, parser)
     _check_tensorboard(args, parser)
+    check_out(args.out)
     comp = run_comparison(configs, args.out, jobs=jobs, title=title, paper=paper,
                           plots=args.plots, resume=args.resume)
     print()
@@ -224,7 +238,7 @@ def _report_goal(runs, out: str | None, require: bool) -> int:
         print(line, file=sys.stdout if verdict["complete"] else sys.stderr)
     if out:
         with open(os.path.join(out, "check.json"), "w") as f:
-            json.dump(verdict, f, indent=1)
+            f.write(strict_json(verdict) + "\n")  # NaN (one seed: no spread) as null
     if not verdict["complete"] or (require and not verdict["met"]):
         return 1
     return 0
@@ -233,6 +247,39 @@ def _report_goal(runs, out: str | None, require: bool) -> int:
 def _check_resume(args, parser) -> None:
     if args.resume and not args.out:
         parser.error("--resume continues the runs checkpointed in --out: give --out")
+
+
+class OutputDirError(OSError):
+    """--out cannot hold the outputs (a file, not writable, full): found before training."""
+
+
+PROBE_BYTES = 1 << 16  # what the start-up probe writes and syncs: a full disk shows here
+
+
+def check_out(out: str | None, option: str = "--out") -> None:
+    """Make sure ``out`` can be written, before any run starts: create it, write a probe
+    file, sync and remove it. An OutputDirError says why not (rather than a traceback
+    after the first epoch, when the first checkpoint or results.json is written)."""
+    if not out:
+        return
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"{option} {out} is a file, not a directory: give a directory "
+                             "(it is created if missing)")
+    probe = path / f".gaf-write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OutputDirError(f"{option} {out} cannot be written ({e.strerror or e}"
+                             f"{': ' + str(e.filename) if e.filename else ''}): choose a "
+                             "writable directory with free space") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
 
 
 def _default_jobs(configs) -> int:
@@ -257,6 +304,7 @@ def cmd_probe(args, parser) -> int:
         pcfg.validate()
     except ValueError as e:
         parser.error(str(e))
+    check_out(args.out)
     result = run_probe(pcfg)
     for r in result.size_table():
         print(f"epoch {r['epoch']:>3}  micro-batch {r['micro_batch_size']:>4}: "
@@ -274,6 +322,7 @@ def cmd_report(args, parser) -> int:
     if not runs:
         parser.error(f"{args.results} holds no runs")
     out = args.out or str(Path(args.results).parent)
+    check_out(out)
     paper = {k: {float(r): v for r, v in d.items()} for k, d in doc.get("paper", {}).items()}
     outputs = write_outputs(runs, out, doc.get("wall_seconds"),
                             title=doc.get("title", "GAF against averaging"), paper=paper or None)
@@ -290,6 +339,27 @@ def cmd_data(args, parser) -> int:
     return 0
 
 
+def _add_dry_run_option(p) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the settings, load the data and print what each run would "
+                        "train on (images, source), then stop: nothing trained or written")
+
+
+def _dry_run(configs) -> int:
+    """Each run's data line, from the same preparation a real run uses."""
+    cache: dict = {}
+    for cfg in configs:
+        key = data_key(cfg)
+        if key not in cache:
+            cache.clear()
+            cache[key] = prepare_data(cfg).described
+        print(f"[{cfg.label}] data: {describe_data(cache[key])}")
+        print(f"[{cfg.label}] would train {cfg.epochs} epoch(s) of {cfg.num_micro_batches} x "
+              f"{cfg.micro_batch_size} micro-batches on {cfg.device} (seed {cfg.seed}, noise "
+              f"{cfg.noise} {cfg.noise_rate:g})", flush=True)
+    return 0
+
+
 def _add_tensorboard_option(p) -> None:
     p.add_argument("--tensorboard", metavar="DIR",
                    help="also write each finished run's per-epoch statistics and per-step "
@@ -301,6 +371,7 @@ def _check_tensorboard(args, parser) -> None:
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         parser.error("--tensorboard needs the tensorboard package: "
                      "pip install 'gaf[tensorboard]'")
+    check_out(args.tensorboard, "--tensorboard")  # written after the runs: check it now
 
 
 def _write_tensorboard(args, runs) -> None:
@@ -333,9 +404,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         return commands[args.command](args, parser)
-    except (DatasetNotFoundError, CheckpointError, CheckpointMismatchError) as e:
+    except (DatasetNotFoundError, DatasetFileError, CheckpointError, CheckpointMismatchError,
+            OutputDirError) as e:
         print(f"gaf {args.command}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # A write that failed mid-run (disk full, directory removed): name it, no traceback.
+        print(f"gaf {args.command}: cannot write {e.filename}: {e.strerror or e}; the runs "
+              "checkpointed so far continue with --resume once there is room", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         finished, out = getattr(e, "finished", None), getattr(args, "out", None)
         done = f"; {len(finished)} finished run(s) written" if finished and out else ""  # compare

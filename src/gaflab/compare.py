@@ -22,8 +22,8 @@ import signal
 import threading
 import time
 import zlib
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,12 @@ from gaflab.report import gaf_vs_average, markdown_report, write_results
 from gaflab.results import RunResult, setting_key
 from gaflab.resume import (
     RESULT_FILE,
+    check_resume,
     load_finished,
     run_directory_name,
     write_finished,
 )
-from gaflab.train import default_threads, train
+from gaflab.train import default_threads, format_duration, run_tag, train
 
 MethodSpec = str | tuple[str, dict[str, Any]]
 
@@ -133,7 +134,7 @@ def _pending_match(cfg: TrainConfig) -> bool:
     return cfg.matched_to is not None and cfg.control_rate is None and cfg.control_rates is None
 
 
-def _data_key(cfg: TrainConfig) -> tuple:
+def data_key(cfg: TrainConfig) -> tuple:
     return (cfg.dataset, cfg.data_dir, cfg.train_size, cfg.test_size, cfg.noise,
             cfg.noise_rate, cfg.human_labels, cfg.noise_sources, cfg.bad_sources,
             cfg.source_noise_rate, cfg.other_source_noise_rate, cfg.seed, cfg.device)
@@ -162,8 +163,9 @@ def run_directories(configs: Sequence[TrainConfig], root: str | os.PathLike | No
 
 
 def _run_one(cfg: TrainConfig, data: PreparedData | None, run_dir: Path | None, resume: bool,
-             progress_bar: bool = True) -> RunResult:
-    res = train(cfg, data, progress_bar=progress_bar, checkpoint_dir=run_dir, resume=resume)
+             progress_bar: bool = True, tag: str | None = None) -> RunResult:
+    res = train(cfg, data, progress_bar=progress_bar, checkpoint_dir=run_dir, resume=resume,
+                tag=tag)
     if run_dir is not None:
         write_finished(run_dir, res)  # gaf compare --resume skips it from now on
     return res
@@ -185,11 +187,12 @@ def _exit_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _worker(cfg_dict: dict[str, Any], run_dir: str | None, resume: bool) -> dict[str, Any]:
+def _worker(cfg_dict: dict[str, Any], run_dir: str | None, resume: bool, tag: str | None
+            ) -> dict[str, Any]:
     cfg = TrainConfig.from_dict(cfg_dict)
     # Bars from several processes would overwrite each other: print epoch lines instead.
     path = None if run_dir is None else Path(run_dir)
-    return _run_one(cfg, None, path, resume, progress_bar=False).to_dict()
+    return _run_one(cfg, None, path, resume, progress_bar=False, tag=tag).to_dict()
 
 
 @dataclass
@@ -200,15 +203,27 @@ class Comparison:
 
 
 def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
-             checkpoints: str | os.PathLike | None = None, resume: bool = False
-             ) -> list[RunResult]:
+             checkpoints: str | os.PathLike | None = None, resume: bool = False,
+             on_finished: Callable[[RunResult], None] | None = None) -> list[RunResult]:
     """Run every config, in order of the list; matched controls run after the GAF runs
     they match (their rates come from those runs). ``checkpoints``: the directory of the
-    runs' checkpoints; ``resume``: skip finished runs, continue unfinished ones."""
+    runs' checkpoints; ``resume``: skip finished runs, continue unfinished ones;
+    ``on_finished(run)`` is called as each run finishes (or is found finished)."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if resume and checkpoints is not None and configs:
+        # Before anything runs (or overwrites results.json): is there something to resume,
+        # and under these settings?
+        dirs = run_directories(configs, checkpoints)
+        for i in check_resume([c.to_dict() for c in configs], dirs, Path(checkpoints)):
+            print(f"[{configs[i].label}] no checkpoint in {dirs[i]}: this run starts afresh",
+                  flush=True)
+    n = len(configs)
+    tags = {id(c): run_tag(c, f"run {k}/{n}") for k, c in enumerate(configs, 1)}
+    progress = _GridProgress(n, jobs, on_finished)
     first = [c for c in configs if not _pending_match(c)]
-    done = dict(zip(map(id, first), _run_all(first, jobs, checkpoints, resume), strict=True))
+    done = dict(zip(map(id, first), _run_all(first, jobs, checkpoints, resume, progress,
+                                             [tags[id(c)] for c in first]), strict=True))
     gaf_runs = {(r.label, setting_key(r.config)): r for r in done.values()
                 if r.config["method"] == "gaf"}
     later = []
@@ -220,7 +235,8 @@ def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
                                  "and seed to match")
             later.append((c, match_control(c, gaf)))
     try:
-        controls = _run_all([m for _, m in later], jobs, checkpoints, resume)
+        controls = _run_all([m for _, m in later], jobs, checkpoints, resume, progress,
+                            [tags[id(c)] for c, _ in later])
     except GridInterrupted as e:
         raise GridInterrupted(list(done.values()) + e.finished) from None
     for (c, _), r in zip(later, controls, strict=True):
@@ -229,23 +245,29 @@ def run_grid(configs: Sequence[TrainConfig], jobs: int = 1,
 
 
 def _run_all(configs: Sequence[TrainConfig], jobs: int,
-             checkpoints: str | os.PathLike | None = None, resume: bool = False
-             ) -> list[RunResult]:
+             checkpoints: str | os.PathLike | None = None, resume: bool = False,
+             on_finished: Callable[[RunResult], None] | None = None,
+             tags: Sequence[str] | None = None) -> list[RunResult]:
     dirs = run_directories(configs, checkpoints)
-    results: dict[int, RunResult] = {}
+    tags = list(tags) if tags is not None else [run_tag(c) for c in configs]
+    results: dict[int, RunResult] = _Finished(on_finished)
     if resume:
         for i, (cfg, d) in enumerate(zip(configs, dirs, strict=True)):
             found = load_finished(d, cfg.to_dict()) if d is not None else None
             if found is not None:
-                print(f"[{cfg.label}] finished earlier: {d}", flush=True)
-                results[i] = found
+                print(f"[{tags[i]}] finished earlier: {d}", flush=True)
+                dict.__setitem__(results, i, found)
+                if isinstance(on_finished, _GridProgress):
+                    on_finished(found, trained=False)
+                elif on_finished is not None:
+                    on_finished(found)
     todo = [i for i in range(len(configs)) if i not in results]
     started = time.time()
     try:
         if jobs == 1 or len(todo) <= 1:
-            _run_serial(configs, dirs, todo, resume, results)
+            _run_serial(configs, dirs, todo, resume, results, tags)
         else:
-            _run_parallel(configs, dirs, todo, resume, jobs, results)
+            _run_parallel(configs, dirs, todo, resume, jobs, results, tags)
     except KeyboardInterrupt:
         # A worker may have recorded its run an instant before the parent heard of it.
         for i in todo:
@@ -255,28 +277,64 @@ def _run_all(configs: Sequence[TrainConfig], jobs: int,
     return [results[i] for i in range(len(configs))]
 
 
+class _GridProgress:
+    """Says after each finished run how many are done and about how long the rest take
+    (the mean wall time per finished run so far, ``jobs`` at a time), then calls ``hook``."""
+
+    def __init__(self, total: int, jobs: int, hook: Callable[[RunResult], None] | None):
+        self.total, self.jobs, self.hook = total, max(1, jobs), hook
+        self.done = self.trained = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, run: RunResult, trained: bool = True) -> None:
+        self.done += 1
+        self.trained += trained
+        left = self.total - self.done
+        if trained and left and self.trained:
+            per_run = (time.perf_counter() - self.start) / self.trained * min(
+                self.jobs, self.total)
+            eta = per_run * -(-left // min(self.jobs, self.total))
+            print(f"gaf compare: {self.done} of {self.total} runs finished, about "
+                  f"{format_duration(eta)} left", flush=True)
+        if self.hook is not None:
+            self.hook(run)
+
+
+class _Finished(dict):
+    """The grid's finished runs by index; tells ``hook`` of each as it is recorded."""
+
+    def __init__(self, hook: Callable[[RunResult], None] | None):
+        super().__init__()
+        self.hook = hook
+
+    def __setitem__(self, i: int, run: RunResult) -> None:
+        super().__setitem__(i, run)
+        if self.hook is not None:
+            self.hook(run)
+
+
 def _recorded_since(run_dir: Path, started: float) -> bool:
     path = run_dir / RESULT_FILE
     # 2 s of slack for file systems whose timestamps are coarse.
     return path.exists() and path.stat().st_mtime >= started - 2.0
 
 
-def _run_serial(configs, dirs, todo, resume, results) -> None:
+def _run_serial(configs, dirs, todo, resume, results, tags) -> None:
     cache: dict[tuple, PreparedData] = {}
     for i in todo:
         cfg = configs[i]
-        key = _data_key(cfg)
+        key = data_key(cfg)
         if key not in cache:
             cache.clear()  # keep one prepared dataset in memory at a time
             cache[key] = prepare_data(cfg)
-        res = _run_one(cfg, cache[key], dirs[i], resume)
+        res = _run_one(cfg, cache[key], dirs[i], resume, tag=tags[i])
         res.model = None  # a grid keeps numbers, not weights
         results[i] = res
 
 
-def _run_parallel(configs, dirs, todo, resume, jobs, results) -> None:
+def _run_parallel(configs, dirs, todo, resume, jobs, results, tags) -> None:
     # Fail (or download) here, once, rather than in every worker.
-    for key in {_data_key(configs[i]): configs[i] for i in todo}.values():
+    for key in {data_key(configs[i]): configs[i] for i in todo}.values():
         prepare_data(key)
     threads = default_threads(jobs)
     # spawn: a fresh interpreter per worker; fork after torch has started threads can hang.
@@ -287,9 +345,10 @@ def _run_parallel(configs, dirs, todo, resume, jobs, results) -> None:
         for i in todo:
             c = configs[i].replace(threads=configs[i].threads or threads)
             d = None if dirs[i] is None else str(dirs[i])
-            futures[i] = ex.submit(_worker, c.to_dict(), d, resume)
-        for i, f in futures.items():
-            results[i] = RunResult.from_dict(f.result())
+            futures[i] = ex.submit(_worker, c.to_dict(), d, resume, tags[i])
+        index = {f: i for i, f in futures.items()}
+        for f in as_completed(futures.values()):  # recorded as they finish, not in order
+            results[index[f]] = RunResult.from_dict(f.result())
     except BaseException:
         for i, f in futures.items():  # keep what finished while we waited on another
             if i not in results and f.done() and not f.cancelled() and f.exception() is None:
@@ -326,8 +385,20 @@ def run_comparison(
     it, see the module docstring); on Ctrl-C write what finished, then re-raise."""
     t0 = time.perf_counter()
     checkpoints = None if out_dir is None else Path(out_dir) / "checkpoints"
+    finished: list[RunResult] = []
+
+    def record(run: RunResult) -> None:
+        # results.json grows as runs finish: a long grid's numbers are readable (and
+        # survive a crash) before its end; the full outputs replace it at the end.
+        finished.append(run)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_results(Path(out_dir) / "results.json", finished,
+                      {"title": f"{title} (in progress: {len(finished)} of {len(configs)} "
+                                "runs)", "wall_seconds": time.perf_counter() - t0})
+
     try:
-        runs = run_grid(configs, jobs, checkpoints, resume)
+        runs = run_grid(configs, jobs, checkpoints, resume,
+                        record if out_dir is not None else None)
     except GridInterrupted as e:
         if out_dir is not None and e.finished:
             write_outputs(e.finished, out_dir, time.perf_counter() - t0,

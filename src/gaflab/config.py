@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from gaf.core import check_rule, check_tau
+from gaf.core.measures import check_measure
 from gaf.core.robust import check_krum
 from gaf.faults import FAULT_KINDS
-from gaf.measures import check_measure
 from gaf.thresholds import parse_threshold
 from gaflab.data import DATASETS, canonical_name
 from gaflab.methods import CONTROLS, METHODS, canonical_method
@@ -72,7 +72,7 @@ class TrainConfig:
     # gaf.thresholds.parse_threshold spec ("null-tail:z=1", "quantile:target_acceptance=0.7",
     # ...): replaces tau for GAF runs when set.
     threshold: str | None = None
-    measure: str = "cosine"  # agreement measure (gaf.measures): cosine, sign, layerwise
+    measure: str = "cosine"  # agreement measure (gaf.core.measures): cosine, sign, layerwise
     micro_batch_size: int = 32
     num_micro_batches: int = 2
     class_balanced: bool = False  # micro-batches with micro_batch_size / K samples per class
@@ -248,6 +248,7 @@ class TrainConfig:
             _positive_int("checkpoint_every", self.checkpoint_every)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_device(self.device)
         return self
 
     def _validate_fault(self) -> None:
@@ -328,6 +329,36 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device this process can use, or a ValueError saying why not
+    (unknown name, no CUDA in this torch build or no GPU, an index past the last GPU, MPS
+    missing), before anything is loaded or trained."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto "
+                         "(cuda when available, else cpu)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES?)")
+            raise ValueError(f"device {device!r} asked for, but {why}: use --device cpu, "
+                             "or --device auto to take a GPU when there is one")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: there are {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+        return dev
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"device {device!r} is not available in this torch build / on this "
+                         "machine: use --device cpu, cuda or auto")
+    return dev
 
 
 def _positive_int(name: str, v: object) -> None:

@@ -4,7 +4,7 @@ One step takes M micro-batches. All methods run the same forward/backward loop o
 trainer over the same micro-batches; they differ only in what decides the update:
 
 ``average``      plain averaging of the M micro-gradients (data-parallel SGD), through the
-                 trainer's averaging path (``GAFTrainer(..., average=True)``).
+                 trainer's averaging backend (``GAFTrainer(..., mode="average")``).
 ``gaf``          the agreement filter (``tau`` or an adaptive ``threshold``, ``rule``,
                  ``measure``): micro-gradients that disagree are dropped, and the step is
                  skipped when fewer than two agree.
@@ -269,7 +269,7 @@ def _method_step(cfg, model: nn.Module, optimizer: torch.optim.Optimizer,
         def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
             return generalized_cross_entropy(logits, targets, q)
 
-    trainer = GAFTrainer(model, optimizer, loss_fn, average=True, **common)
+    trainer = GAFTrainer(model, optimizer, loss_fn, mode="average", **common)
     forget = cfg.forget_rate if cfg.forget_rate is not None else noise_rate
     snapshots = AccumulationSnapshots(params, m) if cfg.record_distances and m >= 2 else None
     return MethodStep(method, trainer, small_loss=small, forget_rate=forget,

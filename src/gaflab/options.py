@@ -9,8 +9,8 @@ import math
 from dataclasses import fields
 
 from gaf.core import check_tau
+from gaf.core.measures import MEASURES
 from gaf.faults import FAULT_KINDS
-from gaf.measures import MEASURES
 from gaflab.config import (
     METHODS,
     OPTIMIZERS,
@@ -48,9 +48,23 @@ def positive(text: str) -> int:
     return v
 
 
-def _size_or_all(text: str) -> int | None:
-    if text.lower() in ("all", "0", "none"):
-        return None
+class _Explicit:
+    """An option value that stands for None in the configuration but was given on the
+    command line: apply_options drops unset options (None), and must not drop this one."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+ALL = _Explicit("all")  # --train-size all / --test-size all: the whole split
+
+
+def _size_or_all(text: str) -> int | _Explicit:
+    if text.strip().lower() in ("all", "0", "none"):
+        return ALL
     return positive(text)
 
 
@@ -95,8 +109,9 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never try to download missing files")
     d.add_argument("--train-size", type=_size_or_all,
-                   help="random subset of the training split ('all' for everything)")
-    d.add_argument("--test-size", type=_size_or_all)
+                   help="random subset of the training split ('all' or 0: everything; "
+                        "more than the split holds: everything, with a warning)")
+    d.add_argument("--test-size", type=_size_or_all, help="as --train-size, for the test split")
     d.add_argument("--noise", choices=NOISE_KINDS, help="label noise kind")
     d.add_argument("--human-labels",
                    help="CIFAR-N label set: aggre/worse/random1-3 (cifar10), noisy (cifar100)")
@@ -221,7 +236,8 @@ METHODS_HELP = "one of " + ", ".join(METHODS)
 def apply_options(args: argparse.Namespace, base: TrainConfig, parser: argparse.ArgumentParser
            ) -> TrainConfig:
     """Options given on the command line override ``base``; then validate."""
-    changes = {k: v for k, v in vars(args).items() if k in _CONFIG_FIELDS and v is not None
+    changes = {k: None if isinstance(v, _Explicit) else v for k, v in vars(args).items()
+               if k in _CONFIG_FIELDS and v is not None
                and k not in ("noise_rate", "seed", "tau", "method")}
     cfg = base.replace(**changes)
     mb = args.micro_batch_size or cfg.micro_batch_size
@@ -237,3 +253,28 @@ def apply_options(args: argparse.Namespace, base: TrainConfig, parser: argparse.
     except ValueError as e:
         parser.error(str(e))
     return cfg
+
+
+def show_defaults(parser: argparse.ArgumentParser, base: TrainConfig, where: str = "") -> None:
+    """Append each option's default to its --help text: the configuration's value for
+    options that set one of its fields (they default to None so that a recipe's value
+    stands; ``where`` says so), argparse's own default for the others."""
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or action.dest in ("help", "dry_run"):
+            continue
+        text = action.help or ""
+        if "default" in text:
+            continue
+        flag = isinstance(action, argparse.BooleanOptionalAction)
+        if action.dest in _CONFIG_FIELDS and (action.nargs != 0 or flag):
+            value = getattr(base, action.dest)
+            if flag:
+                value = "--" + ("" if value else "no-") + action.dest.replace("_", "-")
+            elif value is None:
+                value = "none"
+            shown = f"default: {value}{where}"
+        elif action.default is not None and action.nargs != 0:
+            shown = "default: %(default)s"
+        else:
+            continue
+        action.help = f"{text} ({shown})" if text else shown

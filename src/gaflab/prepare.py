@@ -42,6 +42,9 @@ class PreparedData:
     # int64 [N]: the source of each training sample under noise per source (None
     # otherwise); micro-batches of one source each are drawn from it.
     train_source: Tensor | None = None
+    # What the run really trains and tests on, and where it came from (every run prints
+    # it and results.json keeps it): sizes asked for beyond a split are capped, with a note.
+    described: dict | None = None
 
 
 @lru_cache(maxsize=4)
@@ -115,6 +118,11 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     tidx = torch.arange(nt)
     if cfg.test_size is not None and cfg.test_size < nt:
         tidx = torch.randperm(nt, generator=g)[: cfg.test_size].sort().values
+    notes = [f"{name} {asked} asked for more than the {total} {split} images of "
+             f"{data.name}: using all {total}"
+             for name, asked, total, split in (("train_size", cfg.train_size, n, "training"),
+                                               ("test_size", cfg.test_size, nt, "test"))
+             if asked is not None and asked > total]
     train_source = None
     if cfg.noise_sources is not None:
         per_source = make_source_noise(cfg, data, idx)
@@ -136,4 +144,17 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         noise_fraction=noise.noise_fraction,
         source=data.source,
         train_source=None if train_source is None else train_source.to(dev),
+        described={"dataset": data.name, "source": data.source,
+                   "train_images": int(idx.numel()), "train_split": int(n),
+                   "test_images": int(tidx.numel()), "test_split": int(nt), "notes": notes},
     )
+
+
+def describe_data(d: dict) -> str:
+    """One line from :attr:`PreparedData.described`: what a run trains and tests on, and
+    where the files came from."""
+    held = f" ({d['heldout_images']} more held out)" if d.get("heldout_images") else ""
+    line = (f"{d.get('dataset')}: {d.get('train_images')} of {d.get('train_split')} training "
+            f"images{held}, {d.get('test_images')} of {d.get('test_split')} test images, "
+            f"from {d.get('source')}")
+    return "; ".join([line] + [f"warning: {n}" for n in d.get("notes", [])])

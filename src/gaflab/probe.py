@@ -13,7 +13,6 @@ running statistics are restored after the probe's forward passes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -30,8 +29,8 @@ from gaf import FlatGradients, cosine_distance
 from gaflab.config import TrainConfig
 from gaflab.plots import pyplot, save_figure, smooth
 from gaflab.prepare import PreparedData, prepare_data
-from gaflab.report import environment, jsonable
-from gaflab.results import RunResult
+from gaflab.report import environment
+from gaflab.results import RunResult, strict_json
 from gaflab.seeds import stream_seed
 from gaflab.train import train
 
@@ -151,7 +150,7 @@ def write_probe(result: ProbeResult, out_dir: str | os.PathLike, plots: bool = T
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"environment": environment(), **result.to_dict()}
-    (out / "probe.json").write_text(json.dumps(jsonable(doc), indent=1) + "\n")
+    (out / "probe.json").write_text(strict_json(doc) + "\n")
     outputs = {"results": str(out / "probe.json")}
     if plots:
         outputs["plot"] = str(plot_probe(result, out / "probe.png"))

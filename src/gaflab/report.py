@@ -24,7 +24,7 @@ import torch
 
 import gaf
 from gaflab.paired import format_difference, paired_differences
-from gaflab.results import RunResult, noise_text, source_settings
+from gaflab.results import RunResult, noise_text, source_settings, strict_json
 
 
 def environment() -> dict[str, Any]:
@@ -51,24 +51,13 @@ def write_results(path: str | os.PathLike, runs: Sequence[RunResult],
         **(extra or {}),
         "runs": [r.to_dict() for r in runs],
     }
-    path.write_text(json.dumps(jsonable(doc), indent=1, allow_nan=False) + "\n")
+    path.write_text(strict_json(doc) + "\n")
     return path
 
 
 def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[RunResult]]:
     doc = json.loads(Path(path).read_text())
     return doc, [RunResult.from_dict(r) for r in doc["runs"]]
-
-
-def jsonable(x: Any) -> Any:
-    """NaN/inf become null: JSON has no NaN, and strict parsers reject it."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    return x
 
 
 # --------------------------------------------------------------------------------------
@@ -259,8 +248,11 @@ def method_sections(runs: Sequence[RunResult]) -> list[str]:
 
 def describe_settings(runs: Sequence[RunResult]) -> str:
     c = runs[0].config
+    data = runs[0].data  # what the run really used (older results: the setting asked for)
+    images = data.get("train_images", c["train_size"] or "all")
+    source = f", from {data['source']}" if data.get("source") else ""
     parts = [
-        f"dataset {c['dataset']} ({c['train_size'] or 'all'} training images)",
+        f"dataset {c['dataset']} ({images} training images{source})",
         f"model {c['model']}",
         f"{c['num_micro_batches']} micro-batches of {c['micro_batch_size']}"
         + (" (class-balanced)" if c["class_balanced"] else ""),

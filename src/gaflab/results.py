@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,8 @@ class RunResult:
     eval_seconds: float = 0.0
     warnings: list[dict[str, Any]] = field(default_factory=list)
     stopped_epoch: int | None = None  # early-stop: the epoch whose weights were kept
+    # What it trained on: dataset, source directory, images used of each split, notes.
+    data: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False, compare=False)  # not saved
     # The final gaf.NoiseScale.state_dict() (None: nothing measured); not saved either.
     noise_scale: dict | None = field(default=None, repr=False, compare=False)
@@ -129,6 +132,7 @@ class RunResult:
             "eval_seconds": self.eval_seconds,
             "warnings": self.warnings,
             "stopped_epoch": self.stopped_epoch,
+            "data": self.data,
         }
 
     @classmethod
@@ -148,6 +152,7 @@ class RunResult:
             eval_seconds=d.get("eval_seconds", 0.0),
             warnings=list(d.get("warnings", [])),
             stopped_epoch=d.get("stopped_epoch"),
+            data=dict(d.get("data") or {}),
         )
 
 
@@ -184,3 +189,21 @@ def noise_text(c: dict[str, Any]) -> str:
     if c["noise"] == "none":
         return "none"
     return f"{c['noise']} {100 * c['noise_rate']:g}%" + source_description(c)
+
+
+def strict_json(obj: Any, indent: int | None = 1) -> str:
+    """``obj`` as strict JSON text: NaN and inf written as null (:func:`jsonable`), and an
+    error rather than a silent NaN if one slipped through. Every JSON file the lab writes
+    goes through here."""
+    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
+
+
+def jsonable(x: Any) -> Any:
+    """NaN/inf become null: JSON has no NaN, and strict parsers reject it."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x

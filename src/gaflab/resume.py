@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from gaflab import checkpoint as ck
-from gaflab.results import RunResult
+from gaflab.results import RunResult, strict_json
 from gaflab.selection import EpochLog
 
 FORMAT = "gaf-run/1"
@@ -120,6 +120,7 @@ class RunCheckpoints:
         self._bound: tuple | None = None
         self.saves = 0
         self.save_seconds = 0.0
+        self.restored_from: Path | None = None
 
     def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer, method, state,
              result: RunResult) -> RunCheckpoints:
@@ -171,6 +172,7 @@ class RunCheckpoints:
         if found is None:
             return False
         saved, path = found
+        self.restored_from = path
         if saved.get("format") != FORMAT:
             raise ck.CheckpointError(f"checkpoint {path} is not a gaf run checkpoint "
                                      f"(format {saved.get('format')!r}, expected {FORMAT!r})")
@@ -195,7 +197,7 @@ class RunCheckpoints:
 
 def write_finished(directory: str | os.PathLike, result: RunResult) -> Path:
     """Record a finished run (what ``gaf compare --resume`` skips), atomically."""
-    text = json.dumps(result.to_dict(), indent=1)  # NaN as NaN: from_dict reads it back
+    text = strict_json(result.to_dict())  # NaN as null: from_dict reads it back as NaN
     return ck.write_atomic(Path(directory) / RESULT_FILE, text.encode())
 
 
@@ -221,3 +223,58 @@ def run_directory_name(label: str, seed: int) -> str:
     while "--" in safe:
         safe = safe.replace("--", "-")
     return f"{safe.strip('-')}-seed{seed}"
+
+
+def saved_config(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The configuration a run directory was written under (its result.json, else its
+    newest checkpoint), or None when it holds neither."""
+    directory = Path(directory)
+    path = directory / RESULT_FILE
+    if path.exists():
+        try:
+            return json.loads(path.read_text())["config"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ck.CheckpointError(f"cannot read the finished run {path}: {e}") from None
+    found = ck.load_latest(directory)
+    return None if found is None else found[0].get("config")
+
+
+def check_resume(configs: list[dict[str, Any]], dirs: list[Path], root: Path) -> list[int]:
+    """Before a resumed grid starts anything: the indices of its runs that have nothing to
+    resume (they start afresh), or an error when resuming cannot be what was meant.
+
+    * nothing checkpointed under ``root`` at all: CheckpointError (no checkpoint);
+    * some runs of the grid without a checkpoint while checkpointed runs under ``root``
+      are not in the grid: the settings changed (another --tau, --seed, --method, ... gives
+      other run directories), so CheckpointMismatchError names the differing fields rather
+      than starting fresh runs that would overwrite results.json.
+    Runs without a checkpoint otherwise (a grid stopped before reaching them, or a grid
+    extended by new runs) start afresh.
+    """
+    root = Path(root)
+    saved = sorted(d for d in (root.iterdir() if root.is_dir() else ())
+                   if d.is_dir() and (ck.has_checkpoint(d) or (d / RESULT_FILE).exists()))
+    if not saved:
+        raise ck.CheckpointError(
+            f"--resume: no checkpoint in {root}: nothing to resume. Check --out, or run "
+            "without --resume to start afresh")
+    wanted = {Path(d) for d in dirs}
+    orphans = [d for d in saved if d not in wanted]
+    missing = [i for i, d in enumerate(dirs) if d not in set(saved)]
+    if orphans and missing:
+        best = None
+        for d in orphans:
+            old = saved_config(d)
+            if old is None:
+                continue
+            for i in missing:
+                diffs = ck.config_differences(old, configs[i])
+                if best is None or len(diffs) < len(best[0]):
+                    best = (diffs, d)
+        detail = f" ({'; '.join(best[0])}; compared with {best[1]})" if best else ""
+        raise ck.CheckpointMismatchError(
+            f"--resume: {len(missing)} run(s) of this command have no checkpoint in {root}, "
+            f"and {len(orphans)} checkpointed run(s) there are not part of it: the settings "
+            f"differ from the interrupted command's{detail}. Resume with the same settings, "
+            "or use another --out to start these runs afresh")
+    return missing

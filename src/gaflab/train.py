@@ -37,7 +37,7 @@ from gaflab.collapse import collapse_warnings
 from gaflab.config import TrainConfig
 from gaflab.methods import MethodStep, build_step
 from gaflab.models import build_model
-from gaflab.prepare import PreparedData, prepare_data
+from gaflab.prepare import PreparedData, describe_data, prepare_data
 from gaflab.results import FILTERING_METHODS, RunResult
 from gaflab.resume import PartialEpoch, RunCheckpoints
 from gaflab.seeds import stream_seed
@@ -186,6 +186,7 @@ def train(
     progress_bar: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    tag: str | None = None,
 ) -> RunResult:
     """Train one model as ``cfg`` says and return its per-epoch history.
 
@@ -197,8 +198,10 @@ def train(
     ``checkpoint_dir``: checkpoint there at every epoch's end and every
     ``cfg.checkpoint_every`` steps (:mod:`gaflab.resume`); with ``resume``,
     continue from its newest usable checkpoint (the hooks of epochs already done are not
-    called again), else start afresh.
+    called again), else start afresh. ``tag`` names the run in printed lines (default: its
+    label, seed and noise; a grid adds "run k/N").
     """
+    tag = tag or run_tag(cfg)
     cfg.validate()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -236,11 +239,17 @@ def train(
         )
     result = RunResult(config=cfg.to_dict(), label=cfg.label,
                        num_params=sum(p.numel() for p in params),
-                       noise_fraction=data.noise_fraction)
-    ckpt, partial = _checkpoints(checkpoint_dir, resume, cfg, model, opt, method, state, result)
+                       noise_fraction=data.noise_fraction, data=dict(data.described or {}))
+    if heldout is not None:
+        result.data.update(train_images=int(data.train_y.numel()),
+                           heldout_images=int(heldout[1].numel()))
+    print(f"[{tag}] data: {describe_data(result.data)}", flush=True)
+    ckpt, partial = _checkpoints(checkpoint_dir, resume, cfg, model, opt, method, state, result,
+                                 tag)
     if epoch_hook is not None and state.step == 0:
         epoch_hook(0, model)
-    bar = _progress(steps_per_epoch * cfg.epochs, cfg) if progress_bar else None
+    bar = _progress(steps_per_epoch * cfg.epochs, cfg, tag) if progress_bar else None
+    first_epoch, first_seconds = state.epoch, state.train_seconds + state.eval_seconds
     if bar is not None and state.step:
         bar.update(state.step)
     while state.epoch < cfg.epochs and not state.stopped:
@@ -261,7 +270,7 @@ def train(
         result.steps += steps_per_epoch
         for w in collapse_warnings(cfg, result.history, data.num_classes):
             result.warnings.append(w)
-            print(f"[{cfg.label}] warning: {w['message']}", flush=True)
+            print(f"[{tag}] warning: {w['message']}", flush=True)
         if epoch_hook is not None:
             epoch_hook(state.epoch, model)
         if bar is not None:
@@ -269,7 +278,10 @@ def train(
                             mem=f"{row['memorised']:.3f}", skip=f"{row['skip_rate']:.2f}",
                             B=f"{row['b_simple']:.0f}")
         elif cfg.progress:
-            print(_epoch_line(cfg.label, row), flush=True)
+            spent = state.train_seconds + state.eval_seconds - first_seconds
+            done = state.epoch - first_epoch
+            eta = spent / done * (cfg.epochs - state.epoch) if done else float("nan")
+            print(_epoch_line(tag, row, cfg.epochs, eta), flush=True)
         if ckpt is not None:
             ckpt.save()
     if bar is not None:
@@ -390,7 +402,7 @@ def noise_scale_fields(noise: gaf.NoiseScale, b: int) -> dict[str, float]:
 
 
 def _checkpoints(directory, resume: bool, cfg: TrainConfig, model, opt, method, state,
-                 result) -> tuple[RunCheckpoints | None, PartialEpoch | None]:
+                 result, tag: str) -> tuple[RunCheckpoints | None, PartialEpoch | None]:
     """The run's checkpointer (None without a directory) and, when resuming inside an
     epoch, where that epoch stopped."""
     if directory is None:
@@ -403,6 +415,13 @@ def _checkpoints(directory, resume: bool, cfg: TrainConfig, model, opt, method, 
         ckpt.clear()
         return ckpt, None
     partial = ckpt.restore()
+    if partial is False:
+        print(f"[{tag}] no checkpoint in {directory}: starting afresh", flush=True)
+    else:
+        where = (f"epoch {state.epoch + 1}, step {partial.next_step} of that epoch"
+                 if partial is not None else f"the end of epoch {state.epoch}")
+        print(f"[{tag}] resumed from {ckpt.restored_from} at {where} "
+              f"({state.step} steps done)", flush=True)
     return ckpt, (partial or None)
 
 
@@ -421,7 +440,7 @@ def _early_stop(cfg: TrainConfig, model: nn.Module, state: LoopState, acc: float
         state.stopped = True
 
 
-def _progress(total: int, cfg: TrainConfig):
+def _progress(total: int, cfg: TrainConfig, tag: str):
     if not cfg.progress:
         return None
     try:
@@ -429,7 +448,7 @@ def _progress(total: int, cfg: TrainConfig):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    bar = tqdm(total=total, desc=cfg.label, unit="step", mininterval=1.0, leave=True,
+    bar = tqdm(total=total, desc=tag, unit="step", mininterval=1.0, leave=True,
                dynamic_ncols=True, disable=None)
     if bar.disable:  # not a terminal: one line per epoch instead
         bar.close()
@@ -437,11 +456,29 @@ def _progress(total: int, cfg: TrainConfig):
     return bar
 
 
-def _epoch_line(label: str, row: dict[str, float]) -> str:
-    return (f"[{label}] epoch {row['epoch']}: test {row['test_acc']:.4f} "
+def run_tag(cfg: TrainConfig, position: str | None = None) -> str:
+    """How printed lines name a run: label, seed and noise (two seeds of a grid differ),
+    and in a grid its position, e.g. ``gaf (tau=0.97) | seed 1 | symmetric 40% | run 2/6``."""
+    noise = cfg.noise if cfg.noise in ("none", "human") else f"{cfg.noise} {cfg.noise_rate:.0%}"
+    parts = [cfg.label, f"seed {cfg.seed}", noise] + ([position] if position else [])
+    return " | ".join(parts)
+
+
+def _epoch_line(tag: str, row: dict[str, float], epochs: int, eta: float) -> str:
+    left = f", ETA {format_duration(eta)}" if math.isfinite(eta) and row["epoch"] < epochs else ""
+    return (f"[{tag}] epoch {row['epoch']}/{epochs}: test {row['test_acc']:.4f} "
             f"memorised {row['memorised']:.4f} skip {row['skip_rate']:.2f} "
             f"dist {row['distance_mean']:.3f} B {row['b_simple']:.0f} "
-            f"({row['epoch_seconds']:.1f}s)")
+            f"({row['epoch_seconds']:.1f}s{left})")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def default_threads(jobs: int = 1) -> int:

@@ -1,9 +1,10 @@
-"""One rank of a 2-process gloo run, started by torchrun from the tests: trains with a
-framework integration, then with gaf.distributed.DistributedGAFTrainer from the same start
-on the same rank-local micro-batches, and writes whether both ended with the same bits.
+"""One rank of a 2-process gloo run, started by torchrun from the tests: for each framework
+named, trains with its integration, then with gaf.distributed.DistributedGAFTrainer from the
+same start on the same rank-local micro-batches, and writes whether both ended with the same
+bits (OUT_DIR/rank{r}.json, one report per framework).
 
 Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_worker.py
-       {lightning,accelerate,transformers} OUT_DIR
+       FRAMEWORK... OUT_DIR     (FRAMEWORK: lightning, accelerate, transformers)
 """
 
 from __future__ import annotations
@@ -103,16 +104,13 @@ def make_rank_data(framework: str, rank: int):
     return x[picks], y[picks]
 
 
-def main() -> None:
-    framework, out = sys.argv[1], Path(sys.argv[2])
-    rank = int(os.environ["RANK"])
+def check(framework: str, rank: int, out: Path) -> dict:
+    import torch.distributed as dist
+
     x, y = make_rank_data(framework, rank)
     runs = {"lightning": run_lightning, "accelerate": run_accelerate,
             "transformers": run_transformers}
     params, stats = runs[framework](x, y, out)
-
-    import torch.distributed as dist
-
     assert dist.is_initialized() and dist.get_world_size() == 2
     net = make_net()
     ref = DistributedGAFTrainer(net, make_optimizer(net.parameters()), F.cross_entropy, M,
@@ -123,15 +121,36 @@ def main() -> None:
             for a, b in zip(params, net.parameters(), strict=True)]
     gathered = [None, None]
     dist.all_gather_object(gathered, [p.detach().double().sum().item() for p in params])
-    report = {
+    return {
         "rank": rank, "same_as_reference": same, "stats": stats.state_dict(),
         "reference_stats": ref.stats.state_dict(), "ranks_agree": gathered[0] == gathered[1],
     }
+
+
+def main() -> None:
+    *frameworks, out = sys.argv[1:]
+    out, rank = Path(out), int(os.environ["RANK"])
+    report = {}
+    for framework in frameworks:
+        (out / framework).mkdir(exist_ok=True)
+        report[framework] = check(framework, rank, out / framework)
+        if "accelerate" in sys.modules:  # process-wide singletons: the next run starts afresh
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=False)
+            GradientState._reset_state()
     (out / f"rank{rank}.json").write_text(json.dumps(report))
-    # Leave together and close the group here: a group torn down at interpreter exit
-    # aborts gloo's threads.
+
+    import torch.distributed as dist
+
+    # Leave together, close the group, and end without the interpreter's shutdown: the DDP
+    # model keeps gloo's threads alive past destroy_process_group, and one that takes the
+    # GIL while Python finalises aborts the process (see distributed_hooks/common.exit_now).
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

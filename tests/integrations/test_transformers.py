@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,3 +126,25 @@ def test_transformers_resume_from_checkpoint_carries_the_gaf_state(tmp_path):
     assert (resumed.gaf.collector.threshold.state_dict()
             == whole.gaf.collector.threshold.state_dict())
     assert_same_tensors(resumed_model.parameters(), whole_model.parameters(), "parameters")
+
+
+def test_trainer_built_scheduler_gives_no_overridden_step_warning(tmp_path):
+    # The Trainer builds its scheduler (and torch's scheduler wraps optimizer.step) before
+    # GAF installs its skip guard at the first micro-batch; the guard keeps the scheduler's
+    # wrapper, so torch's "optimizer.step() has been overridden" warning must not appear,
+    # and the learning rate still decays once per taken step.
+    x, y = make_data(64)
+    model = Classifier(make_net())
+    args = training_args(tmp_path, lr_scheduler_type="linear", learning_rate=0.1)
+    trainer = GAFHFTrainer(model=model, args=args, train_dataset=Rows(x, y), tau=TAU)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    texts = [str(w.message) for w in caught]
+    assert not [t for t in texts if "overridden" in t or "before `optimizer.step()`" in t], texts
+    stats = trainer.gaf_stats
+    assert 0 < stats.skipped_steps < stats.steps
+    # linear decay to 0 over the windows: one scheduler step per taken step only
+    taken = stats.steps - stats.skipped_steps
+    expected = 0.1 * (1 - taken / stats.steps)
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(expected)

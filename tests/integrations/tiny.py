@@ -59,17 +59,34 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
     return out
 
 
+FRAMEWORKS = ("accelerate", "transformers", "lightning")
+_two_rank_runs: dict = {}  # one launch serves the three frameworks' tests
+
+
+def two_rank_reports(tmp_path: Path) -> list[dict]:
+    """Both ranks' reports of ddp_worker.py, which runs every framework in turn in one pair of
+    gloo processes under torchrun (imports and start-up are most of a launch's time). The
+    first call launches it, in ``tmp_path``; later calls reuse its outcome, failure included."""
+    if "outcome" not in _two_rank_runs:
+        worker = Path(__file__).with_name("ddp_worker.py")
+        # PYTHONFAULTHANDLER: should a rank abort in C++, its Python stacks land in the report.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(worker), *FRAMEWORKS, str(tmp_path)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        _two_rank_runs["outcome"] = (
+            (done.stdout[-3000:] + done.stderr[-5000:]) if done.returncode
+            else [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)])
+    outcome = _two_rank_runs["outcome"]
+    assert not isinstance(outcome, str), outcome
+    return outcome
+
+
 def check_two_rank_run(framework: str, tmp_path: Path, micro_batches_per_rank: int) -> None:
-    """Run ddp_worker.py for ``framework`` in two gloo processes under torchrun; every rank
+    """``framework``'s part of the 2-process gloo run (:func:`two_rank_reports`): every rank
     must end bit-identical to DistributedGAFTrainer, with the same counters, skipped and
     taken steps both present, and the decisions covering both ranks' micro-gradients."""
-    worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(worker), framework, str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = [report[framework] for report in two_rank_reports(tmp_path)]
     for report in reports:
         assert all(report["same_as_reference"]), report
         assert report["stats"] == report["reference_stats"]

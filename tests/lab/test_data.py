@@ -14,6 +14,7 @@ import torch
 
 from gaflab import data as D
 from gaflab.data import (
+    DatasetFileError,
     DatasetNotFoundError,
     NpmPackage,
     Remote,
@@ -298,6 +299,7 @@ def test_digits_found_inside_an_installed_scikit_learn(tmp_path, monkeypatch):
     (tmp_path / "site" / "sklearn" / "__init__.py").write_text("raise ImportError('unused')\n")
     _write_digits(data_dir / "digits.csv.gz", 15)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    (tmp_path / "empty").mkdir()  # a --data-dir that does not exist is refused
     d = load_dataset("digits", tmp_path / "empty", download=False)
     assert d.source == str(data_dir) and d.num_train == 12 and d.num_test == 3
 
@@ -308,3 +310,30 @@ def test_missing_digits_says_where_they_come_from(tmp_path):
     with pytest.raises(DatasetNotFoundError,
                        match=r"(?s)digits\.csv\.gz.*pip install scikit-learn"):
         load_dataset("digits", tmp_path, download=True)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_truncated_idx_file_is_named_with_the_fix(tmp_path, gz):
+    root = write_idx_dataset(tmp_path / "d", n_train=30, n_test=10, gz=gz)
+    path = root / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(DatasetFileError) as e:
+        load_dataset("mnist", root, download=False)
+    msg = str(e.value)
+    assert str(path) in msg and "Delete the damaged file" in msg, msg
+
+
+def test_truncated_cifar_batch_is_named(tmp_path):
+    root = write_cifar10(tmp_path / "c")
+    batch = next(root.rglob("data_batch_1"))
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(DatasetFileError, match="data_batch_1: truncated or damaged"):
+        load_dataset("cifar10", root, download=False)
+
+
+def test_missing_data_dir_is_refused_not_replaced_by_another_copy(tmp_path, monkeypatch):
+    elsewhere = write_idx_dataset(tmp_path / "b", n_train=40, n_test=10)
+    monkeypatch.setenv("GAF_DATA_DIR", str(elsewhere))
+    with pytest.raises(DatasetNotFoundError, match="nowhere does not exist") as e:
+        load_dataset("mnist", tmp_path / "nowhere", download=False)
+    assert str(elsewhere) in str(e.value)  # says where the copy it did not use lies

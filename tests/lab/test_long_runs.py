@@ -31,9 +31,16 @@ def tiny_args(data_dir, out, *extra):
 
 def start(command, data_dir, out, *extra):
     env = dict(os.environ, PYTHONPATH=SRC)
+    # A runner that starts jobs with SIGINT ignored (nohup, some CI shells) passes that on, and
+    # Python then installs no KeyboardInterrupt handler: give the child the default back.
     return subprocess.Popen([sys.executable, "-m", "gaflab.cli", command,
                              *tiny_args(data_dir, out, *extra)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(predicate, proc, timeout=120.0, what=""):

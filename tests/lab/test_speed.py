@@ -83,9 +83,14 @@ def test_channels_last_changes_layout_not_values():
         assert torch.allclose(p, q, atol=1e-5)
 
 
-def test_compiled_model_steps_like_the_eager_one():
+def test_compiled_model_steps_like_the_eager_one(monkeypatch):
     """torch.compile (inductor, C++ on the CPU) of a tiny model: about 10-20 s here, most
     of it the first step's compilation."""
+    import torch._inductor.config as inductor_config
+
+    # Compile in this process: a pool of compile workers, each importing torch, costs more
+    # than the two small graphs it would compile (20 s against 30 s wall on 2 busy cores).
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)
     x, y = _batch(8)
     eager, base = _model(width=2), _model(width=2)
     compiled = speed.prepare_model(base, compile=True)

@@ -5,8 +5,10 @@ modules: :mod:`~gaf.core.distance` (distances from products, checks),
 :mod:`~gaf.core.tensors` (Gram matrix, weighted sum: the data side),
 :mod:`~gaf.core.decision` (Decision, FilterResult, distance oracles),
 :mod:`~gaf.core.rules` (every rule, the sequential one as a fold) and
-:mod:`~gaf.core.registry` (the list of rules and :func:`decide`). The measure dispatch
-:func:`gaf.filter_gradients` sits above, in :mod:`gaf.filter`.
+:mod:`~gaf.core.registry` (the list of rules and :func:`decide`),
+:mod:`~gaf.core.measures` (other agreement measures), :mod:`~gaf.core.coordinatewise`
+(median and trimmed mean) and :mod:`~gaf.core.filter` (:func:`filter_gradients`, one call
+from a stack [M, P] to the filtered direction).
 
 Gradient Agreement Filtering (Chaubard, Eddy, Kochenderfer, arXiv 2412.18052) compares
 micro-gradients by cosine distance
@@ -78,6 +80,7 @@ from gaf.core.decision import (
     Decision,
     DistanceOracle,
     FilterResult,
+    FilterStats,
     GramOracle,
     check_verdicts,
     result_from_decision,
@@ -87,8 +90,12 @@ from gaf.core.distance import (
     check_tau,
     distance_from_products,
     pairwise_distances,
+    valid_norm_sq,
     valid_rows,
+    valid_vector,
 )
+from gaf.core.filter import filter_gradients
+from gaf.core.measures import MEASURES, check_measure
 from gaf.core.registry import (
     ALL_RULES,
     ANCHORED_RULES,
@@ -110,6 +117,7 @@ from gaf.core.tensors import (
     direction_buffer,
     gram_dtype,
     gram_matrix,
+    host_dot,
     weighted_sum,
 )
 
@@ -124,10 +132,13 @@ __all__ = [
     "Decision",
     "DistanceOracle",
     "FilterResult",
+    "FilterStats",
+    "MEASURES",
     "FoldStep",
     "GramOracle",
     "Rule",
     "check_grads",
+    "check_measure",
     "check_rule",
     "check_tau",
     "check_verdicts",
@@ -136,15 +147,19 @@ __all__ = [
     "decide_with",
     "direction_buffer",
     "distance_from_products",
+    "filter_gradients",
     "fold_coefficients",
     "fold_row",
     "fold_weights",
     "get_rule",
     "gram_dtype",
     "gram_matrix",
+    "host_dot",
     "pairwise_distances",
     "register_rule",
     "result_from_decision",
+    "valid_norm_sq",
     "valid_rows",
+    "valid_vector",
     "weighted_sum",
 ]

@@ -1,10 +1,10 @@
 """What a rule decides (:class:`Decision`), what a filtered step returns (:class:`FilterResult`),
 and the distance oracles the rules ask (cosine from the Gram matrix here; the other
-measures in :mod:`gaf.measures`)."""
+measures in :mod:`gaf.core.measures`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -168,3 +168,40 @@ def result_from_decision(decision: Decision, grad: Tensor, tau: float, rule: str
         valid=torch.from_numpy(np.asarray(decision.valid, dtype=bool).copy()),
         min_accepted=decision.min_accepted,
     )
+
+
+@dataclass
+class FilterStats:
+    """Running counters over filtered steps (host integers: no device sync to read)."""
+
+    steps: int = 0
+    skipped_steps: int = 0
+    micro_batches: int = 0
+    accepted: int = 0
+    invalid: int = 0
+    nonfinite: int = 0
+
+    def update(self, result: FilterResult) -> None:
+        self.steps += 1
+        self.skipped_steps += int(result.skipped)
+        self.micro_batches += result.num_micro_batches
+        self.accepted += result.num_accepted
+        self.invalid += result.num_invalid
+        self.nonfinite += result.num_nonfinite
+
+    @property
+    def skip_rate(self) -> float:
+        return self.skipped_steps / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.micro_batches if self.micro_batches else 0.0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            if not hasattr(self, key):
+                raise KeyError(f"unknown FilterStats field {key!r}")
+            setattr(self, key, int(value))

@@ -54,14 +54,36 @@ def distance_from_products(dot, norm_sq_s, norm_sq_g):
     return min(2.0, max(0.0, 1.0 - dot / math.sqrt(denom)))
 
 
-def valid_rows(gram: np.ndarray) -> np.ndarray:
-    """Rows that can take part: finite, strictly positive squared norm.
+def valid_norm_sq(norm_sq):
+    """Whether a row with squared norm ``norm_sq`` can take part: finite and non-zero.
 
-    A finite |g|² implies every entry of g is finite, and then |G[i, j]| <= |g_i| |g_j| keeps
-    the entries between two valid rows finite; only the diagonal needs checking.
+    The one definition of a valid micro-gradient in the library: every path (the Gram
+    oracle, the robust rules, the other measures, the streaming fold, the coordinate-wise
+    aggregators, the float64 references) asks this of |g|². A finite |g|² implies every
+    entry of g is finite. Works on a Python float, a numpy array and a tensor (elementwise,
+    without a host sync), so the streaming device path can use it too.
     """
-    diag = np.diag(gram)
-    return np.isfinite(diag) & (diag > ZERO_NORM_SQ)
+    if isinstance(norm_sq, Tensor):
+        return torch.isfinite(norm_sq) & (norm_sq > ZERO_NORM_SQ)
+    if isinstance(norm_sq, np.ndarray):
+        return np.isfinite(norm_sq) & (norm_sq > ZERO_NORM_SQ)
+    return math.isfinite(norm_sq) and norm_sq > ZERO_NORM_SQ
+
+
+def valid_vector(v: Tensor) -> bool:
+    """:func:`valid_norm_sq` of one vector, |v|² taken in float64 (where the squares of a
+    float32 vector can neither overflow nor underflow to zero)."""
+    v = v.detach().double().reshape(-1)
+    return bool(valid_norm_sq(float(v @ v)))
+
+
+def valid_rows(gram: np.ndarray) -> np.ndarray:
+    """Rows of a Gram matrix that can take part (:func:`valid_norm_sq` of the diagonal).
+
+    |G[i, j]| <= |g_i| |g_j| keeps the entries between two valid rows finite; only the
+    diagonal needs checking.
+    """
+    return valid_norm_sq(np.diag(gram))
 
 
 def pairwise_distances(g: np.ndarray) -> np.ndarray:

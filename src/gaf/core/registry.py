@@ -25,6 +25,7 @@ from torch import Tensor
 from gaf.core.decision import Decision, DistanceOracle, GramOracle, check_verdicts, nothing_valid
 from gaf.core.distance import check_tau
 from gaf.core.robust import (
+    check_krum,
     check_krum_options,
     check_median_options,
     geometric_median_rule,
@@ -49,7 +50,9 @@ class Rule:
     is always accepted. ``gram_only``: it needs ``oracle.gram`` (the cosine measure).
     ``uses_tau``: it tests distances against tau (robust aggregators may not).
     ``check_options(**options) -> dict``: validated options (default: the keyword
-    arguments of ``decide``, nothing else).
+    arguments of ``decide``, nothing else). ``check_rows(num_rows, **options)``: raises if
+    the rule cannot decide over that many rows (multi-Krum needs M > 2f + 2), so a front
+    end that knows M can refuse at construction rather than at the first step.
     """
 
     name: str
@@ -61,10 +64,19 @@ class Rule:
     gram_only: bool = False
     uses_tau: bool = True
     check_options: Callable[..., dict] | None = None
+    check_rows: Callable[..., object] | None = None
 
     def options(self, options: Mapping | None) -> dict:
-        """``options`` checked for this rule (an empty dict when None)."""
-        options = dict(options or {})
+        """``options`` checked for this rule (an empty dict when None): the one check of
+        ``rule_options``, which :class:`gaf.FilterSpec` and :func:`decide` both use."""
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise TypeError(
+                f"rule_options must be a mapping of the rule's keyword options (e.g. "
+                f"{{'f': 1}}), got {type(options).__name__} {options!r}"
+            )
+        options = dict(options)
         if self.check_options is not None:
             return dict(self.check_options(**options))
         allowed = [p.name for p in inspect.signature(self.decide).parameters.values()
@@ -93,7 +105,8 @@ _BUILTIN = (
 _ROBUST = (
     Rule("multi-krum", multi_krum_rule,
          "the m rows closest to their M - f - 2 nearest neighbours (Krum: m = 1)",
-         anchored=False, gram_only=True, uses_tau=False, check_options=check_krum_options),
+         anchored=False, gram_only=True, uses_tau=False, check_options=check_krum_options,
+         check_rows=check_krum),
     Rule("geometric-median", geometric_median_rule,
          "weights of the geometric median (smoothed Weiszfeld)",
          anchored=False, gram_only=True, uses_tau=False, check_options=check_median_options),

@@ -68,6 +68,7 @@ import torch
 from torch import Tensor
 
 from gaf.core.decision import Decision
+from gaf.core.distance import valid_rows
 
 
 def _count(value: object, name: str, low: int) -> int:
@@ -131,9 +132,8 @@ def _host_gram(gram: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     g = np.asarray(g, dtype=np.float64)
     if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
         raise ValueError(f"gram must be a non-empty square matrix, got shape {g.shape}")
-    diag = np.diag(g)
-    finite = np.isfinite(diag)
-    valid = finite & (diag > 0.0)
+    finite = np.isfinite(np.diag(g))
+    valid = valid_rows(g)
     return np.where(valid[:, None] & valid[None, :], g, 0.0), valid, finite
 
 

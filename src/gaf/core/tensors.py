@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gaf.core.distance import ZERO_DISTANCE
+from gaf.core.distance import ZERO_DISTANCE, valid_norm_sq
 
 
 def check_grads(grads: object) -> Tensor:
@@ -39,21 +39,68 @@ def gram_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# A float32 sum of products is as good as its rounding only while no term over- or
+# underflows. Squared norms inside this band guarantee that (an underflowed term is then
+# below 2^-126 / 2^-60 of the total, and N ranks' partial sums stay far below float32's
+# 2^128); outside it the products are recomputed in float64, whose range holds the square
+# of any float32. Ordinary gradients never leave the band, so their bits do not change.
+FLOAT32_SAFE_NORM_SQ = (2.0**-60, 2.0**100)
+
+
+def float32_safe(norm_sq: float) -> bool:
+    """Whether a float32 squared norm (or a product of such rows) can be trusted."""
+    lo, hi = FLOAT32_SAFE_NORM_SQ
+    return lo <= norm_sq <= hi  # False for NaN and inf too
+
+
+def _needs_float64(diag: Tensor, x: Tensor) -> bool:
+    """Whether a float32 Gram with this diagonal may have over- or underflowed (one sync)."""
+    lo, hi = FLOAT32_SAFE_NORM_SQ
+    outside = ~((diag >= lo) & (diag <= hi))
+    if not bool(outside.any()):
+        return False
+    big = ~(diag <= hi)  # overflow, or an inf/NaN entry (then float64 keeps it non-finite)
+    # A small diagonal is harmless when its row is exactly zero (common: a zero shard).
+    return bool(big.any()) or bool(x[outside].ne(0).any())
+
+
 def gram_matrix(grads: Tensor) -> Tensor:
     """G = X Xᵀ for X [M, P], accumulated in at least float32 (float64 for half precision).
+
+    Float32 rows whose squared norm leaves :data:`FLOAT32_SAFE_NORM_SQ` (finite entries
+    around 1e19 and up overflow, 1e-30 and below underflow to zero) get a float64 Gram
+    instead, so a finite micro-gradient is never called non-finite or zero; this costs one
+    host sync, which the decision right after needs anyway.
 
     Non-finite entries are kept: a row with inf/NaN yields non-finite entries in its own
     row and column only, which the decision treats as "agrees with nothing".
     """
-    x = grads.to(gram_dtype(grads.dtype))
-    return x @ x.T
+    acc = gram_dtype(grads.dtype)
+    x = grads.to(acc)
+    gram = x @ x.T
+    if acc == torch.float32 and _needs_float64(gram.diagonal(), x):
+        x = grads.to(torch.float64)
+        gram = x @ x.T
+    return gram
+
+
+def host_dot(a: Tensor, b: Tensor, *norms_sq: float) -> float:
+    """a·b as a Python float, in the rows' dtype unless float32 may have over- or
+    underflowed: when a·a (``norms_sq`` empty) or a given |a|², |b|² lies outside
+    :data:`FLOAT32_SAFE_NORM_SQ`, it is recomputed in float64 (as :func:`gram_matrix`)."""
+    value = float(a @ b)
+    if a.dtype != torch.float32 or all(float32_safe(n) for n in norms_sq or (value,)):
+        return value
+    if not norms_sq and value == 0.0 and not bool(a.ne(0).any()):
+        return value  # an exactly zero row
+    return float(a.to(torch.float64) @ b.to(torch.float64))
 
 
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     """D(a, b) = 1 - a·b / (|a| |b|) for two flat tensors of equal length, clamped to [0, 2].
 
-    Computed in float64 when inputs are half precision (float32 otherwise). Returns 2 when
-    either vector has zero norm or is not finite: such a vector agrees with nothing.
+    Computed in float64 (float32 products of finite rows can over- or underflow). Returns 2
+    when either vector has zero norm or is not finite: such a vector agrees with nothing.
     """
     for name, v in (("a", a), ("b", b)):
         if not isinstance(v, Tensor):
@@ -67,10 +114,9 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
         )
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    dtype = gram_dtype(torch.promote_types(a.dtype, b.dtype))
-    a64, b64 = a.to(dtype), b.to(dtype)
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
     dot, na, nb = a64 @ b64, a64 @ a64, b64 @ b64
-    ok = torch.isfinite(dot) & torch.isfinite(na) & torch.isfinite(nb) & (na > 0) & (nb > 0)
+    ok = torch.isfinite(dot) & valid_norm_sq(na) & valid_norm_sq(nb)
     cos = dot / torch.sqrt(torch.where(ok, na * nb, torch.ones_like(na)))
     dist = torch.clamp(1.0 - cos, 0.0, 2.0)
     return torch.where(ok, dist, torch.full_like(dist, ZERO_DISTANCE))

@@ -7,16 +7,16 @@ given, brings them in sync. See docs/design.md, "The distributed protocol".
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from torch import Tensor
 
-from gaf.backends import StackedBackend
 from gaf.core import FilterResult
 from gaf.distributed.comm import Comm, Workspace
 from gaf.distributed.protocol import run_protocol
-from gaf.flat import FlatGradients
+from gaf.micrograds import FlatGradients, StackedBackend
+from gaf.spec import FilterSpec
 
 
 class DistributedBackend(StackedBackend):
@@ -24,9 +24,10 @@ class DistributedBackend(StackedBackend):
 
     mode = "stacked"
 
-    def __init__(self, flat: FlatGradients, rule: str, comm: Comm, method: str, check: bool,
-                 rule_options: Mapping | None = None, sync=None, gather: str = "auto"):
-        super().__init__(flat, rule, "cosine", None, rule_options)
+    def __init__(self, flat: FlatGradients, spec: FilterSpec, comm: Comm, method: str,
+                 check: bool, sync=None, gather: str = "auto"):
+        self.check_spec(spec)
+        super().__init__(flat, spec)
         self.comm = comm
         self.method = method
         self.check = check
@@ -35,6 +36,14 @@ class DistributedBackend(StackedBackend):
         # Exchange buffers are kept between steps: no allocation per step.
         self.workspace = Workspace()
         self.sync = sync  # called after every step (buffer synchronisation), or None
+
+    @staticmethod
+    def check_spec(spec: FilterSpec) -> None:
+        """Refuse what the protocol cannot run (before any collective is attempted)."""
+        if spec.measure != "cosine":
+            raise ValueError(
+                f"measure {spec.measure!r} is not implemented across ranks: the distributed "
+                "protocol exchanges the Gram matrix of the cosine measure only")
 
     @property
     def world_size(self) -> int:

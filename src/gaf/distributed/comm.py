@@ -37,8 +37,6 @@ def _as_timedelta(timeout: float | datetime.timedelta | None) -> datetime.timede
     return datetime.timedelta(seconds=float(timeout))
 
 
-
-
 def _looks_unsupported(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, NotImplementedError) or (
@@ -102,17 +100,51 @@ class Comm:
         if unsupported_ok and _looks_unsupported(exc):
             return AllToAllUnsupported(str(exc))
         elapsed = time.monotonic() - since
-        limit = (
-            f"timeout={self.timeout.total_seconds():g} s"
-            if self.timeout is not None
-            else "the process group's timeout"
-        )
+        cause = f"{type(exc).__name__}: {exc}"
+        head = f"GAF rank {self.rank}/{self.size}: {what}"
+        kind = failure_kind(exc)
+        if kind == "timeout":
+            limit = (
+                f"timeout={self.timeout.total_seconds():g} s"
+                if self.timeout is not None
+                else "the process group's timeout"
+            )
+            return GAFDistributedError(
+                f"{head} timed out after {elapsed:.1f} s ({limit}): {cause}. Another rank "
+                "probably hangs or stopped taking part in the GAF step; every rank must call "
+                "it the same number of times."
+            )
+        if kind == "peer":
+            return GAFDistributedError(
+                f"{head} failed after {elapsed:.1f} s: the connection to another rank was "
+                "reset or closed, so that rank probably died or exited (no timeout expired). "
+                f"Look for the first error in the other ranks' logs. {cause}"
+            )
         return GAFDistributedError(
-            f"GAF rank {self.rank}/{self.size}: {what} failed after {elapsed:.1f} s "
-            f"({limit}): {type(exc).__name__}: {exc}. Another rank probably died, "
+            f"{head} failed after {elapsed:.1f} s: {cause}. Another rank probably died, "
             "raised, or stopped taking part in the GAF step; every rank must call it "
             "the same number of times."
         )
+
+
+# Words the backends use (gloo's tcp transport, NCCL's watchdog, the TCP store) for a
+# collective that ran out of time, and for one whose peer went away.
+_TIMEOUT_WORDS = ("timed out", "timeout", "timing out", "deadline")
+_PEER_WORDS = ("connection reset", "connection closed", "broken pipe", "connection refused",
+               "closed by peer", "remote process exited", "socket closed", "end of file")
+
+
+def failure_kind(exc: BaseException) -> str:
+    """"timeout", "peer" (a connection to another rank went away) or "other"."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    text = str(exc).lower()
+    if any(word in text for word in _TIMEOUT_WORDS):
+        return "timeout"
+    if isinstance(exc, (ConnectionError, BrokenPipeError)) or any(
+            word in text for word in _PEER_WORDS):
+        return "peer"
+    return "other"
 
 
 class Workspace:

@@ -1,6 +1,6 @@
 """Coordinate-wise median and trimmed mean across ranks: an all-gather baseline.
 
-These aggregators (Yin et al. 2018; :mod:`gaf.coordinatewise`) need every coordinate of
+These aggregators (Yin et al. 2018; :mod:`gaf.core.coordinatewise`) need every coordinate of
 every row, not just the Gram matrix, so the Gram protocol's all-reduce cost is out of
 reach. Each of N ranks holding m rows of P all-gathers every rank's rows and computes the
 same statistic from the same N·m rows in rank-major order::
@@ -14,7 +14,7 @@ figures.
 
 Every rank sorts the same bits with the same stable sort and averages in the same order,
 so every rank holds the same direction, bit for bit, with no broadcast; the result and
-its statistics equal :func:`gaf.coordinatewise.coordinatewise` over the stacked rows.
+its statistics equal :func:`gaf.core.coordinatewise.coordinatewise` over the stacked rows.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import datetime
 import torch
 from torch import Tensor
 
-from gaf.coordinatewise import COORDINATEWISE_RULES, check_trim, coordinatewise
 from gaf.core import FilterResult, check_grads, result_from_decision
+from gaf.core.coordinatewise import COORDINATEWISE_RULES, check_trim, coordinatewise
 from gaf.distributed.comm import Comm, GAFDistributedError, all_gather_flat
 
 
@@ -43,7 +43,7 @@ def aggregate_coordinatewise_distributed(
 
     ``local_grads`` [m, P]: this rank's rows (same m, P, dtype on every rank; call
     collectively). Returns a :class:`~gaf.core.FilterResult` over the N·m rows in
-    rank-major order (statistics as in :mod:`gaf.coordinatewise`).
+    rank-major order (statistics as in :mod:`gaf.core.coordinatewise`).
     """
     rows = check_grads(local_grads).contiguous()
     if rule not in COORDINATEWISE_RULES:

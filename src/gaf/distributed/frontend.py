@@ -32,21 +32,20 @@ itself.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from gaf.collector import GradientCollector
-from gaf.controls import Control
-from gaf.distributed.agreement import check_agreement, step_fields
 from gaf.distributed.backend import DistributedBackend
 from gaf.distributed.comm import Comm
 from gaf.distributed.protocol import GATHERS, check_method
-from gaf.flat import FlatGradients
-from gaf.thresholds import Threshold
-from gaf.training import GAFTrainer
+from gaf.distributed.settings_check import check_settings, step_fields
+from gaf.micrograds import FlatGradients
+from gaf.spec import FilterSpec, resolve_spec
+from gaf.training import GAFTrainer, check_optimizer_params
 
 BUFFER_SYNC: tuple[str, ...] = ("broadcast", "mean")
 
@@ -121,14 +120,6 @@ def sync_buffers(
                                              src=root))
 
 
-def _check_cosine(measure: str) -> None:
-    if measure != "cosine":
-        raise ValueError(
-            f"measure {measure!r} is not implemented across ranks: the distributed protocol "
-            "exchanges the Gram matrix of the cosine measure only"
-        )
-
-
 class DistributedGradientCollector(GradientCollector):
     """:class:`~gaf.collector.GradientCollector` across the ranks of a process group.
 
@@ -148,8 +139,11 @@ class DistributedGradientCollector(GradientCollector):
 
     Args:
         params: the parameters the optimizer updates (or its ``param_groups``).
-        tau, rule: as for the single-device collector (a :class:`~gaf.thresholds.Threshold`
-            works too: it sees the same results on every rank, so it stays in step).
+        spec: the filter (:class:`gaf.FilterSpec`, the same on every rank; its measure
+            must be "cosine"); ``tau``, ``rule``, ``rule_options``, ``control`` as keyword
+            sugar. A :class:`~gaf.thresholds.Threshold` works too: it sees the same
+            results on every rank, so it stays in step; a control must be built with the
+            same seed on every rank, so that every rank draws the same verdicts.
         group: process group (default: the default group).
         method: ``"sharded"`` (bandwidth-optimal, default) or ``"allgather"``.
         buffers: a module (its buffers) or tensors to keep identical across ranks after
@@ -161,10 +155,6 @@ class DistributedGradientCollector(GradientCollector):
             before every exchange (one tiny all-gather).
         timeout: seconds (or timedelta) any collective may take before
             :class:`~gaf.distributed.GAFDistributedError`; ``None``: the group's timeout.
-        control: a blind control (:mod:`gaf.controls`), built with the same seed on every
-            rank so that every rank draws the same verdicts for the N·m rows.
-        measure: "cosine" (the only measure the protocol implements).
-        rule_options: the rule's keyword options (the same on every rank).
         gather: how the filtered blocks are gathered, "auto", "broadcast" or "all_gather"
             (:func:`~gaf.distributed.protocol.run_protocol`).
     """
@@ -172,8 +162,7 @@ class DistributedGradientCollector(GradientCollector):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
-        tau: float | Threshold = 0.97,
-        rule: str = "mean",
+        spec: FilterSpec | None = None,
         *,
         group=None,
         method: str = "sharded",
@@ -182,12 +171,11 @@ class DistributedGradientCollector(GradientCollector):
         sync_params: bool = True,
         check: bool = True,
         timeout: Timeout = None,
-        control: Control | None = None,
-        measure: str = "cosine",
-        rule_options: Mapping | None = None,
         gather: str = "auto",
+        **filter_options,
     ):
-        _check_cosine(measure)
+        spec = resolve_spec(spec, **filter_options)
+        DistributedBackend.check_spec(spec)
         method = check_method(method)
         if buffer_sync not in BUFFER_SYNC:
             raise ValueError(
@@ -201,15 +189,14 @@ class DistributedGradientCollector(GradientCollector):
         def sync() -> None:
             sync_buffers(buffer_list, buffer_sync, group=comm.group, timeout=comm.timeout)
 
-        def backend(flat: FlatGradients) -> DistributedBackend:
-            return DistributedBackend(flat, rule, comm, method, check, rule_options,
+        def backend(flat: FlatGradients, spec: FilterSpec) -> DistributedBackend:
+            return DistributedBackend(flat, spec, comm, method, check,
                                       sync if buffer_list else None, gather)
 
-        super().__init__(params, tau=tau, rule=rule, control=control,
-                         rule_options=rule_options, backend=backend)
+        super().__init__(params, spec, backend=backend)
         self.comm, self.method, self.buffers = comm, method, buffer_list
         # Catch a different model on some rank before anything is broadcast over it.
-        check_agreement(
+        check_settings(
             comm,
             step_fields(self.flat.numel, 0, self.flat.dtype, self.rule, self.tau, method,
                         self.backend.layout, self.rule_options),
@@ -236,10 +223,10 @@ class DistributedGAFTrainer(GAFTrainer):
     everywhere too). A ``DistributedDataParallel`` model is accepted: GAFTrainer runs its
     forward and backward under ``no_sync()`` so DDP's all-reduce never runs.
 
-    Args are those of :class:`~gaf.training.GAFTrainer` (``mode`` is always "stacked",
-    ``measure`` "cosine") plus ``group``, ``method``, ``buffer_sync`` (``None`` to leave
-    buffers alone), ``sync_params``, ``check``, ``timeout`` and ``gather`` of
-    :class:`DistributedGradientCollector`.
+    Args are those of :class:`~gaf.training.GAFTrainer` (``spec`` or its keyword sugar;
+    the backend is always the distributed one, the measure "cosine") plus ``group``,
+    ``method``, ``buffer_sync`` (``None`` to leave buffers alone), ``sync_params``,
+    ``check``, ``timeout`` and ``gather`` of :class:`DistributedGradientCollector`.
     """
 
     def __init__(
@@ -248,8 +235,7 @@ class DistributedGAFTrainer(GAFTrainer):
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         num_micro_batches: int,
-        tau: float | Threshold = 0.97,
-        rule: str = "mean",
+        spec: FilterSpec | None = None,
         *,
         group=None,
         method: str = "sharded",
@@ -260,18 +246,16 @@ class DistributedGAFTrainer(GAFTrainer):
         autocast_dtype: torch.dtype | None = None,
         check: bool = True,
         timeout: Timeout = None,
-        control: Control | None = None,
-        measure: str = "cosine",
-        rule_options: Mapping | None = None,
         gather: str = "auto",
+        **filter_options,
     ):
+        check_optimizer_params(model, optimizer)
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         collector = DistributedGradientCollector(
-            optimizer.param_groups, tau=tau, rule=rule, group=group, method=method,
+            optimizer.param_groups, spec, group=group, method=method,
             buffers=inner if buffer_sync is not None else None,
             buffer_sync=buffer_sync or "broadcast", sync_params=sync_params, check=check,
-            timeout=timeout, control=control, measure=measure, rule_options=rule_options,
-            gather=gather,
+            timeout=timeout, gather=gather, **filter_options,
         )
         super().__init__(model, optimizer, loss_fn, num_micro_batches,
                          max_grad_norm=max_grad_norm, scaler=scaler,

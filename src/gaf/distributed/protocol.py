@@ -53,7 +53,7 @@ Deliberate choices:
   and ``weighted_sum`` never touches zero-weight rows, so it cannot poison the result.
 * Buffers. Repeated calls can reuse a :class:`Workspace` and an ``out`` tensor (the
   collector does), so a step allocates nothing: fresh large buffers cost page faults.
-* Every step first runs the cross-rank check (:mod:`gaf.distributed.agreement`), and
+* Every step first runs the cross-rank check (:mod:`gaf.distributed.settings_check`), and
   every collective fails clearly (:mod:`gaf.distributed.comm`).
 """
 
@@ -80,8 +80,8 @@ from gaf.core import (
     result_from_decision,
     weighted_sum,
 )
-from gaf.distributed.agreement import DTYPE_CODES, METHODS, check_agreement, step_fields
 from gaf.distributed.comm import AllToAllUnsupported, Comm, Workspace, all_gather_flat
+from gaf.distributed.settings_check import DTYPE_CODES, METHODS, check_settings, step_fields
 
 GATHERS: tuple[str, ...] = ("auto", "broadcast", "all_gather")
 
@@ -176,8 +176,9 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
     gram = None
     for c, work in enumerate(works):
         comm.wait(what, [work], since, unsupported_ok=True)
-        # Accumulated in at least float32 (float64 for half precision), as on one device.
-        partial = gram_matrix(shards[c])
+        # Summed in float64: a float32 Gram falls back to float64 on the ranks whose shards
+        # would over- or underflow (gram_matrix), and every rank must reduce the same dtype.
+        partial = gram_matrix(shards[c]).to(torch.float64)
         gram = partial if gram is None else gram.add_(partial)
 
     # 2.-3. Sum the partial Grams; every rank decides from the same bits.
@@ -243,7 +244,7 @@ def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, o
     # whatever the BLAS does, and 1/N of the Gram work.
     s = -(-p // n)
     lo, hi = min(r * s, p), min((r + 1) * s, p)
-    gram = gram_matrix(every[:, lo:hi])
+    gram = gram_matrix(every[:, lo:hi]).to(torch.float64)  # one dtype on every rank
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
     decision = decide(gram, tau, rule, verdicts, options)
     weighted_sum(every, decision.weights, out)
@@ -304,7 +305,7 @@ def run_protocol(
     ws = workspace if workspace is not None else Workspace()
     if check:
         values = step_fields(p, m, rows.dtype, rule, tau, method, layout, rule_options)
-        check_agreement(comm, values, rows.device, "the GAF exchange")
+        check_settings(comm, values, rows.device, "the GAF exchange")
     used = method
     if comm.size == 1:
         decision = decide(gram_matrix(rows), tau, rule, verdicts, rule_options)

@@ -39,12 +39,14 @@ answers by lowering its scale; DeepSpeed and FSDP own the gradients and are not 
 
 from __future__ import annotations
 
+import functools
+
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 from torch import nn
 
-from gaf.collector import FilterStats
+from gaf.core import FilterStats
 from gaf.integrations.common import (
     MicroGradientWindow,
     WindowOutcome,
@@ -53,7 +55,7 @@ from gaf.integrations.common import (
     step_statistics,
     trainable_params,
 )
-from gaf.thresholds import Threshold
+from gaf.spec import FilterSpec, resolve_spec
 
 __all__ = ["GAFAccumulator"]
 
@@ -80,15 +82,15 @@ class GAFAccumulator:
         accelerator: Accelerator,
         model: nn.Module,
         optimizer: AcceleratedOptimizer,
-        tau: float | Threshold = 0.97,
-        rule: str = "mean",
-        mode: str = "auto",
-        measure: str = "cosine",
+        spec: FilterSpec | None = None,
         *,
+        mode: str = "auto",
         method: str = "sharded",
         timeout: float | None = None,
         num_micro_batches: int | None = None,
+        **filter_options,
     ):
+        spec = resolve_spec(spec, **filter_options)
         if num_micro_batches is None:
             num_micro_batches = accelerator.gradient_accumulation_steps
         if not isinstance(optimizer, AcceleratedOptimizer):
@@ -114,9 +116,8 @@ class GAFAccumulator:
         self.accelerator = accelerator
         self.optimizer = optimizer
         self.collector = build_collector(
-            optimizer.optimizer, distributed=distributed, tau=tau, rule=rule, mode=mode,
-            measure=measure, method=method, timeout=timeout,
-            num_micro_batches=num_micro_batches,
+            optimizer.optimizer, spec, distributed=distributed, mode=mode, method=method,
+            timeout=timeout, num_micro_batches=num_micro_batches,
         )
         self.window = MicroGradientWindow(self.collector, trainable_params(optimizer.optimizer))
         self.overflow_steps = 0
@@ -184,6 +185,11 @@ class GAFAccumulator:
     def _guard_step(self, optimizer: AcceleratedOptimizer) -> None:
         original = optimizer.step
 
+        # wraps() keeps the marker an LR scheduler built earlier left on step() (the HF
+        # Trainer builds its scheduler before the first micro-batch): without it torch warns
+        # that step() "has been overridden after learning rate scheduler initialization".
+        # The scheduler's wrapper still runs on every taken step; skipped steps hold it.
+        @functools.wraps(original)
         def step(closure=None):
             if not optimizer.gradient_state.sync_gradients:
                 return original(closure)  # mid-window: accelerate's own no-op

@@ -20,15 +20,14 @@ scaler skips the step and lowers its scale, as it would without GAF.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from gaf.collector import FilterStats, GradientCollector
-from gaf.core import FilterResult
-from gaf.thresholds import Threshold
+from gaf.collector import GradientCollector
+from gaf.core import FilterResult, FilterStats
+from gaf.spec import FilterSpec
 
 
 @dataclass
@@ -52,32 +51,30 @@ def trainable_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 def build_collector(
     optimizer: torch.optim.Optimizer,
+    spec: FilterSpec,
     *,
     distributed: bool,
-    tau: float | Threshold,
-    rule: str,
     mode: str,
-    measure: str,
     method: str,
     timeout: float | None,
     num_micro_batches: int | None,
 ) -> GradientCollector:
-    """A collector over ``optimizer``'s parameters: across the default process group when
-    ``distributed`` (the decision then covers every rank's micro-gradients)."""
+    """A collector over ``optimizer``'s parameters filtering by ``spec``: across the
+    default process group when ``distributed`` (the decision then covers every rank's
+    micro-gradients; the spec's measure must then be "cosine", which the distributed
+    backend checks)."""
     if not distributed:
-        return GradientCollector(optimizer.param_groups, tau=tau, rule=rule, mode=mode,
-                                 measure=measure, num_micro_batches=num_micro_batches)
-    if mode not in ("auto", "stacked") or measure != "cosine":
-        raise ValueError(
-            f"distributed GAF supports mode 'stacked' with the cosine measure, got mode "
-            f"{mode!r} and measure {measure!r}"
-        )
+        return GradientCollector(optimizer.param_groups, spec, mode=mode,
+                                 num_micro_batches=num_micro_batches)
+    if mode not in ("auto", "stacked"):
+        raise ValueError(f"distributed GAF supports mode 'stacked' (or 'auto'), got mode "
+                         f"{mode!r}")
     from gaf.distributed import DistributedGradientCollector
 
     # The framework's DDP wrapper already broadcast rank 0's parameters and broadcasts
     # buffers before every forward: the collector need not do either.
-    return DistributedGradientCollector(optimizer.param_groups, tau=tau, rule=rule,
-                                        method=method, sync_params=False, timeout=timeout)
+    return DistributedGradientCollector(optimizer.param_groups, spec, method=method,
+                                        sync_params=False, timeout=timeout)
 
 
 def disable_ddp_allreduce(model: torch.nn.parallel.DistributedDataParallel) -> None:
@@ -92,12 +89,6 @@ def disable_ddp_allreduce(model: torch.nn.parallel.DistributedDataParallel) -> N
     from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 
     model.register_comm_hook(None, noop_hook)
-
-
-def poison_gradients(params: list[Tensor]) -> None:
-    """Set every ``.grad`` to inf: a GradScaler then finds an overflow and skips the step."""
-    for p in params:
-        p.grad = torch.full_like(p, math.inf)
 
 
 class MicroGradientWindow:
@@ -129,11 +120,10 @@ class MicroGradientWindow:
     def finish(self, *, loss_divisor: float, scaler: bool) -> WindowOutcome:
         """Filter what the window collected (e.g. when its last micro-batch ran no
         backward) and leave the step's direction in ``.grad``; see :meth:`after_backward`."""
-        result = self.collector.finish()
-        overflow = scaler and result.num_nonfinite > 0
-        if overflow:
-            poison_gradients(self.params)
-        elif not result.skipped and loss_divisor != 1:
+        # With a scaler, an overflow leaves inf in .grad for the scaler to find.
+        result = self.collector.finish(amp=scaler)
+        overflow = result.extra["overflow"]
+        if not overflow and not result.skipped and loss_divisor != 1:
             grads = [p.grad for p in self.params if p.grad is not None]
             torch._foreach_mul_(grads, float(loss_divisor))
         return WindowOutcome(result, result.skipped or overflow, overflow)

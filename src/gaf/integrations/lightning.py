@@ -79,7 +79,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from gaf.collector import FilterStats
+from gaf.core import FilterStats
 from gaf.integrations.common import (
     MicroGradientWindow,
     WindowOutcome,
@@ -88,7 +88,7 @@ from gaf.integrations.common import (
     step_statistics,
     trainable_params,
 )
-from gaf.thresholds import Threshold
+from gaf.spec import FilterSpec, resolve_spec
 
 __all__ = ["GAFCallback"]
 
@@ -97,8 +97,10 @@ class GAFCallback(Callback):
     """Gradient Agreement Filtering over Lightning's gradient accumulation.
 
     Args:
-        tau, rule, mode, measure: as for :class:`gaf.GradientCollector` (under DDP the
-            mode is "stacked" and the measure "cosine").
+        spec: the filter (:class:`gaf.FilterSpec`); ``tau``, ``rule``, ``rule_options``,
+            ``measure``, ``control`` as keyword sugar (under DDP the measure must be
+            "cosine"). Checked here, at construction.
+        mode: as for :class:`gaf.GradientCollector` ("stacked" under DDP).
         method: the distributed exchange, "sharded" or "allgather" (DDP only).
         hold_lr_schedulers: do not step ``interval="step"`` LR schedulers on skipped steps.
         log: send the step statistics to ``pl_module.log`` under ``log_prefix``.
@@ -107,21 +109,18 @@ class GAFCallback(Callback):
 
     def __init__(
         self,
-        tau: float | Threshold = 0.97,
-        rule: str = "mean",
-        mode: str = "auto",
-        measure: str = "cosine",
+        spec: FilterSpec | None = None,
         *,
+        mode: str = "auto",
         method: str = "sharded",
         hold_lr_schedulers: bool = True,
         log: bool = True,
         log_prefix: str = "gaf/",
         timeout: float | None = None,
+        **filter_options,
     ):
-        self.tau = tau
-        self.rule = rule
+        self.spec = resolve_spec(spec, **filter_options)
         self.mode = mode
-        self.measure = measure
         self.method = method
         self.hold_lr_schedulers = hold_lr_schedulers
         self.log = log
@@ -178,9 +177,8 @@ class GAFCallback(Callback):
             disable_ddp_allreduce(trainer.strategy.model)
         if self.collector is None:
             self.collector = build_collector(
-                optimizer, distributed=ddp, tau=self.tau, rule=self.rule, mode=self.mode,
-                measure=self.measure, method=self.method, timeout=self.timeout,
-                num_micro_batches=m,
+                optimizer, self.spec, distributed=ddp, mode=self.mode, method=self.method,
+                timeout=self.timeout, num_micro_batches=m,
             )
             if self._loaded:  # a checkpoint is restored before fitting starts
                 self.collector.load_state_dict(self._loaded["collector"])

@@ -26,8 +26,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from gaf.collector import FilterStats
-from gaf.core import FilterResult
+from gaf.core import FilterResult, FilterStats
 from gaf.integrations.common import WindowOutcome, step_statistics
 from gaf.training import StepResult
 

@@ -45,9 +45,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from gaf.collector import FilterStats
+from gaf.core import FilterStats
 from gaf.integrations.accelerate import GAFAccumulator
-from gaf.thresholds import Threshold
+from gaf.spec import SPEC_DEFAULTS, FilterSpec, resolve_spec
 
 __all__ = ["GAF_STATE_NAME", "GAFHFTrainer"]
 
@@ -57,25 +57,26 @@ GAF_STATE_NAME = "gaf_state.pt"  # beside the Trainer's own files in each checkp
 class GAFHFTrainer(Trainer):
     """``transformers.Trainer`` that filters each step's micro-gradients with GAF.
 
-    Takes every argument of ``Trainer`` plus, keyword-only, ``tau``, ``rule``, ``mode``,
-    ``measure`` (as for :class:`gaf.GradientCollector`) and ``method``, ``timeout`` (the
-    distributed exchange).
+    Takes every argument of ``Trainer`` plus, keyword-only, ``spec`` (a
+    :class:`gaf.FilterSpec`; or its keyword sugar ``tau``, ``rule``, ``rule_options``,
+    ``measure``, ``control``, checked here at construction), ``mode`` (as for
+    :class:`gaf.GradientCollector`) and ``method``, ``timeout`` (the distributed exchange).
     """
 
     def __init__(
         self,
         *args: Any,
-        tau: float | Threshold = 0.97,
-        rule: str = "mean",
+        spec: FilterSpec | None = None,
         mode: str = "auto",
-        measure: str = "cosine",
         method: str = "sharded",
         timeout: float | None = None,
         **kwargs: Any,
     ):
+        # The filter's keyword sugar, taken out before the rest goes to Trainer.
+        filter_options = {k: kwargs.pop(k) for k in SPEC_DEFAULTS if k in kwargs}
+        spec = resolve_spec(spec, **filter_options)
         super().__init__(*args, **kwargs)
-        self.gaf_options = dict(tau=tau, rule=rule, mode=mode, measure=measure, method=method,
-                                timeout=timeout)
+        self.gaf_options = dict(spec=spec, mode=mode, method=method, timeout=timeout)
         self.gaf: GAFAccumulator | None = None
         self._gaf_resume: dict | None = None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -23,9 +23,20 @@ class Threshold(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def _check_kind(state: dict, kind: str) -> None:
-    if state.get("kind", kind) != kind:
-        raise ValueError(f"state is for a {state['kind']!r} threshold, not {kind!r}")
+def _check_kind(state: dict, kind: str, needed: Sequence[str] = ()) -> None:
+    """Refuse the state of another kind of threshold, or one missing ``needed`` keys, with
+    a message that says so (a KeyError would name only the key)."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"a threshold state must be a dict, got {type(state).__name__}")
+    # States saved before thresholds named their kind: a fixed one held only "tau".
+    saved = state.get("kind", "fixed" if set(state) == {"tau"} else kind)
+    if saved != kind:
+        raise ValueError(f"state is for a {saved!r} threshold, not {kind!r}: resume with "
+                         f"the kind of threshold the run was saved with")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise ValueError(f"{kind!r} threshold state lacks {', '.join(map(repr, missing))}: "
+                         "not a state this threshold saved")
 
 
 class FixedThreshold:
@@ -41,10 +52,17 @@ class FixedThreshold:
         pass
 
     def state_dict(self) -> dict:
-        return {"tau": self.tau}
+        return {"kind": "fixed", "tau": self.tau}
 
     def load_state_dict(self, state: dict) -> None:
-        self.tau = check_tau(state["tau"])
+        """Check that ``state`` was saved with this tau: a fixed tau is a setting of the
+        run, so a checkpoint never replaces the one given at construction."""
+        _check_kind(state, "fixed", ("tau",))
+        saved = check_tau(state["tau"])
+        if saved != self.tau:
+            raise ValueError(f"state was saved with tau {saved}, but this threshold was "
+                             f"built with tau {self.tau}: build it with tau={saved} to "
+                             "resume that run")
 
     def __repr__(self) -> str:
         return f"FixedThreshold({self.tau})"
@@ -136,7 +154,7 @@ class ScheduledThreshold:
                 "total_steps": self.total_steps, "schedule": self.schedule}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_kind(state, "scheduled")
+        _check_kind(state, "scheduled", ("start", "end", "total_steps", "schedule", "step"))
         self.__init__(state["start"], state["end"], state["total_steps"], state["schedule"])
         self.step = _check_int("step", state["step"], 0)
 
@@ -176,7 +194,7 @@ class StepThreshold:
                 "milestones": list(self.milestones)}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_kind(state, "step")
+        _check_kind(state, "step", ("values", "milestones", "step"))
         self.__init__(state["values"], state["milestones"])
         self.step = _check_int("step", state["step"], 0)
 
@@ -251,7 +269,7 @@ class _WindowThreshold:
                 "distances": list(self.distances)}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_kind(state, self.kind)
+        _check_kind(state, self.kind, (*self._params(), "steps", "distances"))
         params = {k: state[k] for k in self._params()}
         self.__init__(**params)
         self.steps = _check_int("steps", state["steps"], 0)

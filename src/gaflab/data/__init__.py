@@ -55,6 +55,7 @@ from gaflab.data.registry import (
 )
 from gaflab.data.types import (
     DataFormat,
+    DatasetFileError,
     DatasetInfo,
     DatasetNotFoundError,
     ImageData,
@@ -74,6 +75,7 @@ __all__ = [
     "IDX_FILES",
     "SYSTEM_ROOTS",
     "DataFormat",
+    "DatasetFileError",
     "DatasetInfo",
     "DatasetNotFoundError",
     "ImageData",

@@ -29,8 +29,11 @@ from gaflab.data.types import (
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (EOFError, pickle.UnpicklingError, OSError) as e:  # a cut-off or damaged file
+        raise ValueError(f"{path}: truncated or damaged ({type(e).__name__}: {e})") from None
 
 
 def _get(d: dict, key: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,11 @@ def _open_maybe_gz(path: Path):
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (gzip-compressed or raw, detected from the content)."""
     path = Path(path)
-    with _open_maybe_gz(path) as f:
-        raw = f.read()
+    try:
+        with _open_maybe_gz(path) as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # a cut-off or damaged .gz
+        raise ValueError(f"{path}: truncated or damaged ({type(e).__name__}: {e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     code, ndim = raw[2], raw[3]

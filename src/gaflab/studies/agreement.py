@@ -43,7 +43,6 @@ when that file exists. :mod:`gaflab.studies.agreement_report` builds the tables 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from torch.nn import functional as F  # noqa: N812
 from gaf.core import RULES, decide, result_from_decision
 from gaf.thresholds import parse_threshold
 from gaflab.models import MLP
+from gaflab.results import strict_json
 from gaflab.studies.common import (
     parse_noise,
     sgd_step,
@@ -393,7 +393,7 @@ def main(argv=None) -> int:
                          if k not in ("out", "verbose", "only", "data_dir")}
         res["versions"] = versions()
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
+        tmp.write_text(strict_json(res))
         tmp.replace(path)
         last = {h["copy"]: h for h in res["history"] if h["epoch"] == args.epochs}
         print(f"{s.key}: {res['seconds']:.0f}s " + " | ".join(

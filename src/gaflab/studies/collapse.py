@@ -13,7 +13,6 @@ setting for comparison.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch.nn import functional as F  # noqa: N812
 
 import gaf
 from gaflab.models import build_model
+from gaflab.results import strict_json
 from gaflab.studies.common import study_data
 
 
@@ -93,11 +93,11 @@ def main(argv=None) -> int:
             .round(3).tolist(),
         }
         epochs.append(row)
-        print(json.dumps(row), flush=True)
+        print(strict_json(row, indent=None), flush=True)
     if args.out:
         config = {k: v for k, v in vars(args).items() if k != "data_dir"}
         with open(args.out, "w") as f:
-            json.dump({"config": config, "epochs": epochs}, f, indent=1)
+            f.write(strict_json({"config": config, "epochs": epochs}))
     return 0
 
 

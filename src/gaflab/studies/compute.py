@@ -15,9 +15,12 @@ rate decay to zero. The learning rate is chosen fairly, the same way for every (
 1. **tune**: every lr of a geometric grid, on a seed that is never reported (100); the
    control runs at each lr too, matched to GAF at that lr (this grid is the stability
    picture: accuracy at every lr, per method and b);
-2. **seeds**: at the lr with the best final test accuracy on the tuning seed, seeds 0, 1, 2:
+2. **seeds**: at the lr with the best final test accuracy on the tuning seed, seeds 0-4:
    averaging at its own best lr, GAF at its own, the control at GAF's (it is GAF's control:
-   same lr, same skip rate, only the choice is blind).
+   same lr, same skip rate, only the choice is blind);
+3. **scale**: GAF once more at its tuned lr on seed 0, recording the gradient noise scale
+   B_simple per epoch from each step's Gram matrix (``gaf.NoiseScale``), beside the observed
+   and forecast micro-gradient distances.
 
 Each cell (one ``run_comparison`` of one setting, lr and seed) lands as one JSON in the raw
 directory as soon as it finishes; a cell already there is skipped, so the study resumes
@@ -68,8 +71,9 @@ PRESETS = {
         base=TrainConfig(dataset="fashion-mnist", model="mlp", train_size=8000, test_size=5000,
                          epochs=8, schedule="cosine", num_micro_batches=2, tau=0.97,
                          match_per_epoch=True, threads=1, download=False),
-        sizes=(4, 8, 16, 32, 64, 128), lrs=(0.000625, 0.0025, 0.01, 0.04, 0.16),
-        note="2 CPU cores: the MLP (784-96-10) trains a 6 x 5 x 3 grid in about an hour"),
+        sizes=(2, 4, 8, 16, 32, 64, 128), lrs=(0.000625, 0.0025, 0.01, 0.04, 0.16),
+        seeds=(0, 1, 2, 3, 4),
+        note="2 CPU cores: the MLP (784-96-10), its 7 x 5 x 3 grid and 5 seeds in about an hour"),
     "paper": Preset(
         base=TrainConfig(dataset="cifar100", model="resnet18", train_size=None,
                          test_size=None, epochs=50, schedule="cosine", num_micro_batches=2,
@@ -89,10 +93,12 @@ class Cell:
     lr: float
     seed: int
     methods: tuple[str, ...] = field(default=METHODS)
+    tag: str = ""  # "scale": a run that measures the noise scale, not reported for accuracy
 
     @property
     def name(self) -> str:
-        return f"{self.noise}_b{self.size}_lr{self.lr:g}_s{self.seed}_{'-'.join(self.methods)}"
+        name = f"{self.noise}_b{self.size}_lr{self.lr:g}_s{self.seed}_{'-'.join(self.methods)}"
+        return f"{name}_{self.tag}" if self.tag else name
 
 
 def cell_configs(preset: Preset, cell: Cell) -> list[TrainConfig]:
@@ -167,14 +173,24 @@ def seed_cells(preset: Preset, raw: Path, noise: str, size: int) -> list[Cell]:
     return cells
 
 
+def scale_cell(preset: Preset, raw: Path, noise: str, size: int) -> list[Cell]:
+    """GAF at its tuned lr on the first reported seed, run again to record the gradient
+    noise scale per epoch (``b_simple`` in the history, from each step's Gram matrix)."""
+    best = best_lrs(preset, raw, noise, size)
+    return [] if best is None else [Cell(noise, size, best[GAF], preset.seeds[0], (GAF,),
+                                         "scale")]
+
+
 def plan(preset: Preset, raw: Path, phase: str) -> list[Cell]:
     cells: list[Cell] = []
     for noise in preset.noises:
         for size in preset.sizes:
-            if phase in ("tune", "all"):
+            if phase == "tune":
                 cells += [Cell(noise, size, lr, TUNE_SEED) for lr in preset.lrs]
-            if phase in ("seeds", "all"):
+            elif phase == "seeds":
                 cells += seed_cells(preset, raw, noise, size)
+            elif phase == "scale":
+                cells += scale_cell(preset, raw, noise, size)
     return cells
 
 
@@ -183,8 +199,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Preset]:
         prog="gaf study compute", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="fmnist")
-    ap.add_argument("--phase", choices=("tune", "seeds", "all"), default="all",
-                    help="all: tune, then the reported seeds of every size whose grid is done")
+    ap.add_argument("--phase", choices=("tune", "seeds", "scale", "all"), default="all",
+                    help="all: tune, then the reported seeds of every size whose grid is "
+                         "done, then the noise-scale runs")
     ap.add_argument("--raw", default="results/compute-study/raw", help="raw results directory")
     ap.add_argument("--noises", nargs="+", choices=sorted(NOISE_SETTINGS))
     ap.add_argument("--sizes", nargs="+", type=int, help="micro-batch sizes b (M = 2)")
@@ -219,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     raw.mkdir(parents=True, exist_ok=True)
     if not shutil.disk_usage(raw).free:
         raise SystemExit(f"error: no space left in {raw}")
-    phases = ("tune", "seeds") if args.phase == "all" else (args.phase,)
+    phases = ("tune", "seeds", "scale") if args.phase == "all" else (args.phase,)
     for phase in phases:
         todo = [c for c in plan(preset, raw, phase) if not (raw / f"{c.name}.json").exists()]
         print(f"compute study, {phase}: {len(todo)} cells to run in {raw}", flush=True)

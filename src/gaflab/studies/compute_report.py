@@ -41,7 +41,8 @@ def load_runs(raw: Path) -> list[dict]:
                 "memorised": _pct(s["final_memorised"]), "skip": 100 * skip,
                 "samples": steps * batch, "used": steps * batch * (1 - skip),
                 "cpu": run.get("train_cpu_seconds") or run["train_seconds"],
-                "b_simple": [h.get("b_simple") for h in hist],
+                "tag": cell.get("tag", ""),
+                "history": hist,
             })
     return runs
 
@@ -61,7 +62,8 @@ def _mean_ci(values: list[float]) -> str:
 
 
 def reported(runs: list[dict]) -> list[dict]:
-    return [r for r in runs if r["seed"] != TUNE_SEED]
+    """The reported seeds' runs (not the tuning seed, not the noise-scale reruns)."""
+    return [r for r in runs if r["seed"] != TUNE_SEED and not r["tag"]]
 
 
 def by(runs, *keys):
@@ -141,17 +143,26 @@ def stability_table(runs: list[dict], noise: str) -> list[str]:
     return rows
 
 
-def noise_scale_table(runs: list[dict], noise: str) -> list[str]:
-    gaf_runs = [r for r in reported(runs) if r["noise"] == noise and r["method"] == GAF]
-    rows = ["| b | B_simple per epoch (GAF runs, seed mean) | forecast b* = B (1 − tau) / tau "
-            "(last epoch) |", "|---|---|---|"]
-    for size, g in sorted(by(gaf_runs, "size").items()):
-        series = [r["b_simple"] for r in g if r["b_simple"] and None not in r["b_simple"]]
-        if not series:
+def noise_scale_table(runs: list[dict], noise: str, tau: float = 0.97) -> list[str]:
+    """Per b, from the GAF rerun that records it: B_simple at each epoch, the distance it
+    forecasts for two micro-batches of b, B / (B + b), against the observed median, the
+    skip rate, and b* = B (1 − tau) / tau, where the forecast meets tau."""
+    scale = sorted((r for r in runs if r["tag"] == "scale" and r["noise"] == noise),
+                   key=lambda r: r["size"])
+    rows = ["| b | lr | B_simple per epoch | forecast D(b), last epoch | observed median D, "
+            "last epoch | skipped %, first / last epoch | b* = B (1 − tau) / tau, last epoch |",
+            "|---|---|---|---|---|---|---|"]
+    for r in scale:
+        hist = r["history"]
+        series = [h.get("b_simple") for h in hist]
+        if not series or any(v is None or not math.isfinite(v) for v in series):
             continue
-        mean = np.mean(np.array(series, dtype=float), axis=0)
-        rows.append(f"| {size[0]} | {' / '.join(f'{v:.0f}' for v in mean)} "
-                    f"| {mean[-1] * 0.03 / 0.97:.1f} |")
+        last = hist[-1]
+        rows.append(
+            f"| {r['size']} | {r['lr']:g} | {' / '.join(f'{v:.0f}' for v in series)} "
+            f"| {last['distance_forecast']:.3f} | {last['distance_p50']:.3f} "
+            f"| {100 * hist[0]['skip_rate']:.0f} / {100 * last['skip_rate']:.0f} "
+            f"| {series[-1] * (1 - tau) / tau:.1f} |")
     return rows if len(rows) > 2 else []
 
 

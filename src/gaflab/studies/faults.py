@@ -34,10 +34,11 @@ from torch import nn
 
 import gaf
 from gaf.controls import RandomDrop
-from gaf.coordinatewise import aggregate_coordinatewise
+from gaf.core.coordinatewise import aggregate_coordinatewise
 from gaf.faults import FAULT_KINDS, FaultInjector
 from gaflab.data import load_dataset
 from gaflab.models import MLP
+from gaflab.results import strict_json
 
 RESULTS = Path("results/fault-study/results.json")
 REPORT = Path("docs/fault-study.md")
@@ -401,7 +402,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         results = study(args.data_dir)
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(results, indent=1) + "\n")
+        args.results.write_text(strict_json(results) + "\n")
     args.report.write_text(report(results))
     print(f"wrote {args.report}")
     return 0

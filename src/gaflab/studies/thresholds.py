@@ -24,7 +24,6 @@ the system locations; ``gaf data --dataset mnist`` fetches MNIST).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,10 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F  # noqa: N812
 
 from gaf.core import decide, decide_with, result_from_decision
-from gaf.measures import make_oracle
+from gaf.core.measures import make_oracle
 from gaf.thresholds import Threshold, parse_threshold
 from gaflab.models import MLP
+from gaflab.results import strict_json
 from gaflab.studies.common import parse_noise, sgd_step, stacked_copies, study_data, versions
 
 
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                                    for x in res["runs"]), flush=True)
                 out["total_seconds"] = time.perf_counter() - t_start
                 with open(args.out, "w") as f:
-                    json.dump(out, f, indent=1)
+                    f.write(strict_json(out))
     return 0
 
 
