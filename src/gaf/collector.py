@@ -76,6 +76,7 @@ from gaf.micrograds import (
     StackedBackend,
     StreamingBackend,
 )
+from gaf.noise_scale import NoiseScale
 from gaf.spec import FilterSpec, resolve_spec
 
 MODES = ("auto", "streaming", "stacked", "average")
@@ -167,6 +168,9 @@ class GradientCollector:
         self._expected = num_micro_batches
         self.threshold = spec.threshold
         self.stats = FilterStats()
+        # The gradient noise scale B_simple of the run, from each step's Gram matrix.
+        self.noise_scale = NoiseScale()
+        self.micro_batch_size: int | None = None  # collect()'s size when none is given
         self._reset_step()
 
     # -- public interface -------------------------------------------------------------
@@ -212,8 +216,12 @@ class GradientCollector:
         target.zero_()
         self.flat.bind(target)
 
-    def collect(self) -> None:
-        """Take the micro-gradient now in ``.grad`` and prepare ``.grad`` for the next one."""
+    def collect(self, size: int | None = None) -> None:
+        """Take the micro-gradient now in ``.grad`` and prepare ``.grad`` for the next one.
+
+        ``size``: the micro-batch's number of samples (default :attr:`micro_batch_size`);
+        with every row's size known, the step's Gram matrix feeds :attr:`noise_scale`.
+        """
         if self.flat.untouched():
             raise RuntimeError(
                 "collect() found no new gradient: nothing was written to .grad since the "
@@ -225,6 +233,7 @@ class GradientCollector:
             self._draw_verdicts(self._expected)
         verdict = None if self._verdicts is None else bool(self._verdicts[self._count])
         self.backend.collect(self._count, verdict)
+        self._sizes.append(self.micro_batch_size if size is None else size)
         self._count += 1
 
     def collect_batch(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -250,6 +259,7 @@ class GradientCollector:
             losses = self.backend.collect_batch(BatchPass(
                 model, loss_fn, inputs, targets, num_micro_batches, scale, autocast))
             self._count = num_micro_batches
+            self._sizes = [len(t) for t in split_batch(targets, num_micro_batches)]
             return losses.mean()
         m = num_micro_batches
         self.begin()  # .grad → zeroed buffer: backward writes in place
@@ -263,7 +273,7 @@ class GradientCollector:
             (scale(back) if scale is not None else back).backward()
             if on_micro_gradient is not None:
                 on_micro_gradient(k)
-            self.collect()
+            self.collect(size=len(y))
             total = loss.detach().float() if total is None else total + loss.detach().float()
         return total / m
 
@@ -291,6 +301,7 @@ class GradientCollector:
         result = self.backend.finish(self._count, self._step_tau, self._verdicts)
         self.stats.update(result)
         self.threshold.observe(result)
+        self._observe_noise_scale(result)
         overflow = amp and result.num_nonfinite > 0
         result.extra["overflow"] = overflow
         if overflow:
@@ -312,6 +323,7 @@ class GradientCollector:
         }
         if self.control is not None:
             state["control"] = self.control.state_dict()
+        state["noise_scale"] = self.noise_scale.state_dict()
         state.update(self.backend.state())
         return state
 
@@ -336,6 +348,8 @@ class GradientCollector:
         self.stats.load_state_dict(state["stats"])
         if self.control is not None and "control" in state:
             self.control.load_state_dict(state["control"])
+        if "noise_scale" in state:
+            self.noise_scale.load_state_dict(state["noise_scale"])
         self._step_tau = self.threshold.value()  # the next step tests the restored tau
         self.backend.start_step(self._step_tau)
 
@@ -346,8 +360,22 @@ class GradientCollector:
         self._verdicts = np.asarray(self.control.draw(micro_batches * self.world_size),
                                     dtype=bool)
 
+    def _observe_noise_scale(self, result: FilterResult) -> None:
+        """Feed the step's Gram matrix (stacked, one-pass and distributed backends keep it
+        in ``result.extra["gram"]``; streaming builds none) to :attr:`noise_scale`, and put
+        its running B_simple in ``result.extra["b_simple"]``. Across ranks every rank's
+        micro-batches are taken to have this rank's sizes."""
+        gram = result.extra.get("gram")
+        sizes = self._sizes * self.world_size
+        if gram is None or None in sizes or len(sizes) != gram.shape[0]:
+            return
+        self.noise_scale.update(gram, sizes)  # a host copy of an [M, M] matrix
+        if self.noise_scale.b_simple is not None:
+            result.extra["b_simple"] = self.noise_scale.b_simple
+
     def _reset_step(self) -> None:
         self._count = 0
+        self._sizes: list[int | None] = []
         self._verdicts: np.ndarray | None = None
         self._step_tau = self.threshold.value()
         self.backend.start_step(self._step_tau)

@@ -185,7 +185,7 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
     decision = decide(gram, tau, rule, verdicts, options)  # moves the (N·m)² G to the host
     if decision.skipped and not gather_if_skipped:
-        return decision, out.zero_()
+        return decision, out.zero_(), gram
 
     # 4. Rank r computes its blocks of Σ w_i g_i; every rank gathers all blocks.
     since = time.monotonic()
@@ -218,7 +218,7 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
     comm.wait(what, works, since)
     for dst, src in after:
         dst.copy_(src)
-    return decision, out
+    return decision, out, gram
 
 
 def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out: Tensor,
@@ -248,7 +248,7 @@ def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, o
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
     decision = decide(gram, tau, rule, verdicts, options)
     weighted_sum(every, decision.weights, out)
-    return decision, out
+    return decision, out, gram
 
 
 def check_method(method: object) -> str:
@@ -308,11 +308,12 @@ def run_protocol(
         check_settings(comm, values, rows.device, "the GAF exchange")
     used = method
     if comm.size == 1:
-        decision = decide(gram_matrix(rows), tau, rule, verdicts, rule_options)
+        gram = gram_matrix(rows)
+        decision = decide(gram, tau, rule, verdicts, rule_options)
         weighted_sum(rows, decision.weights, out)
     elif method == "sharded" and comm.backend not in _NO_ALL_TO_ALL:
         try:
-            decision, out = _sharded(rows, comm, tau, rule, ws, out, gather_if_skipped,
+            decision, out, gram = _sharded(rows, comm, tau, rule, ws, out, gather_if_skipped,
                                      chunk_elements, verdicts, rule_options, gather)
         except AllToAllUnsupported as exc:
             # The backend refused all_to_all before any data moved; it does so on every
@@ -325,12 +326,12 @@ def run_protocol(
             )
             _NO_ALL_TO_ALL.add(comm.backend)
             used = "allgather"
-            decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements, verdicts,
-                                       rule_options, gather)
+            decision, out, gram = _allgather(rows, comm, tau, rule, ws, out, chunk_elements,
+                                             verdicts, rule_options, gather)
     else:
         used = "allgather"
-        decision, out = _allgather(rows, comm, tau, rule, ws, out, chunk_elements, verdicts,
-                                       rule_options, gather)
+        decision, out, gram = _allgather(rows, comm, tau, rule, ws, out, chunk_elements,
+                                         verdicts, rule_options, gather)
     result = result_from_decision(decision, out, tau, rule)
     result.extra.update(
         method=used,
@@ -338,6 +339,7 @@ def run_protocol(
         rank=comm.rank,
         rows_per_rank=m,
         local_rows=slice(comm.rank * m, (comm.rank + 1) * m),
+        gram=gram,  # the all-reduced Gram matrix: the same bits on every rank
     )
     return result
 

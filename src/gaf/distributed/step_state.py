@@ -103,6 +103,7 @@ class GAFStepState:
         if self.spec.control is not None:
             verdicts = np.asarray(self.spec.control.draw(comm.size), dtype=bool)
         decision = decide(gram, tau, self.spec.rule, verdicts, self.spec.rule_options)
+        self._gram = gram  # recorded with the result: the noise scale reads it
         return decision, tau
 
     def record(self, decision: Decision, tau: float, comm: Comm, direction: Tensor,
@@ -110,7 +111,8 @@ class GAFStepState:
         """Keep the step's :class:`~gaf.core.FilterResult` (rows = ranks) and counters."""
         result = result_from_decision(decision, direction, tau, self.spec.rule)
         result.extra.update(world_size=comm.size, rank=comm.rank, rows_per_rank=1,
-                            local_rows=slice(comm.rank, comm.rank + 1), **extra)
+                            local_rows=slice(comm.rank, comm.rank + 1),
+                            gram=getattr(self, "_gram", None), **extra)
         self.stats.update(result)
         self.threshold.observe(result)
         self.result = result

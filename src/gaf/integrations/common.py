@@ -20,6 +20,7 @@ scaler skips the step and lowers its scale, as it would without GAF.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -136,8 +137,9 @@ def step_statistics(
 
     ``skipped`` (1 or 0), ``accepted`` (micro-gradients kept), ``acceptance`` (their
     fraction), ``distance`` (mean cosine distance of the valid non-anchor micro-gradients
-    to the running direction; absent when there is none), ``tau``, ``invalid`` and, given
-    the running ``stats``, ``skip_rate`` and ``acceptance_rate`` so far.
+    to the running direction; absent when there is none), ``tau``, ``invalid``, given
+    the running ``stats``, ``skip_rate`` and ``acceptance_rate`` so far, and ``b_simple``
+    (the gradient noise scale) where the collector measures it.
     """
     row = {
         "skipped": float(result.skipped or overflow),
@@ -156,4 +158,7 @@ def step_statistics(
     if stats is not None:
         row["skip_rate"] = float(stats.skip_rate)
         row["acceptance_rate"] = float(stats.acceptance_rate)
+    b_simple = result.extra.get("b_simple")
+    if b_simple is not None and math.isfinite(b_simple):  # the collector's gaf.NoiseScale
+        row["b_simple"] = float(b_simple)
     return row
