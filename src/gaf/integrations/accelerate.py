@@ -1,6 +1,4 @@
-"""GAF for loops written with Hugging Face accelerate's gradient accumulation.
-
-Usage (one process, or every process of ``accelerate launch`` / ``torchrun``)::
+"""GAF for loops written with Hugging Face accelerate's gradient accumulation::
 
     accelerator = Accelerator(gradient_accumulation_steps=M)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -15,26 +13,11 @@ Usage (one process, or every process of ``accelerate launch`` / ``torchrun``)::
             scheduler.step()                         # accelerate holds it on skipped steps
             optimizer.zero_grad()
 
-Per window of M micro-batches (``accelerator.sync_gradients`` marks the last)::
-
-    after each backward: the collector takes the micro-gradient out of .grad
-    at the last: filter; .grad = M · (mean of the accepted ones), undoing the division of
-        each loss by M in accelerator.backward
-    optimizer.step(): skipped step → no step, and accelerate's skip flag is set, so
-        accelerator.optimizer_step_was_skipped is True and prepared schedulers do not step;
-        taken step → the usual step (through the GradScaler with fp16)
-
-Several processes: the prepared model is wrapped in ``DistributedDataParallel``; the
-accumulator registers a DDP communication hook that moves no data (DDP would average the
-micro-gradients at the window's last backward) and filters with
-:class:`gaf.distributed.DistributedGradientCollector`: the decision covers every rank's
-micro-gradients and every rank applies the same direction. Give each rank its own data
-(a prepared data loader shards it).
-
-Pitfalls: an unprepared scheduler does not know about skips (step it only when
-``not accelerator.optimizer_step_was_skipped``); the GradScaler (fp16) sees loss / M, so an
-overflowing micro-gradient turns the whole step into an overflow that the scaler skips and
-answers by lowering its scale; DeepSpeed and FSDP own the gradients and are not supported.
+At the window's last micro-batch ``.grad`` = M · (mean of the accepted ones); a skipped
+step sets accelerate's skip flag (``accelerator.optimizer_step_was_skipped``), which
+prepared schedulers read. Under DDP a no-op communication hook stops DDP's all-reduce and
+a :class:`gaf.distributed.DistributedGradientCollector` filters every rank's
+micro-gradients. DeepSpeed and FSDP are not supported (docs/integrations.md).
 """
 
 from __future__ import annotations

@@ -1,21 +1,13 @@
-"""TensorBoard and CSV logs of GAF statistics, for any loop that steps with GAF.
-
-Usage::
+"""TensorBoard and CSV logs of GAF statistics, for any loop that steps with GAF::
 
     with StatsLogger("runs/gaf") as logger:                # TensorBoard events + CSV files
         for step, (x, y) in enumerate(loader):
-            out = trainer.step(x, y)                       # a gaf.GAFTrainer
-            logger.log_step(step, out, trainer.stats)
+            logger.log_step(step, trainer.step(x, y), trainer.stats)
         logger.log_epoch(epoch, {"test_accuracy": acc})    # any scalars, once an epoch
 
-``log_step`` writes, under ``gaf/``: ``skipped``, ``accepted``, ``acceptance``,
-``distance``, ``tau``, ``invalid``, and given the running stats ``skip_rate`` and
-``acceptance_rate``; from a :class:`gaf.StepResult` also ``loss`` and ``overflow``. The
-same rows go to ``steps.csv``; ``log_epoch`` rows go to ``epoch/<name>`` and
-``epochs.csv``. Reading a ``StepResult``'s loss costs one device sync per logged step:
-log every k-th step where that matters.
-
-TensorBoard needs the ``tensorboard`` package (``gaf[tensorboard]``); ``tensorboard=False``
+``log_step`` writes :func:`~gaf.integrations.common.step_statistics` under ``gaf/`` (and a
+``StepResult``'s ``loss``, one device sync, and ``overflow``) to TensorBoard and
+``steps.csv``; ``log_epoch`` to ``epoch/<name>`` and ``epochs.csv``. ``tensorboard=False``
 writes the CSV files alone, with no extra package.
 """
 
