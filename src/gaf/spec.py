@@ -1,17 +1,9 @@
 """The filter specification: what a GAF step filters by, declared and checked once.
 
-Every front end (``GAFTrainer``, ``GradientCollector``, the distributed collector and
-trainer, the DDP hook, the FSDP2 reduce-scatter, the Lightning / HF / accelerate
-integrations) takes a :class:`FilterSpec`. Keyword arguments (``tau=``, ``rule=``, ...) stay
-as sugar: :func:`resolve_spec` builds the spec from them, so a new option is added here and
-nowhere else.
-
-    spec = gaf.FilterSpec(tau=0.97, rule="mean")
-    trainer = gaf.GAFTrainer(model, optimizer, loss_fn, num_micro_batches=2, spec=spec)
-
-A spec is frozen; its threshold and control may hold state (an adaptive threshold's
-history, a control's random generator). That state belongs to the one front end the spec is
-given to: build one spec per front end when a threshold or control is stateful.
+Every front end takes a :class:`FilterSpec`; keyword arguments (``tau=``, ``rule=``, ...)
+stay as sugar that :func:`resolve_spec` turns into one, so a new option is added here and
+nowhere else. A spec is frozen, but its threshold and control may hold state: build one
+spec per front end when either is stateful.
 """
 
 from __future__ import annotations

@@ -30,27 +30,11 @@ opposed; a row is accepted when its distance is <= tau.
                  as much as the largest convolution; under whole-vector cosine the largest
                  tensors decide alone. Needs the tensor sizes (``segments``).
 
-Cost, M micro-gradients of P numbers split in L tensors:
-
-* cosine: one Gram matrix, O(M²P) flops; distributed: one all-reduce of (NM)² numbers on
-  top of the sharded exchange (docs/design.md, "The distributed protocol"). Decision
-  O(M³) on the host.
-* layerwise: L Gram matrices [L, M, M], still O(M²P) flops in total (each coordinate is
-  in one tensor); distributed: the same sharded protocol with an all-reduce of L·(NM)²
-  numbers instead of (NM)². Decision O(L·M³) on the host. A shard boundary may cut a
-  tensor: each rank sums the products of its own slice of every tensor, and the sum over
-  ranks is exact, so the protocol is unchanged.
-* sign, rules "anchor"/"neighbours": the pairwise sign distances are cosines of the
-  sign vectors, i.e. the Gram matrix of sign(X), so they cost one extra Gram (O(M²P)) and,
-  distributed, one extra all-reduce of (NM)² numbers (sign is elementwise, so each rank
-  signs its own shards). Sign agreement of sign vectors is also exact in integers.
-* sign, rules "mean"/"halving": sign(s) of a *sum* is not a function of any Gram matrix,
-  so the data must be revisited after every decision: M-1 sequential comparisons, each
-  forming s (O(MP)) and a dot product of signs (O(P)), with one device→host sync each
-  (O(M²P) flops, M-1 syncs instead of 1). Distributed, each comparison needs its own
-  all-reduce of 2 numbers (Σ sign(s_i)sign(g_ki) and nnz(s) over the local shard), so
-  the decision costs M-1 dependent tiny all-reduces: latency-bound, not bandwidth-bound.
-  With M = 2 (the usual setting) there is one comparison and sign is as cheap as cosine.
+Cost: cosine and layerwise cost one Gram matrix worth of flops, O(M²P) (layerwise keeps
+L of them, [L, M, M]); sign with "anchor"/"neighbours" one more Gram, of sign(X); sign
+with "mean"/"halving" revisits the data after every decision (sign(s) of a sum is no
+function of a Gram matrix): M-1 comparisons, each with a device→host sync, and
+distributed a tiny all-reduce each (docs/distributed.md).
 """
 
 from __future__ import annotations
