@@ -105,16 +105,9 @@ class GradientCollector:
             one-pass front ends pass one); then ``mode`` is ignored.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict],
-        spec: FilterSpec | None = None,
-        *,
-        mode: str = "auto",
-        num_micro_batches: int | None = None,
-        backend: BackendFactory | None = None,
-        **filter_options,
-    ):
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], spec: FilterSpec | None = None, *,
+                 mode: str = "auto", num_micro_batches: int | None = None,
+                 backend: BackendFactory | None = None, **filter_options):
         self.spec = spec = resolve_spec(spec, **filter_options)
         self.rule, self.rule_options, self.measure = spec.rule, spec.rule_options, spec.measure
         self.flat = FlatGradients(params)

@@ -88,23 +88,13 @@ class GAFTrainer:
     no other, so every step would be skipped (distributed, m = 1 per rank is fine).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        num_micro_batches: int,
-        spec: FilterSpec | None = None,
-        *,
-        mode: str = "auto",
-        max_grad_norm: float | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-        autocast_dtype: torch.dtype | None = None,
-        collector: GradientCollector | None = None,
-        micro_gradients: str = "sequential",
-        average: bool = False,
-        **filter_options,
-    ):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
+                 spec: FilterSpec | None = None, *, mode: str = "auto",
+                 max_grad_norm: float | None = None, scaler: torch.amp.GradScaler | None = None,
+                 autocast_dtype: torch.dtype | None = None,
+                 collector: GradientCollector | None = None, micro_gradients: str = "sequential",
+                 average: bool = False, **filter_options):
         if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) \
                 or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches!r}")

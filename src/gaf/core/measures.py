@@ -210,14 +210,8 @@ def make_oracle(grads: Tensor, measure: str, segments: Sequence[int] | None = No
     return SignOracle(grads)
 
 
-def decide_measure(
-    grads: Tensor,
-    tau: float,
-    rule: str = "mean",
-    measure: str = "cosine",
-    segments: Sequence[int] | None = None,
-    verdicts: np.ndarray | None = None,
-    rule_options: dict | None = None,
-) -> Decision:
+def decide_measure(grads: Tensor, tau: float, rule: str = "mean", measure: str = "cosine",
+                   segments: Sequence[int] | None = None, verdicts: np.ndarray | None = None,
+                   rule_options: dict | None = None) -> Decision:
     """The decision of ``rule`` over a stack [M, P] with distances of ``measure``."""
     return decide_with(make_oracle(grads, measure, segments), tau, rule, verdicts, rule_options)

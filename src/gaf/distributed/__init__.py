@@ -15,18 +15,7 @@ from gaf.distributed.fsdp import GAFFSDPState
 from gaf.distributed.protocol import GATHERS, filter_gradients_distributed
 from gaf.distributed.settings_check import METHODS
 
-__all__ = [
-    "BUFFER_SYNC",
-    "GATHERS",
-    "METHODS",
-    "DistributedGAFTrainer",
-    "DistributedGradientCollector",
-    "GAFFSDPState",
-    "GAFHookState",
-    "GAFDistributedError",
-    "Workspace",
-    "broadcast_parameters",
-    "filter_gradients_distributed",
-    "gaf_hook",
-    "sync_buffers",
-]
+__all__ = ["BUFFER_SYNC", "GATHERS", "METHODS", "DistributedGAFTrainer",
+           "DistributedGradientCollector", "GAFFSDPState", "GAFHookState", "GAFDistributedError",
+           "Workspace", "broadcast_parameters", "filter_gradients_distributed", "gaf_hook",
+           "sync_buffers"]

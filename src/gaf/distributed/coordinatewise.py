@@ -29,15 +29,10 @@ from gaf.core.coordinatewise import COORDINATEWISE_RULES, check_trim, coordinate
 from gaf.distributed.comm import Comm, GAFDistributedError, all_gather_flat
 
 
-def aggregate_coordinatewise_distributed(
-    local_grads: Tensor,
-    rule: str = "median",
-    trim: int = 1,
-    *,
-    group=None,
-    timeout: float | datetime.timedelta | None = None,
-    out: Tensor | None = None,
-) -> FilterResult:
+def aggregate_coordinatewise_distributed(local_grads: Tensor, rule: str = "median", trim: int = 1,
+                                         *, group=None,
+                                         timeout: float | datetime.timedelta | None = None,
+                                         out: Tensor | None = None) -> FilterResult:
     """The coordinate-wise ``rule`` ("median" or "trimmed-mean", dropping ``trim`` values
     at each end) over all ranks' rows; every rank gets the same [P] direction.
 

@@ -79,13 +79,8 @@ def broadcast_parameters(
                                               src=root))
 
 
-def sync_buffers(
-    buffers: nn.Module | Iterable[Tensor],
-    mode: str = "broadcast",
-    *,
-    group=None,
-    timeout: Timeout = None,
-) -> None:
+def sync_buffers(buffers: nn.Module | Iterable[Tensor], mode: str = "broadcast", *, group=None,
+                 timeout: Timeout = None) -> None:
     """Make buffers (e.g. BatchNorm running statistics) identical on every rank.
 
     ``"broadcast"``: every rank takes group rank 0's buffers (what DDP does before each
@@ -141,21 +136,11 @@ class DistributedGradientCollector(GradientCollector):
             (:func:`~gaf.distributed.protocol.run_protocol`).
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict],
-        spec: FilterSpec | None = None,
-        *,
-        group=None,
-        method: str = "sharded",
-        buffers: nn.Module | Iterable[Tensor] | None = None,
-        buffer_sync: str = "broadcast",
-        sync_params: bool = True,
-        check: bool = True,
-        timeout: Timeout = None,
-        gather: str = "auto",
-        **filter_options,
-    ):
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], spec: FilterSpec | None = None, *,
+                 group=None, method: str = "sharded",
+                 buffers: nn.Module | Iterable[Tensor] | None = None,
+                 buffer_sync: str = "broadcast", sync_params: bool = True, check: bool = True,
+                 timeout: Timeout = None, gather: str = "auto", **filter_options):
         spec = resolve_spec(spec, **filter_options)
         DistributedBackend.check_spec(spec)
         method = check_method(method)
@@ -209,26 +194,13 @@ class DistributedGAFTrainer(GAFTrainer):
     ``check``, ``timeout`` and ``gather`` of :class:`DistributedGradientCollector`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        num_micro_batches: int,
-        spec: FilterSpec | None = None,
-        *,
-        group=None,
-        method: str = "sharded",
-        buffer_sync: str | None = "broadcast",
-        sync_params: bool = True,
-        max_grad_norm: float | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-        autocast_dtype: torch.dtype | None = None,
-        check: bool = True,
-        timeout: Timeout = None,
-        gather: str = "auto",
-        **filter_options,
-    ):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
+                 spec: FilterSpec | None = None, *, group=None, method: str = "sharded",
+                 buffer_sync: str | None = "broadcast", sync_params: bool = True,
+                 max_grad_norm: float | None = None, scaler: torch.amp.GradScaler | None = None,
+                 autocast_dtype: torch.dtype | None = None, check: bool = True,
+                 timeout: Timeout = None, gather: str = "auto", **filter_options):
         check_optimizer_params(model, optimizer)
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         collector = DistributedGradientCollector(

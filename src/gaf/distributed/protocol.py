@@ -269,23 +269,12 @@ def _check_out(out: Tensor | None, rows: Tensor) -> Tensor:
     return out
 
 
-def run_protocol(
-    local_grads: Tensor,
-    tau: float,
-    rule: str,
-    comm: Comm,
-    *,
-    method: str = "sharded",
-    check: bool = True,
-    layout: Sequence[Sequence[int]] | None = None,
-    out: Tensor | None = None,
-    workspace: Workspace | None = None,
-    gather_if_skipped: bool = True,
-    chunk_elements: int = CHUNK_ELEMENTS,
-    verdicts: np.ndarray | None = None,
-    rule_options: Mapping | None = None,
-    gather: str = "auto",
-) -> FilterResult:
+def run_protocol(local_grads: Tensor, tau: float, rule: str, comm: Comm, *, method: str = "sharded",
+                 check: bool = True, layout: Sequence[Sequence[int]] | None = None,
+                 out: Tensor | None = None, workspace: Workspace | None = None,
+                 gather_if_skipped: bool = True, chunk_elements: int = CHUNK_ELEMENTS,
+                 verdicts: np.ndarray | None = None, rule_options: Mapping | None = None,
+                 gather: str = "auto") -> FilterResult:
     """The protocol behind :func:`filter_gradients_distributed`, for front ends that hold
     their own :class:`Comm`. ``layout`` (parameter shapes) joins the cross-rank check.
     ``gather_if_skipped=False`` saves the final gather on skipped steps (the direction is

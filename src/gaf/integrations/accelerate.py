@@ -60,19 +60,10 @@ class GAFAccumulator:
             accumulates by itself (default: ``accelerator.gradient_accumulation_steps``).
     """
 
-    def __init__(
-        self,
-        accelerator: Accelerator,
-        model: nn.Module,
-        optimizer: AcceleratedOptimizer,
-        spec: FilterSpec | None = None,
-        *,
-        mode: str = "auto",
-        method: str = "sharded",
-        timeout: float | None = None,
-        num_micro_batches: int | None = None,
-        **filter_options,
-    ):
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: AcceleratedOptimizer,
+                 spec: FilterSpec | None = None, *, mode: str = "auto", method: str = "sharded",
+                 timeout: float | None = None, num_micro_batches: int | None = None,
+                 **filter_options):
         spec = resolve_spec(spec, **filter_options)
         if num_micro_batches is None:
             num_micro_batches = accelerator.gradient_accumulation_steps

@@ -72,18 +72,9 @@ class GAFCallback(Callback):
         timeout: seconds a collective of the distributed exchange may take (DDP only).
     """
 
-    def __init__(
-        self,
-        spec: FilterSpec | None = None,
-        *,
-        mode: str = "auto",
-        method: str = "sharded",
-        hold_lr_schedulers: bool = True,
-        log: bool = True,
-        log_prefix: str = "gaf/",
-        timeout: float | None = None,
-        **filter_options,
-    ):
+    def __init__(self, spec: FilterSpec | None = None, *, mode: str = "auto",
+                 method: str = "sharded", hold_lr_schedulers: bool = True, log: bool = True,
+                 log_prefix: str = "gaf/", timeout: float | None = None, **filter_options):
         self.spec = resolve_spec(spec, **filter_options)
         self.mode = mode
         self.method = method

@@ -59,12 +59,8 @@ class StatsLogger:
         self._epoch_rows: list[dict] = []
         self._closed = False
 
-    def log_step(
-        self,
-        step: int,
-        outcome: StepResult | FilterResult | WindowOutcome,
-        stats: FilterStats | None = None,
-    ) -> dict[str, float]:
+    def log_step(self, step: int, outcome: StepResult | FilterResult | WindowOutcome,
+                 stats: FilterStats | None = None) -> dict[str, float]:
         """Record one step's statistics; returns the row written (without ``step``)."""
         self._check_open()
         loss = None

@@ -39,15 +39,8 @@ class GAFHFTrainer(Trainer):
     :class:`gaf.GradientCollector`) and ``method``, ``timeout`` (the distributed exchange).
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        spec: FilterSpec | None = None,
-        mode: str = "auto",
-        method: str = "sharded",
-        timeout: float | None = None,
-        **kwargs: Any,
-    ):
+    def __init__(self, *args: Any, spec: FilterSpec | None = None, mode: str = "auto",
+                 method: str = "sharded", timeout: float | None = None, **kwargs: Any):
         # The filter's keyword sugar, taken out before the rest goes to Trainer.
         filter_options = {k: kwargs.pop(k) for k in SPEC_DEFAULTS if k in kwargs}
         spec = resolve_spec(spec, **filter_options)

@@ -12,12 +12,5 @@ from gaf.micrograds.one_pass import OnePassBackend
 from gaf.micrograds.stacked import StackedBackend
 from gaf.micrograds.streaming import StreamingBackend
 
-__all__ = [
-    "AveragingBackend",
-    "Backend",
-    "BatchPass",
-    "FlatGradients",
-    "OnePassBackend",
-    "StackedBackend",
-    "StreamingBackend",
-]
+__all__ = ["AveragingBackend", "Backend", "BatchPass", "FlatGradients", "OnePassBackend",
+           "StackedBackend", "StreamingBackend"]

@@ -15,10 +15,5 @@ from gaf.reference.robust import (
     reference_multi_krum,
 )
 
-__all__ = [
-    "reference_coordinatewise",
-    "reference_distance",
-    "reference_filter",
-    "reference_geometric_median",
-    "reference_multi_krum",
-]
+__all__ = ["reference_coordinatewise", "reference_distance", "reference_filter",
+           "reference_geometric_median", "reference_multi_krum"]

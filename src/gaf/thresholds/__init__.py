@@ -22,17 +22,6 @@ from gaf.thresholds.kinds import (
 )
 from gaf.thresholds.names import THRESHOLDS, make_threshold, parse_threshold
 
-__all__ = [
-    "THRESHOLDS",
-    "FixedThreshold",
-    "MovingAverageThreshold",
-    "NullTailThreshold",
-    "QuantileThreshold",
-    "ScheduledThreshold",
-    "StepThreshold",
-    "Threshold",
-    "as_threshold",
-    "make_threshold",
-    "parse_threshold",
-    "tested_distances",
-]
+__all__ = ["THRESHOLDS", "FixedThreshold", "MovingAverageThreshold", "NullTailThreshold",
+           "QuantileThreshold", "ScheduledThreshold", "StepThreshold", "Threshold", "as_threshold",
+           "make_threshold", "parse_threshold", "tested_distances"]
