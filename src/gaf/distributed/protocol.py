@@ -126,7 +126,7 @@ class ShardPlan:
 CHUNK_ELEMENTS = 1 << 21
 
 
-def _gather_by_broadcast(device: torch.device, gather: str) -> bool:
+def gather_by_broadcast(device: torch.device, gather: str) -> bool:
     """How to gather the filtered blocks: N concurrent broadcasts (one rooted at each rank)
     or all_gather. Same bytes either way; gloo's CPU all_gather measured 2-3x slower than
     the broadcasts, while NCCL's all_gather is the ring-optimal one ("auto" picks so)."""
@@ -135,6 +135,36 @@ def _gather_by_broadcast(device: torch.device, gather: str) -> bool:
     if gather != "auto":
         return gather == "broadcast"
     return device.type == "cpu"
+
+
+def gather_filtered(comm: Comm, plan: ShardPlan, shards: list[Tensor], weights: np.ndarray,
+                    out: Tensor, by_broadcast: bool, tail, what: str) -> tuple[list, list]:
+    """Write rank r's blocks of Σ w_i g_i (``shards[c]``: block r of every row of chunk c)
+    into ``out`` and start gathering every other rank's blocks into it: N concurrent
+    broadcasts, or all_gather of equal blocks, the short last chunk through the padded
+    buffer ``tail()``. Returns the works and the (dst, src) copies to make after them."""
+    n, r, b = comm.size, comm.rank, plan.block
+    works, after = [], []
+    for c, shard in enumerate(shards):
+        base, lens = plan.chunk(c)
+        total = sum(lens)
+        if by_broadcast:  # written in place; each block is then broadcast from its owner
+            weighted_sum(shard, weights, out[base + r * b : base + r * b + lens[r]])
+            for j, length in enumerate(lens):
+                if length:
+                    part = out[base + j * b : base + j * b + length]
+                    works.append(comm.start(what, dist.broadcast, part, src=comm.global_rank(j)))
+            continue
+        if total == n * b:  # equal blocks, gathered straight into ``out``
+            target = out[base : base + total]
+        else:  # short last chunk: gather padded, keep the prefix (only the tail is short)
+            target = tail()
+            after.append((out[base : base + total], target[:total]))
+        piece = target[r * b : (r + 1) * b]
+        weighted_sum(shard, weights, piece[: lens[r]])
+        piece[lens[r] :].zero_()
+        works.append(comm.start(what, all_gather_flat, target, piece))
+    return works, after
 
 
 def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out: Tensor,
@@ -190,31 +220,9 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
     # 4. Rank r computes its blocks of Σ w_i g_i; every rank gathers all blocks.
     since = time.monotonic()
     what = "gather of the filtered shards"
-    by_broadcast = _gather_by_broadcast(rows.device, gather)
-    works, after = [], []
-    pieces = None if by_broadcast else ws.get("piece", plan.chunks * b, rows.dtype, rows.device)
-    for c in range(plan.chunks):
-        base, lens = plan.chunk(c)
-        lo = base + r * b
-        if by_broadcast:
-            # Written in place; each block is then broadcast from its owner.
-            weighted_sum(shards[c], decision.weights, out[lo : lo + lens[r]])
-            for j, length in enumerate(lens):
-                if length:
-                    part = out[base + j * b : base + j * b + length]
-                    works.append(comm.start(what, dist.broadcast, part,
-                                            src=comm.global_rank(j)))
-            continue
-        piece = pieces[c * b : (c + 1) * b]
-        weighted_sum(shards[c], decision.weights, piece[: lens[r]])
-        piece[lens[r] :].zero_()
-        total = sum(lens)
-        if total == n * b:
-            target = out[base : base + total]
-        else:  # short last chunk: gather padded, keep the prefix (only the tail is short)
-            target = ws.get("tail", n * b, rows.dtype, rows.device)
-            after.append((out[base : base + total], target[:total]))
-        works.append(comm.start(what, all_gather_flat, target, piece))
+    works, after = gather_filtered(
+        comm, plan, shards, decision.weights, out, gather_by_broadcast(rows.device, gather),
+        lambda: ws.get("tail", n * b, rows.dtype, rows.device), what)
     comm.wait(what, works, since)
     for dst, src in after:
         dst.copy_(src)
@@ -229,7 +237,7 @@ def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, o
     every[r].copy_(rows.reshape(-1))
     since = time.monotonic()
     what = "all-gather of micro-gradients"
-    if _gather_by_broadcast(rows.device, gather):  # the same gather primitive as "sharded"
+    if gather_by_broadcast(rows.device, gather):  # the same gather primitive as "sharded"
         step = max(1, chunk_elements // n)
         works = [
             comm.start(what, dist.broadcast, every[j, lo : lo + step], src=comm.global_rank(j))

@@ -1,9 +1,5 @@
 """What every one-pass layer handler shares: the micro-batch split, the keep budget, the
-step's weights, and one module's captured inputs and output gradients.
-
-The algebra per layer kind is in :mod:`~gaf.micrograds.one_pass.linear` (Linear,
-Embedding), :mod:`~gaf.micrograds.one_pass.conv` and :mod:`~gaf.micrograds.one_pass.norm`.
-"""
+step's weights, and one module's captured inputs and output gradients."""
 
 from __future__ import annotations
 
