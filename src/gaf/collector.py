@@ -157,12 +157,8 @@ class GradientCollector:
             self.backend.device_side = bool(value)
 
     def begin(self) -> None:
-        """Start a step: point every ``.grad`` at a zeroed buffer of the collector.
-
-        Optional (``collect()`` also copies gradients that live elsewhere), but it lets the
-        first micro-batch's backward accumulate straight into the collector's buffer, with
-        no fresh allocation and no copy. Whatever ``.grad`` held before is dropped.
-        """
+        """Start a step: point every ``.grad`` at a zeroed buffer of the collector (optional),
+        so the first backward accumulates straight into it. Whatever ``.grad`` held is dropped."""
         if self._count:
             raise RuntimeError("begin() called in the middle of a step (after collect())")
         target = self.backend.begin()
@@ -191,13 +187,9 @@ class GradientCollector:
                       autocast: Callable[[], object] = nullcontext,
                       on_micro_gradient: Callable[[int], None] | None = None) -> Tensor:
         """Every micro-gradient of one batch split into ``num_micro_batches``; returns the
-        mean micro-batch loss (detached). Call :meth:`finish` after.
-
-        A per-backward backend gets M forward/backward passes, each followed by
-        :meth:`collect` (``on_micro_gradient(k)`` runs in between, while ``.grad`` holds
-        micro-gradient k); a one-pass backend gets the batch in one pass. ``scale`` (e.g.
-        ``GradScaler.scale``) is applied to each loss before its backward.
-        """
+        mean micro-batch loss (detached). Call :meth:`finish` after. M forward/backward passes
+        each followed by :meth:`collect` (``on_micro_gradient(k)`` in between), or one pass for a
+        one-pass backend; ``scale`` (e.g. ``GradScaler.scale``) applies to each loss."""
         if self.backend.one_pass:
             if on_micro_gradient is not None:
                 raise ValueError("on_micro_gradient needs micro_gradients='sequential': one "
@@ -225,14 +217,9 @@ class GradientCollector:
         return total / m
 
     def finish(self, *, amp: bool = False) -> FilterResult:
-        """Filter the collected micro-gradients and write the result into ``.grad``.
-
-        If the step is skipped, every ``.grad`` is set to ``None``. With ``amp`` (a
-        GradScaler scales the losses), a non-finite micro-gradient is an overflow: every
-        ``.grad`` is set to inf instead, so that ``scaler.step`` finds the overflow it
-        would have found without GAF, skips the step and lowers its scale;
-        ``result.extra["overflow"]`` says so.
-        """
+        """Filter the collected micro-gradients and write the result into ``.grad`` (``None``
+        on a skip). With ``amp``, a non-finite micro-gradient is an overflow: every ``.grad`` is
+        set to inf so that ``scaler.step`` skips and lowers its scale (``extra["overflow"]``)."""
         if self._count == 0:
             raise RuntimeError("finish() called before any collect(): no micro-gradients")
         if self.control is not None:
@@ -273,12 +260,8 @@ class GradientCollector:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore statistics, the threshold's and the control's state.
-
-        Refused, with nothing changed, when ``state`` is not a collector's or was saved
-        under another rule, measure or mode, or with another fixed tau (a setting of the
-        run: the constructor's is kept, never replaced).
-        """
+        """Restore statistics, the threshold's and the control's state; refused, with nothing
+        changed, for a state saved under another rule, measure, mode or fixed tau."""
         if not isinstance(state, dict) or not {"stats", "threshold"} <= set(state):
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a GradientCollector state_dict (it needs 'stats' and "

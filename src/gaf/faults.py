@@ -76,12 +76,8 @@ def _norm(pieces: Sequence[Tensor]) -> float:
 
 @dataclass
 class FaultInjector:
-    """Applies a :class:`FaultSpec` step after step (see the module docstring).
-
-    ``injected`` counts the corrupted rows so far; ``step`` is the step the next
-    corruption belongs to (advanced by :meth:`end_step`, which :meth:`corrupt_rows` and
-    the gradient hook call at the end of each step).
-    """
+    """Applies a :class:`FaultSpec` step after step. ``injected`` counts the corrupted rows;
+    ``step`` advances at :meth:`end_step`, which :meth:`corrupt_rows` and the hook call."""
 
     spec: FaultSpec
     step: int = 0
@@ -143,15 +139,9 @@ class FaultInjector:
     def gradient_hook(self, params: Iterable[Tensor], num_rows: int, first_row: int = 0,
                       accumulated: bool = False) -> Callable[[int], None]:
         """``fn(k)`` corrupting the ``.grad`` of ``params`` while they hold micro-gradient
-        k (global row ``first_row + k``); the step ends after row ``num_rows - 1`` (m, the
-        micro-batches per step on this process).
-
-        ``accumulated=True`` is for loops where ``.grad`` holds the running sum of the
-        micro-gradients so far (plain gradient accumulation, ``GAFTrainer(mode="average")``):
-        the hook then recovers micro-gradient k as the difference from the sum it saw at
-        k - 1, corrupts that, and writes back the previous sum plus the corrupted term. It
-        keeps one copy of the gradient (P numbers) to do so.
-        """
+        k (global row ``first_row + k``); the step ends after row ``num_rows - 1``. With
+        ``accumulated=True`` (``.grad`` holds the running sum, as under ``mode="average"``) the
+        hook corrupts the difference from the previous sum, keeping one P-sized copy."""
         if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
             raise ValueError(f"num_rows must be a positive int, got {num_rows!r}")
         params = [p for p in params if p.requires_grad]

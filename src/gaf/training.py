@@ -278,14 +278,9 @@ def collect_one_pass(collector: GradientCollector, model: nn.Module,
                      loss_fn: Callable[[Tensor, Tensor], Tensor],
                      inputs: Tensor | Sequence[Tensor], targets: Tensor,
                      num_micro_batches: int, engine: OnePassFilter | None = None) -> Tensor:
-    """Hand ``collector`` the M micro-gradients of one pass, as M ``collect()`` calls would.
-
-    For collectors that need the rows themselves: a
-    :class:`~gaf.distributed.DistributedGradientCollector` shards every rank's rows for
-    its protocol (the cross-rank Gram entries pair rows of different ranks, so the per-rank
-    Gram pieces alone cannot serve it). Each rank then runs one forward and backward
-    instead of m. Returns the micro-batch losses; call ``collector.finish()`` after.
-    """
+    """Hand ``collector`` the M micro-gradients of one pass, as M ``collect()`` calls would,
+    for collectors that need the rows themselves (the distributed one: its Gram pairs rows of
+    different ranks). Returns the micro-batch losses; call ``collector.finish()`` after."""
     engine = engine or OnePassFilter(model, collector.flat.params)
     rows, losses = engine.micro_gradients(inputs, targets, loss_fn, num_micro_batches)
     for row in rows:
@@ -298,16 +293,10 @@ def one_pass_filter(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
                     inputs: Tensor | Sequence[Tensor], targets: Tensor, num_micro_batches: int,
                     spec: FilterSpec | None = None, *, params: Iterable | None = None,
                     keep_budget: int | None = None, **filter_options) -> FilterResult:
-    """GAF over ``num_micro_batches`` contiguous micro-batches from one forward/backward.
-
-    Writes the filtered direction into the ``.grad`` of ``params`` (default: the model's
-    trainable parameters), or sets them to ``None`` when the step is skipped, and returns
-    the :class:`~gaf.core.FilterResult` (``extra["losses"]``: the M micro-batch losses,
-    ``extra["gram"]``: G). Same decisions and direction as the sequential collector over the
-    same micro-batches; see :mod:`gaf.micrograds.one_pass` for what the model and loss must
-    satisfy. In a training loop, keep one :class:`OnePassFilter` (or ``GAFTrainer(...,
-    micro_gradients="one-pass")``) instead: it reuses its buffers.
-    """
+    """GAF over ``num_micro_batches`` contiguous micro-batches from one forward/backward:
+    writes the filtered direction into ``.grad`` of ``params`` (default: the model's trainable
+    ones; ``None`` on a skip) and returns the :class:`~gaf.core.FilterResult` (``extra``:
+    ``losses``, ``gram``). In a loop, keep one :class:`OnePassFilter`: it reuses its buffers."""
     engine = OnePassFilter(model, params, spec, keep_budget=keep_budget, **filter_options)
     result, _ = engine.step(inputs, targets, loss_fn, num_micro_batches)
     return result

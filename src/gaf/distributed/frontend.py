@@ -81,13 +81,9 @@ def broadcast_parameters(
 
 def sync_buffers(buffers: nn.Module | Iterable[Tensor], mode: str = "broadcast", *, group=None,
                  timeout: Timeout = None) -> None:
-    """Make buffers (e.g. BatchNorm running statistics) identical on every rank.
-
-    ``"broadcast"``: every rank takes group rank 0's buffers (what DDP does before each
-    forward). ``"mean"``: floating buffers become their mean over ranks (running
-    statistics then reflect every rank's data); other buffers (``num_batches_tracked``)
-    are broadcast from rank 0. Either way all ranks end up with the same bits.
-    """
+    """Make buffers (e.g. BatchNorm running statistics) identical on every rank:
+    ``"broadcast"`` takes group rank 0's (as DDP does); ``"mean"`` averages floating buffers
+    over ranks and broadcasts the others (``num_batches_tracked``)."""
     if mode not in BUFFER_SYNC:
         raise ValueError(f"unknown buffer sync {mode!r}; choose one of {', '.join(BUFFER_SYNC)}")
     comm = Comm(group, timeout)

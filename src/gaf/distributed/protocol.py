@@ -18,43 +18,28 @@ split of the P coordinates, which gives the bandwidth-optimal protocol (``method
 With m = 1 that is 2·P·(N-1)/N elements sent per rank, exactly what a ring all-reduce of
 the averaged gradient sends; in general (m+1)·P·(N-1)/N.
 
-The shards are block-cyclic (:class:`ShardPlan`): P is cut into chunks of about
-``CHUNK_ELEMENTS`` (2M), each chunk into N blocks, block j of every chunk going to rank j; P
-not divisible by N only makes the last blocks shorter. Each chunk is a contiguous slice of
-a row, so for m = 1 the exchange needs no copies; chunks are exchanged concurrently and
-the Gram of one is computed while others are in flight. The gather is N concurrent
-broadcasts (one rooted at each rank) on CPU tensors, where gloo's all_gather is 2-3x
-slower for the same bytes, and ``all_gather`` elsewhere (NCCL).
-
-``method="allgather"`` is the naive protocol of the authors' research script: every rank
-receives every other rank's full micro-gradients ((N-1)·m·P elements received, N·m·P
-held) and computes the direction itself. It exists for comparison and as the fallback for
-backends without ``all_to_all``. It gathers with the same primitive as "sharded", and its
-Gram matrix too is formed shard-wise and summed with a tiny ``all_reduce``, so every rank
-provably reaches the same decision whatever its BLAS does.
+The shards are block-cyclic (:class:`ShardPlan`), in chunks of about ``CHUNK_ELEMENTS``
+exchanged concurrently, the Gram of one computed while others are in flight; for m = 1 a
+chunk is a contiguous slice of the row, sent without copies. The gather is N concurrent
+broadcasts on CPU tensors (gloo's all_gather is 2-3x slower) and ``all_gather`` elsewhere.
+``method="allgather"`` (the authors' research script: every rank receives every full
+micro-gradient, (N-1)·m·P elements) is kept for comparison and as the fallback for
+backends without ``all_to_all``; its Gram too is summed from shards.
 
 Deliberate choices:
 
-* Bitwise agreement across ranks. In the sharded method each element of the direction is
-  computed by exactly one rank and then copied to all, and G comes out of one all-reduce,
-  so every rank holds the same bits; applying the same optimizer to the same bits keeps
-  parameters identical. (The all-gather method computes the direction on every rank from
-  the same inputs with the same elementwise arithmetic: identical on identical hardware.)
-* Agreement with one device. The weighted sum is the same elementwise arithmetic as
-  :func:`gaf.filter_gradients` (``weighted_sum``, same row order), and the weights depend
-  only on the accepted set (bit-identical results in float32/float64 in the tests; in half
-  precision PyTorch's add may round a block's vector body and scalar tail differently, so
-  the last bit can differ from one device). G is a sum of partial products instead of
-  one matmul, so it differs from the single-device G by rounding (~1e-7 relative in
-  float32, ~1e-16 in float64): a distance within that of tau could in principle be
-  decided differently than on one device (never differently across ranks).
-* Non-finite rows. A row with inf/NaN in any shard makes its own row and column of G
-  non-finite (and only those); :func:`gaf.core.decide` marks it invalid and zeroes it out,
-  and ``weighted_sum`` never touches zero-weight rows, so it cannot poison the result.
-* Buffers. Repeated calls can reuse a :class:`Workspace` and an ``out`` tensor (the
-  collector does), so a step allocates nothing: fresh large buffers cost page faults.
-* Every step first runs the cross-rank check (:mod:`gaf.distributed.settings_check`), and
-  every collective fails clearly (:mod:`gaf.distributed.comm`).
+* Bitwise agreement across ranks: each element of the direction is computed by one rank
+  and copied to all, and G comes out of one all-reduce, so every rank decides the same
+  and holds the same bits.
+* Agreement with one device: the weighted sum is :func:`gaf.filter_gradients`'s
+  arithmetic in the same row order (bit-identical in float32/float64; half precision may
+  differ in the last bit). G, a sum of partial products, differs from one matmul by
+  rounding (~1e-7 relative in float32), so a distance within that of tau could be decided
+  differently than on one device (never differently across ranks).
+* A non-finite row makes only its own row and column of G non-finite; the decision marks
+  it invalid and ``weighted_sum`` never touches zero-weight rows.
+* A reused :class:`Workspace` and ``out`` make a step allocate nothing. Every step first
+  runs the cross-rank check (:mod:`~gaf.distributed.settings_check`).
 """
 
 from __future__ import annotations

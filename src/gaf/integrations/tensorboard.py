@@ -146,15 +146,9 @@ class StatsLogger:
 
 
 def write_runs(log_dir: str | Path, runs: Iterable, *, tensorboard: bool = True) -> list[Path]:
-    """Write finished experiment runs (``gaf train/compare`` results) as one log directory
-    each under ``log_dir``, named after the run's label and seed: every numeric field of
-    each epoch's history row as ``epoch/<field>``, and the per-step mean micro-gradient
-    distance, where the run recorded it, as ``gaf/distance``. Returns the directories.
-
-    ``runs``: objects with ``label``, ``config`` (a dict with ``seed``), ``history`` (a list
-    of per-epoch dicts holding ``epoch``) and ``distance_trace`` (floats per step), such as
-    :class:`gaflab.results.RunResult`.
-    """
+    """One log directory per finished run (``gaf train/compare`` results: ``label``,
+    ``config["seed"]``, ``history``, ``distance_trace``) under ``log_dir``: ``epoch/<field>``
+    per epoch and ``gaf/distance`` per step. Returns the directories."""
     root = Path(log_dir)
     written: list[Path] = []
     for run in runs:

@@ -1,15 +1,10 @@
 """Map a model's parameter gradients to and from flat rows.
 
 A micro-gradient is the concatenation of every trainable parameter's ``.grad``, in the
-order the parameters were given. Frozen parameters (``requires_grad=False``) are left out
-entirely; a trainable parameter whose ``.grad`` is ``None`` after a backward pass (unused
-in that micro-batch) contributes zeros.
-
-To avoid copying on every micro-batch, :meth:`FlatGradients.bind` points each
-``param.grad`` at a view of a flat buffer, so the next backward accumulates straight into
-it (as DDP's ``gradient_as_bucket_view`` does). :meth:`FlatGradients.gather` then costs
-nothing for parameters still bound, and copies only those whose ``.grad`` was replaced
-(e.g. by ``zero_grad(set_to_none=True)``).
+order given; frozen parameters are left out, a ``.grad`` of ``None`` contributes zeros.
+:meth:`FlatGradients.bind` points each ``.grad`` at a view of a flat buffer, so backward
+accumulates straight into it (as DDP's ``gradient_as_bucket_view``) and
+:meth:`FlatGradients.gather` copies only the gradients that were replaced.
 """
 
 from __future__ import annotations

@@ -280,11 +280,8 @@ class _WindowThreshold:
 class MovingAverageThreshold(_WindowThreshold):
     """tau_t = clip(mean + k·std, tau_min, tau_max) over the last ``window`` distances.
 
-    The rule tried in the GAF authors' research code. It accepts a micro-gradient unless it
-    disagrees by more than k standard deviations above the recent mean; ``tau_max`` caps
-    it, because late in training (or under heavy label noise) the mean itself drifts to 1
-    and an uncapped rule would accept everything. ``std`` is the population std (ddof 0).
-    """
+    The rule of the GAF authors' research code; ``tau_max`` caps it because the mean itself
+    drifts to 1 late in training or under label noise. ``std`` has ddof 0."""
 
     kind = "moving-average"
 
