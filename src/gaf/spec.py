@@ -28,7 +28,8 @@ SPEC_DEFAULTS: Mapping[str, object] = MappingProxyType({
 
 @dataclass(frozen=True)
 class FilterSpec:
-    """Threshold, rule (with its options), agreement measure and blind control of a filter.
+    """Threshold, rule (with its options), agreement measure and blind control of a filter,
+    all validated when the spec is built (a wrong option fails at construction).
 
     Args:
         tau: cosine-distance threshold in [0, 2] (2 accepts everything: the plain mean), or
@@ -37,11 +38,7 @@ class FilterSpec:
         rule_options: the rule's keyword options, checked against the rule here.
         measure: "cosine" (default), "sign" or "layerwise" (:mod:`gaf.core.measures`).
         control: a blind control (:mod:`gaf.controls`) whose verdicts replace the test
-            ``distance <= tau``; ``None`` filters by agreement.
-
-    Everything is validated when the spec is built, so a wrong option fails at
-    construction, not at the first step.
-    """
+            ``distance <= tau``; ``None`` filters by agreement."""
 
     tau: float | Threshold = 0.97
     rule: str = "mean"
@@ -101,12 +98,9 @@ class FilterSpec:
 
 
 def resolve_spec(spec: FilterSpec | None = None, **options) -> FilterSpec:
-    """The spec a front end filters by: ``spec`` as given, or one built from keywords.
-
-    ``options`` are the front end's sugar keywords (names in :data:`SPEC_DEFAULTS`); those
-    left at their default are ignored. Giving both a spec and a non-default keyword is an
-    error, because one of them would be silently dropped.
-    """
+    """The spec a front end filters by: ``spec`` as given, or one built from ``options``
+    (the sugar keywords of :data:`SPEC_DEFAULTS`; those at their default are ignored). Both a
+    spec and a non-default keyword is an error: one of them would be silently dropped."""
     unknown = sorted(set(options) - set(SPEC_DEFAULTS))
     if unknown:
         raise TypeError(f"unknown filter option(s) {', '.join(unknown)}; the options are "

@@ -1,27 +1,16 @@
 """Agreement measures beside cosine distance, and the rules generalised to a distance oracle.
 
-Every rule of :mod:`gaf.core` asks one of two questions: "how far is the running direction
-s = Σ w_i g_i from g_k?" (rules "mean", "halving", "anchor") or "how far apart are g_i and
-g_j?" (rule "neighbours"). A :class:`DistanceOracle` answers both for one measure, and
-:func:`gaf.core.decide_with` runs the rules on it (:func:`gaf.core.decide` is the same
-with the cosine :class:`~gaf.core.GramOracle`). This module adds the oracles of the other
-measures.
+Every rule asks "how far is s = Σ w_i g_i from g_k?" or "how far apart are g_i and
+g_j?"; a :class:`DistanceOracle` answers both for one measure and
+:func:`gaf.core.decide_with` runs the rules on it. All distances lie in [0, 2] with the
+cosine reading: 0 full agreement, 1 no relation, 2 opposed.
 
-Measures (``measure=``), all distances in [0, 2] with the same reading as cosine: 0 means
-full agreement, 1 means no relation (what two independent random vectors give), 2 means
-opposed; a row is accepted when its distance is <= tau.
+``"cosine"``     D(a, b) = 1 - a·b / (|a| |b|), from the Gram matrix.
 
-``"cosine"``     D(a, b) = 1 - a·b / (|a| |b|). Gram-based (docs/design.md, "The Gram idea").
-
-``"sign"``       D_sign(a, b) = 1 - cos(sign a, sign b)
-                            = 1 - Σ_i sign(a_i) sign(b_i) / sqrt(nnz(a) · nnz(b)).
-                 With no zero coordinates this is 2 × (fraction of coordinates whose signs
-                 differ), so the fraction of matching signs is 1 - D/2 and tau = 0.97
-                 demands that at least 51.5% of the signs match. Exact zeros count as
-                 neither agreeing nor disagreeing. It ignores magnitudes: a few huge
-                 coordinates (typical of noisy-label samples, whose loss is large) cannot
-                 dominate it. The sequential rules compare sign(s) with sign(g_k), where s
-                 is the weighted sum so far.
+``"sign"``       D_sign(a, b) = 1 - Σ_i sign(a_i) sign(b_i) / sqrt(nnz(a) · nnz(b)): with
+                 no zeros, 2 × the fraction of differing signs (tau = 0.97 demands 51.5%
+                 matching). Exact zeros count as neither; magnitudes are ignored, so a few
+                 huge coordinates cannot dominate. Sequential rules compare sign(s).
 
 ``"layerwise"``  Cosine distance judged per parameter tensor l and combined by the
                  unweighted mean over the tensors where both vectors are non-zero:

@@ -142,13 +142,9 @@ def check_rule(rule: object) -> str:
 
 def decide(gram: Tensor | np.ndarray, tau: float, rule: str = "mean",
            verdicts: np.ndarray | None = None, options: Mapping | None = None) -> Decision:
-    """Run ``rule`` on the Gram matrix of M micro-gradients (rows in their fixed order).
-
-    The computation is in float64 on the host. ``gram`` may live on any device; moving it
-    to the host is the one device→host transfer a filtered step needs. ``verdicts`` (bool
-    [M], from a blind control) replaces the test ``distance <= tau``; ``options`` are the
-    rule's keyword options.
-    """
+    """Run ``rule`` on the Gram matrix of M micro-gradients (rows in their fixed order), in
+    float64 on the host: moving ``gram`` there is a filtered step's one device→host transfer.
+    ``verdicts`` (a blind control's) replace ``distance <= tau``; ``options``: the rule's."""
     return decide_with(GramOracle(gram), tau, rule, verdicts, options)
 
 

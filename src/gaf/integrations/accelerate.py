@@ -51,14 +51,13 @@ class GAFAccumulator:
     Args:
         accelerator: the ``Accelerator``; its ``gradient_accumulation_steps`` is M.
         model: the prepared model (wrapped in DDP when several processes run).
-        optimizer: the prepared optimizer (an ``AcceleratedOptimizer``). Its ``step`` is
-            replaced on this instance so that skipped steps never reach the optimizer.
-        tau, rule, mode, measure: as for :class:`gaf.GradientCollector` (several processes:
-            mode "stacked", measure "cosine").
+        optimizer: the prepared ``AcceleratedOptimizer``; its ``step`` is replaced on this
+            instance so that skipped steps never reach the optimizer.
+        spec, mode: the filter (or its keyword sugar) and backend, as for
+            :class:`gaf.GradientCollector` (several processes: measure "cosine", "stacked").
         method, timeout: of the distributed exchange (several processes only).
-        num_micro_batches: micro-batches per step on each process, where the loop
-            accumulates by itself (default: ``accelerator.gradient_accumulation_steps``).
-    """
+        num_micro_batches: micro-batches per step on each process (default:
+            ``accelerator.gradient_accumulation_steps``)."""
 
     def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: AcceleratedOptimizer,
                  spec: FilterSpec | None = None, *, mode: str = "auto", method: str = "sharded",
@@ -111,13 +110,9 @@ class GAFAccumulator:
         self.window.before_backward()
 
     def after_backward(self, loss_divisor: float | None = None) -> WindowOutcome | None:
-        """Take the micro-gradient in ``.grad``; at the window's last micro-batch filter it
-        with the others and return how the window ended (``None`` before that).
-
-        ``loss_divisor``: what each micro-batch loss was divided by before backward
-        (default: ``accelerator.gradient_accumulation_steps``, as ``accelerator.backward``
-        divides).
-        """
+        """Take the micro-gradient in ``.grad``; at the window's last micro-batch filter and
+        return how the window ended (``None`` before). ``loss_divisor``: what each loss was
+        divided by (default: ``gradient_accumulation_steps``, as ``accelerator.backward`` does)."""
         if loss_divisor is None:
             loss_divisor = self.accelerator.gradient_accumulation_steps
         outcome = self.window.after_backward(
@@ -131,9 +126,8 @@ class GAFAccumulator:
         return outcome
 
     def log_row(self, prefix: str = "gaf/") -> dict[str, float]:
-        """Means of the step statistics since the previous call (``skipped`` is then the
-        skip rate over those steps), plus the running ``skip_rate``; empty if no step
-        ended since."""
+        """Means of the step statistics since the previous call (``skipped``: the skip rate
+        over those steps) and the running ``skip_rate``; empty if no step ended since."""
         outcomes, self._since_log = self._since_log, []
         if not outcomes:
             return {}

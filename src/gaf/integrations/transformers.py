@@ -31,13 +31,9 @@ GAF_STATE_NAME = "gaf_state.pt"  # beside the Trainer's own files in each checkp
 
 
 class GAFHFTrainer(Trainer):
-    """``transformers.Trainer`` that filters each step's micro-gradients with GAF.
-
-    Takes every argument of ``Trainer`` plus, keyword-only, ``spec`` (a
-    :class:`gaf.FilterSpec`; or its keyword sugar ``tau``, ``rule``, ``rule_options``,
-    ``measure``, ``control``, checked here at construction), ``mode`` (as for
-    :class:`gaf.GradientCollector`) and ``method``, ``timeout`` (the distributed exchange).
-    """
+    """``transformers.Trainer`` that filters each step's micro-gradients with GAF. Takes
+    every ``Trainer`` argument plus, keyword-only, ``spec`` (or its keyword sugar), ``mode``,
+    ``method`` and ``timeout`` (as for :class:`~gaf.integrations.accelerate.GAFAccumulator`)."""
 
     def __init__(self, *args: Any, spec: FilterSpec | None = None, mode: str = "auto",
                  method: str = "sharded", timeout: float | None = None, **kwargs: Any):

@@ -79,13 +79,9 @@ class FlatGradients:
                 )
 
     def views(self, flat: Tensor, cache: bool = False) -> list[Tensor]:
-        """Per-parameter views into a flat [P] tensor.
-
-        With ``cache``, views of a long-lived buffer are made once: making them costs ~6 µs
-        per parameter, paid twice per micro-batch otherwise. The cache is keyed by address;
-        the cached views keep their storage alive, so no other tensor can take that address
-        while the entry exists. Only buffers the caller keeps should be cached.
-        """
+        """Per-parameter views into a flat [P] tensor. With ``cache``, views of a long-lived
+        buffer are made once (~6 µs per parameter otherwise, twice per micro-batch), keyed by
+        address; the cached views keep the storage alive. Cache only buffers the caller keeps."""
         key = (flat.data_ptr(), flat.numel(), flat.dtype, flat.device)
         views = self._views.get(key)
         if views is None and not cache:

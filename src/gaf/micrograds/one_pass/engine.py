@@ -196,13 +196,9 @@ class OnePassBackend:
     def micro_gradients(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
                         loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
                         out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(rows [M, P], micro losses [M]): every micro-gradient, from one pass.
-
-        Rows in the order of ``flat`` (as the collectors stack them). Holds [M, P], like the
-        stacked mode, but costs one forward and backward: the way to feed a collector that
-        needs the rows themselves, e.g. the distributed protocol (see
-        :func:`gaf.collect_one_pass`). ``.grad`` is left untouched.
-        """
+        """(rows [M, P], micro losses [M]): every micro-gradient, from one pass, in the order
+        of ``flat``. Holds [M, P] like the stacked mode: for collectors that need the rows (the
+        distributed protocol, :func:`gaf.collect_one_pass`). ``.grad`` is left untouched."""
         first = inputs if isinstance(inputs, Tensor) else inputs[0]
         mb = MicroBatches(first.shape[0], num_micro_batches, first.device)
         losses = self._backward(inputs, targets, loss_fn, mb, None, nullcontext,

@@ -53,12 +53,9 @@ class MicroBatches:
 
 
 class Budget:
-    """How many micro-gradient numbers the weight layers may keep until the decision.
-
-    Keeping a layer's [M, P_l] block saves recomputing its weighted gradient; the budget
-    bounds what the one-pass mode holds beyond a plain step (biases and norm parameters,
-    M numbers per parameter entry, are always kept and not counted).
-    """
+    """How many micro-gradient numbers the weight layers may keep until the decision (kept
+    [M, P_l] blocks spare recomputing the weighted gradient; biases and norm parameters are
+    always kept and not counted)."""
 
     def __init__(self, numbers: int, materialise: bool = False):
         self.left = numbers
