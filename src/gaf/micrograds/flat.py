@@ -124,14 +124,7 @@ class FlatGradients:
         Only possible where a parameter's dtype equals the buffer's; others get a copy on
         :meth:`gather` instead.
         """
-        views = self.views(flat, cache=True)
-        for i, (p, view) in enumerate(zip(self.params, views, strict=True)):
-            if p.dtype == flat.dtype:
-                p.grad = view
-                self._bound[i] = view
-            else:
-                p.grad = None
-                self._bound[i] = None
+        self._point(flat, cache=True, copy=False)
         self._fresh = (flat, flat._version)
 
     def untouched(self) -> bool:
@@ -151,14 +144,16 @@ class FlatGradients:
         ``cache``: ``flat`` is a long-lived buffer whose views may be kept (see :meth:`views`).
         """
         self._fresh = None
+        self._point(flat, cache=cache, copy=True)
+
+    def _point(self, flat: Tensor, cache: bool, copy: bool) -> None:
+        """``.grad`` ← its view of ``flat``; a parameter of another dtype gets a converted
+        copy (``copy``) or None."""
         views = self.views(flat, cache=cache)
         for i, (p, view) in enumerate(zip(self.params, views, strict=True)):
-            if p.dtype == flat.dtype:
-                p.grad = view
-                self._bound[i] = view
-            else:
-                p.grad = view.to(p.dtype).clone()
-                self._bound[i] = None
+            same = p.dtype == flat.dtype
+            p.grad = view if same else (view.to(p.dtype).clone() if copy else None)
+            self._bound[i] = view if same else None
 
     def clear(self) -> None:
         """Drop every ``param.grad`` (set to None): no stale gradient survives a skip."""
