@@ -1,6 +1,4 @@
-"""GAF on one device, used like gradient accumulation.
-
-Usage::
+"""GAF on one device, used like gradient accumulation::
 
     collector = gaf.GradientCollector(model.parameters(), tau=0.97)
     for x, y in micro_batches:
@@ -9,53 +7,19 @@ Usage::
     result = collector.finish()          # writes the filtered direction into .grad
     if not result.skipped:
         optimizer.step()
-    optimizer.zero_grad()
 
-Two filtering modes (and ``"average"``, plain accumulation with no filter):
+The collector holds one backend (:mod:`gaf.micrograds`: "streaming", one running sum,
+O(P) memory, rules mean/halving; "stacked", an [M, P] buffer decided from its Gram matrix,
+every rule; one-pass; averaging; or the distributed one) behind the
+:class:`~gaf.micrograds.Backend` interface. What is common to all lives here: the spec,
+the control's verdicts, writing ``.grad`` (the one place that does), AMP overflow,
+statistics and state (docs/design.md, "Front ends"; docs/guide.md, "Training semantics").
 
-``"streaming"`` (rules "mean" and "halving"): keeps one running sum ``s`` on the device and
-    tests each micro-gradient against it as it arrives; extra memory is O(P), independent
-    of M. The accept/reject test runs on the device (``torch.where``), so there is no host
-    synchronisation until :meth:`finish`.
-``"stacked"`` (every rule): keeps all M micro-gradients as rows of an [M, P] buffer and
-    decides from their Gram matrix with :func:`gaf.core.decide`. Extra memory O(M·P).
-
-The collector holds one backend chosen at construction (:mod:`gaf.micrograds`:
-streaming, stacked, one-pass, averaging, or the distributed one of
-:mod:`gaf.distributed`) and talks to it only through the
-:class:`~gaf.micrograds.Backend` interface. What is common to all of them lives here: the
-filter spec (:class:`gaf.FilterSpec`: threshold, rule, options, measure, control), the
-control's verdicts, writing the direction into ``.grad`` (the one place that does), AMP
-overflow (the one place that poisons ``.grad`` with inf), statistics and state. See
-docs/design.md, "Front ends". :meth:`GradientCollector.collect_batch` runs a whole batch's
-micro-batches (or the one pass) for :class:`gaf.GAFTrainer`.
-
-``mode="auto"`` picks streaming where the rule allows it. Both modes make the same
-decisions (tests check this in float64).
-
-:meth:`finish` writes the direction into a buffer the collector reuses: ``result.grad``
-(and the ``.grad`` views of it) stay valid until the next step starts (its first
-:meth:`collect` or :meth:`begin`); clone it to keep it longer. :meth:`begin` (optional)
-points ``.grad`` at a zeroed buffer before the first
-micro-batch, so that no backward allocates or copies.
-
-:meth:`finish` performs exactly one device→host transfer (the small vector of per-row
-statistics), because whether the optimizer may step is a host-side decision. After it,
-every statistic in the returned :class:`~gaf.core.FilterResult` lives on the host.
-
-Semantics:
-
-* A skipped step leaves every ``.grad`` as ``None``: a stray ``optimizer.step()`` then
-  does nothing, and no stale gradient leaks into the next step.
-* Frozen parameters are ignored; parameters that get no gradient in a micro-batch count
-  as zero.
-* Non-finite or zero micro-gradients are rejected and counted (``num_invalid``,
-  ``num_nonfinite``); they never reach the update.
-* ``collect()`` with nothing new in ``.grad`` since the last ``begin()``/``collect()``
-  (no backward in between) is an error, not an all-zero micro-gradient.
-* Running counters are in :attr:`stats`; ``state_dict()`` holds them and the threshold's
-  state. ``load_state_dict`` refuses a state saved under another rule, measure, mode or
-  fixed tau, and a dict that is not a collector's, with nothing changed.
+:meth:`finish` makes one device→host transfer (the per-row statistics) and writes the
+direction into a reused buffer, valid until the next step's first :meth:`collect` or
+:meth:`begin`. A skipped step leaves every ``.grad`` as ``None``. Frozen parameters are
+ignored; a parameter with no gradient counts as zero; non-finite or zero micro-gradients
+are rejected and counted; ``collect()`` with no backward since the last one is an error.
 """
 
 from __future__ import annotations
@@ -142,16 +106,9 @@ class GradientCollector:
             one-pass front ends pass one); then ``mode`` is ignored.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict],
-        spec: FilterSpec | None = None,
-        *,
-        mode: str = "auto",
-        num_micro_batches: int | None = None,
-        backend: BackendFactory | None = None,
-        **filter_options,
-    ):
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], spec: FilterSpec | None = None, *,
+                 mode: str = "auto", num_micro_batches: int | None = None,
+                 backend: BackendFactory | None = None, **filter_options):
         self.spec = spec = resolve_spec(spec, **filter_options)
         self.rule, self.rule_options, self.measure = spec.rule, spec.rule_options, spec.measure
         self.flat = FlatGradients(params)
@@ -204,12 +161,8 @@ class GradientCollector:
             self.backend.device_side = bool(value)
 
     def begin(self) -> None:
-        """Start a step: point every ``.grad`` at a zeroed buffer of the collector.
-
-        Optional (``collect()`` also copies gradients that live elsewhere), but it lets the
-        first micro-batch's backward accumulate straight into the collector's buffer, with
-        no fresh allocation and no copy. Whatever ``.grad`` held before is dropped.
-        """
+        """Start a step: point every ``.grad`` at a zeroed buffer of the collector (optional),
+        so the first backward accumulates straight into it. Whatever ``.grad`` held is dropped."""
         if self._count:
             raise RuntimeError("begin() called in the middle of a step (after collect())")
         target = self.backend.begin()
@@ -243,13 +196,9 @@ class GradientCollector:
                       autocast: Callable[[], object] = nullcontext,
                       on_micro_gradient: Callable[[int], None] | None = None) -> Tensor:
         """Every micro-gradient of one batch split into ``num_micro_batches``; returns the
-        mean micro-batch loss (detached). Call :meth:`finish` after.
-
-        A per-backward backend gets M forward/backward passes, each followed by
-        :meth:`collect` (``on_micro_gradient(k)`` runs in between, while ``.grad`` holds
-        micro-gradient k); a one-pass backend gets the batch in one pass. ``scale`` (e.g.
-        ``GradScaler.scale``) is applied to each loss before its backward.
-        """
+        mean micro-batch loss (detached). Call :meth:`finish` after. M forward/backward passes
+        each followed by :meth:`collect` (``on_micro_gradient(k)`` in between), or one pass for a
+        one-pass backend; ``scale`` (e.g. ``GradScaler.scale``) applies to each loss."""
         if self.backend.one_pass:
             if on_micro_gradient is not None:
                 raise ValueError("on_micro_gradient needs micro_gradients='sequential': one "
@@ -278,14 +227,9 @@ class GradientCollector:
         return total / m
 
     def finish(self, *, amp: bool = False) -> FilterResult:
-        """Filter the collected micro-gradients and write the result into ``.grad``.
-
-        If the step is skipped, every ``.grad`` is set to ``None``. With ``amp`` (a
-        GradScaler scales the losses), a non-finite micro-gradient is an overflow: every
-        ``.grad`` is set to inf instead, so that ``scaler.step`` finds the overflow it
-        would have found without GAF, skips the step and lowers its scale;
-        ``result.extra["overflow"]`` says so.
-        """
+        """Filter the collected micro-gradients and write the result into ``.grad`` (``None``
+        on a skip). With ``amp``, a non-finite micro-gradient is an overflow: every ``.grad`` is
+        set to inf so that ``scaler.step`` skips and lowers its scale (``extra["overflow"]``)."""
         if self._count == 0:
             raise RuntimeError("finish() called before any collect(): no micro-gradients")
         if self.control is not None:
@@ -328,12 +272,8 @@ class GradientCollector:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore statistics, the threshold's and the control's state.
-
-        Refused, with nothing changed, when ``state`` is not a collector's or was saved
-        under another rule, measure or mode, or with another fixed tau (a setting of the
-        run: the constructor's is kept, never replaced).
-        """
+        """Restore statistics, the threshold's and the control's state; refused, with nothing
+        changed, for a state saved under another rule, measure, mode or fixed tau."""
         if not isinstance(state, dict) or not {"stats", "threshold"} <= set(state):
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a GradientCollector state_dict (it needs 'stats' and "

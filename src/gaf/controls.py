@@ -1,37 +1,17 @@
 """Blind controls: decisions that ignore the gradients, taken through the same step as GAF.
 
-GAF changes two things at once: how many steps (or micro-batches) are used, and which.
-A blind control keeps the first and randomises the second, so that comparing GAF with
-its control at the same rate isolates what the choice by agreement is worth.
+GAF changes how many steps (or micro-batches) are used and which; a control keeps the
+first and randomises the second, so comparing GAF with its control at the same rate
+isolates what the choice by agreement is worth. A control's verdicts replace the test
+``distance <= tau`` (:func:`gaf.core.decide`, ``verdicts=``); validity, the anchor,
+distances and weights stay the rule's, so a control accepting every row takes GAF's step
+at tau = 2, bit for bit. ``RandomSkip(p)``: with probability p every verdict is False (the
+step is skipped), otherwise all True. ``RandomDrop(q)``: each verdict is False with
+probability q, independently (the blind counterpart of GAF for M > 2).
 
-A control replaces the one test every rule makes of a row, ``distance <= tau``, by a
-verdict it drew without seeing the gradients (:func:`gaf.core.decide`, ``verdicts=``).
-Everything else stays the rule's: invalid rows (non-finite, zero) are never accepted,
-the anchor of the anchored rules is always accepted, distances are still computed and
-reported, and the weights are the rule's weights for the accepted set. So a control that
-accepts every row takes exactly the step GAF takes at tau = 2, bit for bit.
-
-``RandomSkip(p)``  each step, with probability p, every verdict is False: only the anchor
-                   is accepted and the step is skipped. Otherwise every verdict is True:
-                   every valid row is accepted, as at tau = 2.
-``RandomDrop(q)``  each row's verdict is False with probability q, independently; the
-                   anchor's verdict is ignored by the anchored rules, and the step is
-                   skipped when fewer than two rows remain. The blind counterpart of GAF
-                   for M > 2.
-
-Usage::
-
-    control = gaf.RandomSkip(p=0.47, seed=0)
-    trainer = gaf.GAFTrainer(model, opt, loss_fn, num_micro_batches=2, control=control)
-    ...
-    control.p = measured_skip_rate     # e.g. GAF's rate in the same epoch
-
-Each control owns a ``numpy.random.Generator``; its :meth:`state_dict` holds the rate
-and the generator's state, so a resumed run draws the same verdicts. The collector draws
-one step's verdicts when the step's first micro-gradient is collected (when the number of
-rows is known in advance) or at ``finish()``: either way before the rule sees any
-distance. Distributed, every rank draws the same verdicts if every rank's control was
-built with the same seed (the collector's cross-rank check does not cover it).
+Each control owns a seeded ``numpy.random.Generator`` kept in :meth:`state_dict`, so a
+resumed run draws the same verdicts. The collector draws a step's verdicts before the rule
+sees any distance; distributed, every rank must build its control with the same seed.
 """
 
 from __future__ import annotations

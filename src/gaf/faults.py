@@ -1,32 +1,17 @@
 """Seeded fault injection: what a broken rank, a bad shard or a stale worker does to the
-micro-gradients a step averages.
+micro-gradients a step averages (docs/faults-and-robust-rules.md).
 
-A :class:`FaultInjector` corrupts f chosen rows (micro-batches on one device, or ranks'
-rows in rank-major order across processes) in one of these ways:
-
-``"sign-flip"``     g ← -g
-``"scale"``         g ← scale · g                (default scale = -10)
-``"noise"``         g ← n, Gaussian with |n| = noise_norm · |g|   (default 100 · |g|)
-``"nonfinite"``     every entry ← value          (default NaN; inf also works)
-``"stale"``         g ← the same row's uncorrupted gradient of the previous step (the first
-                    step, having none, passes unchanged)
-``"wrong-labels"``  a data fault: the row's micro-batch is trained on labels that are all
-                    wrong, each replaced by a uniformly drawn other class
-                    (:meth:`FaultInjector.corrupt_labels`, applied before the forward pass)
-
-Three entry points, each a no-op for kinds it does not handle (so a loop can call all
-three whatever the kind):
-
-* :meth:`FaultInjector.corrupt_rows` on a stacked ``[M, P]`` tensor;
-* :meth:`FaultInjector.gradient_hook` returns ``fn(k)`` for
-  ``GAFTrainer.step(x, y, on_micro_gradient=fn)``: it corrupts the ``.grad`` of the given
-  parameters in place while they hold micro-gradient k;
-* :meth:`FaultInjector.corrupt_labels` on a batch's targets, before ``step``.
-
-In a distributed run every rank builds the same injector and passes ``first_row = rank · m``
-(m rows per rank), so each rank corrupts only its own rows. Randomness is drawn from a
-generator seeded by (seed, step, row), on the CPU: a row is corrupted identically on one
-device and across processes, whatever the device or the order rows are visited in.
+A :class:`FaultInjector` corrupts f chosen rows (micro-batches, or ranks' rows in
+rank-major order) by ``"sign-flip"`` (g ← -g), ``"scale"`` (g ← scale · g, default -10),
+``"noise"`` (g ← Gaussian n with |n| = noise_norm · |g|, default 100), ``"nonfinite"``
+(every entry ← value, default NaN), ``"stale"`` (the row's uncorrupted gradient of the
+previous step; the first step passes unchanged) or ``"wrong-labels"`` (the micro-batch's
+labels all replaced by another class, before the forward). Entry points, each a no-op
+for kinds it does not handle: :meth:`~FaultInjector.corrupt_rows` ([M, P] rows),
+:meth:`~FaultInjector.gradient_hook` (``on_micro_gradient`` of ``GAFTrainer.step``) and
+:meth:`~FaultInjector.corrupt_labels`. Distributed, each rank passes ``first_row = rank ·
+m``; randomness is seeded by (seed, step, row) on the CPU, so a row is corrupted
+identically whatever the device, the process or the order of visits.
 """
 
 from __future__ import annotations
@@ -91,12 +76,8 @@ def _norm(pieces: Sequence[Tensor]) -> float:
 
 @dataclass
 class FaultInjector:
-    """Applies a :class:`FaultSpec` step after step (see the module docstring).
-
-    ``injected`` counts the corrupted rows so far; ``step`` is the step the next
-    corruption belongs to (advanced by :meth:`end_step`, which :meth:`corrupt_rows` and
-    the gradient hook call at the end of each step).
-    """
+    """Applies a :class:`FaultSpec` step after step. ``injected`` counts the corrupted rows;
+    ``step`` advances at :meth:`end_step`, which :meth:`corrupt_rows` and the hook call."""
 
     spec: FaultSpec
     step: int = 0
@@ -158,15 +139,9 @@ class FaultInjector:
     def gradient_hook(self, params: Iterable[Tensor], num_rows: int, first_row: int = 0,
                       accumulated: bool = False) -> Callable[[int], None]:
         """``fn(k)`` corrupting the ``.grad`` of ``params`` while they hold micro-gradient
-        k (global row ``first_row + k``); the step ends after row ``num_rows - 1`` (m, the
-        micro-batches per step on this process).
-
-        ``accumulated=True`` is for loops where ``.grad`` holds the running sum of the
-        micro-gradients so far (plain gradient accumulation, ``GAFTrainer(mode="average")``):
-        the hook then recovers micro-gradient k as the difference from the sum it saw at
-        k - 1, corrupts that, and writes back the previous sum plus the corrupted term. It
-        keeps one copy of the gradient (P numbers) to do so.
-        """
+        k (global row ``first_row + k``); the step ends after row ``num_rows - 1``. With
+        ``accumulated=True`` (``.grad`` holds the running sum, as under ``mode="average"``) the
+        hook corrupts the difference from the previous sum, keeping one P-sized copy."""
         if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
             raise ValueError(f"num_rows must be a positive int, got {num_rows!r}")
         params = [p for p in params if p.requires_grad]

@@ -1,17 +1,9 @@
 """The filter specification: what a GAF step filters by, declared and checked once.
 
-Every front end (``GAFTrainer``, ``GradientCollector``, the distributed collector and
-trainer, the DDP hook, the FSDP2 reduce-scatter, the Lightning / HF / accelerate
-integrations) takes a :class:`FilterSpec`. Keyword arguments (``tau=``, ``rule=``, ...) stay
-as sugar: :func:`resolve_spec` builds the spec from them, so a new option is added here and
-nowhere else.
-
-    spec = gaf.FilterSpec(tau=0.97, rule="mean")
-    trainer = gaf.GAFTrainer(model, optimizer, loss_fn, num_micro_batches=2, spec=spec)
-
-A spec is frozen; its threshold and control may hold state (an adaptive threshold's
-history, a control's random generator). That state belongs to the one front end the spec is
-given to: build one spec per front end when a threshold or control is stateful.
+Every front end takes a :class:`FilterSpec`; keyword arguments (``tau=``, ``rule=``, ...)
+stay as sugar that :func:`resolve_spec` turns into one, so a new option is added here and
+nowhere else. A spec is frozen, but its threshold and control may hold state: build one
+spec per front end when either is stateful.
 """
 
 from __future__ import annotations
@@ -36,7 +28,8 @@ SPEC_DEFAULTS: Mapping[str, object] = MappingProxyType({
 
 @dataclass(frozen=True)
 class FilterSpec:
-    """Threshold, rule (with its options), agreement measure and blind control of a filter.
+    """Threshold, rule (with its options), agreement measure and blind control of a filter,
+    all validated when the spec is built (a wrong option fails at construction).
 
     Args:
         tau: cosine-distance threshold in [0, 2] (2 accepts everything: the plain mean), or
@@ -45,11 +38,7 @@ class FilterSpec:
         rule_options: the rule's keyword options, checked against the rule here.
         measure: "cosine" (default), "sign" or "layerwise" (:mod:`gaf.core.measures`).
         control: a blind control (:mod:`gaf.controls`) whose verdicts replace the test
-            ``distance <= tau``; ``None`` filters by agreement.
-
-    Everything is validated when the spec is built, so a wrong option fails at
-    construction, not at the first step.
-    """
+            ``distance <= tau``; ``None`` filters by agreement."""
 
     tau: float | Threshold = 0.97
     rule: str = "mean"
@@ -109,12 +98,9 @@ class FilterSpec:
 
 
 def resolve_spec(spec: FilterSpec | None = None, **options) -> FilterSpec:
-    """The spec a front end filters by: ``spec`` as given, or one built from keywords.
-
-    ``options`` are the front end's sugar keywords (names in :data:`SPEC_DEFAULTS`); those
-    left at their default are ignored. Giving both a spec and a non-default keyword is an
-    error, because one of them would be silently dropped.
-    """
+    """The spec a front end filters by: ``spec`` as given, or one built from ``options``
+    (the sugar keywords of :data:`SPEC_DEFAULTS`; those at their default are ignored). Both a
+    spec and a non-default keyword is an error: one of them would be silently dropped."""
     unknown = sorted(set(options) - set(SPEC_DEFAULTS))
     if unknown:
         raise TypeError(f"unknown filter option(s) {', '.join(unknown)}; the options are "

@@ -1,47 +1,15 @@
 """One-call GAF training step on one device.
 
-:class:`GAFTrainer` splits a batch into M micro-batches, runs forward and backward on
-each, filters the micro-gradients with a :class:`~gaf.collector.GradientCollector`, and
-steps the optimizer, or skips the step. Per step::
-
-    collector.collect_batch(...)       # for each micro-batch k (under torch.autocast if
-                                       # asked): loss_k = loss_fn(model(x_k), y_k);
-                                       # backward(scaler.scale(loss_k) if scaler else loss_k);
-                                       # collector.collect()  (one-pass: one pass instead)
-    result = collector.finish(amp=scaler is not None)   # filtered direction now in .grad
-    if result.skipped:                 # fewer than 2 micro-gradients agree
-        no optimizer.step(), no scaler.update(); StepResult.skipped is True
-    else:
-        scaler.unscale_(optimizer)     # with AMP: clip and step on unscaled gradients
-        clip_grad_norm_(max_grad_norm) # clipping applies after filtering
-        optimizer.step() / scaler.step(optimizer); scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-Notes on AMP: cosine distance is scale-invariant, so filtering the scaled micro-gradients
-decides exactly as filtering unscaled ones would. A micro-gradient that overflowed is
-rejected by the filter; with a GradScaler the step is then handed to the scaler as an
-overflow (the collector poisons ``.grad`` with inf before ``scaler.step``), so the
-scaler skips the step and lowers its scale, as it does without GAF. Without a scaler a
-non-finite micro-gradient is simply rejected and counted.
-
-Skipped steps are visible as ``StepResult.skipped`` (and ``trainer.stats``), so callers
-can hold a learning-rate scheduler on skips.
-
-``step(inputs, targets, on_micro_gradient=fn)`` calls ``fn(k)`` after micro-batch k's
-backward and before the collector takes the gradient, while every ``param.grad`` holds
-micro-gradient k (already scaled, under a GradScaler): the place to snapshot it, measure
-it, or corrupt it (fault injection). Changes made to ``.grad`` in place there are what
-the filter sees.
-
-Plain averaging (``mode="average"``; ``average=True`` is a deprecated alias) is the
-collector's averaging backend (:mod:`gaf.micrograds.averaging`): the same loop without a
-filter, each micro-batch's loss divided by M and back-propagated into the same ``.grad``,
-then clip and step as above (plain gradient accumulation, what data-parallel SGD computes).
-``on_micro_gradient(k)`` then sees the *accumulated* gradient Σ_{i<=k} ∇loss_i / M. The
-step's ``result`` reports every micro-batch accepted and the step taken; its ``grad`` is
-the accumulated gradient and its ``distances`` are NaN (nothing measured).
-With a GradScaler the scaler may still skip an overflowing step by itself, as it does
-without GAF; ``StepResult.overflow`` does not report it (that would cost a host sync).
+:class:`GAFTrainer` splits a batch into M micro-batches, collects their gradients with a
+:class:`~gaf.collector.GradientCollector` (under ``torch.autocast`` and a GradScaler if
+asked), then steps, or skips the step when fewer than 2 micro-gradients agree (no
+``optimizer.step()``, no ``scaler.update()``, ``StepResult.skipped``). With AMP it
+unscales before clipping; clipping applies after filtering. An overflowing micro-gradient
+is handed to the scaler as an overflow, so it skips and backs off as without GAF.
+``on_micro_gradient(k)`` runs while ``.grad`` holds micro-gradient k (with
+``mode="average"``: the accumulated gradient Σ_{i<=k} ∇loss_i / M); changes made there are
+what the filter sees. ``mode="average"`` is plain gradient accumulation through the same
+loop (``distances`` NaN). See docs/guide.md, "Training semantics".
 """
 
 from __future__ import annotations
@@ -120,23 +88,13 @@ class GAFTrainer:
     no other, so every step would be skipped (distributed, m = 1 per rank is fine).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        num_micro_batches: int,
-        spec: FilterSpec | None = None,
-        *,
-        mode: str = "auto",
-        max_grad_norm: float | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-        autocast_dtype: torch.dtype | None = None,
-        collector: GradientCollector | None = None,
-        micro_gradients: str = "sequential",
-        average: bool = False,
-        **filter_options,
-    ):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
+                 spec: FilterSpec | None = None, *, mode: str = "auto",
+                 max_grad_norm: float | None = None, scaler: torch.amp.GradScaler | None = None,
+                 autocast_dtype: torch.dtype | None = None,
+                 collector: GradientCollector | None = None, micro_gradients: str = "sequential",
+                 average: bool = False, **filter_options):
         if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) \
                 or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive int, got {num_micro_batches!r}")
@@ -320,14 +278,9 @@ def collect_one_pass(collector: GradientCollector, model: nn.Module,
                      loss_fn: Callable[[Tensor, Tensor], Tensor],
                      inputs: Tensor | Sequence[Tensor], targets: Tensor,
                      num_micro_batches: int, engine: OnePassFilter | None = None) -> Tensor:
-    """Hand ``collector`` the M micro-gradients of one pass, as M ``collect()`` calls would.
-
-    For collectors that need the rows themselves: a
-    :class:`~gaf.distributed.DistributedGradientCollector` shards every rank's rows for
-    its protocol (the cross-rank Gram entries pair rows of different ranks, so the per-rank
-    Gram pieces alone cannot serve it). Each rank then runs one forward and backward
-    instead of m. Returns the micro-batch losses; call ``collector.finish()`` after.
-    """
+    """Hand ``collector`` the M micro-gradients of one pass, as M ``collect()`` calls would,
+    for collectors that need the rows themselves (the distributed one: its Gram pairs rows of
+    different ranks). Returns the micro-batch losses; call ``collector.finish()`` after."""
     engine = engine or OnePassFilter(model, collector.flat.params)
     rows, losses = engine.micro_gradients(inputs, targets, loss_fn, num_micro_batches)
     for row in rows:
@@ -340,16 +293,10 @@ def one_pass_filter(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
                     inputs: Tensor | Sequence[Tensor], targets: Tensor, num_micro_batches: int,
                     spec: FilterSpec | None = None, *, params: Iterable | None = None,
                     keep_budget: int | None = None, **filter_options) -> FilterResult:
-    """GAF over ``num_micro_batches`` contiguous micro-batches from one forward/backward.
-
-    Writes the filtered direction into the ``.grad`` of ``params`` (default: the model's
-    trainable parameters), or sets them to ``None`` when the step is skipped, and returns
-    the :class:`~gaf.core.FilterResult` (``extra["losses"]``: the M micro-batch losses,
-    ``extra["gram"]``: G). Same decisions and direction as the sequential collector over the
-    same micro-batches; see :mod:`gaf.micrograds.one_pass` for what the model and loss must
-    satisfy. In a training loop, keep one :class:`OnePassFilter` (or ``GAFTrainer(...,
-    micro_gradients="one-pass")``) instead: it reuses its buffers.
-    """
+    """GAF over ``num_micro_batches`` contiguous micro-batches from one forward/backward:
+    writes the filtered direction into ``.grad`` of ``params`` (default: the model's trainable
+    ones; ``None`` on a skip) and returns the :class:`~gaf.core.FilterResult` (``extra``:
+    ``losses``, ``gram``). In a loop, keep one :class:`OnePassFilter`: it reuses its buffers."""
     engine = OnePassFilter(model, params, spec, keep_budget=keep_budget, **filter_options)
     result, _ = engine.step(inputs, targets, loss_fn, num_micro_batches)
     return result

@@ -6,24 +6,13 @@ Per coordinate c, over the valid rows' values x_1[c] … x_n[c] sorted ascending
     median:        the middle value (n odd) or the mean of the two middle values (n even)
     trimmed mean:  drop the b largest and b smallest values, average the n - 2b left
 
-Unlike the rules of :mod:`gaf.core` and :mod:`gaf.core.robust` these are not a weighted sum of
-whole rows and cannot be decided from the Gram matrix: they need every coordinate of every
-row. Across N ranks holding m rows of P each that means an all-gather, N·m·P elements held
-and (N-1)·m·P received per rank (:mod:`gaf.distributed.coordinatewise`), against
-2·P·(N-1)/N for an all-reduce: they are here as baselines.
-
-Deliberate choices:
-
-* Invalid rows (non-finite or zero norm) are dropped whole before sorting, so one NaN
-  cannot move any coordinate. If fewer valid rows are left than the trim needs
-  (n <= 2b), b shrinks to (n - 1) // 2, which is the median.
-* The sort is stable and the averages run in the gradients' dtype in a fixed order, so
-  ranks holding the same rows compute the same bits.
-* Statistics: ``weights[i]`` is row i's share of the kept values (the fraction of the
-  n_kept · P kept entries that came from row i; sums to 1), ``accepted`` the rows with a
-  positive share, ``distances`` the cosine distance between the result and each row (2 for
-  invalid rows), ``anchor`` the row with the largest share. Memory: the sort copies the
-  valid rows and holds an int64 index per entry, about 3× the stack.
+Not a weighted sum of whole rows, so not decided from the Gram matrix: across ranks they
+need an all-gather (:mod:`gaf.distributed.coordinatewise`); they are here as baselines.
+Invalid rows are dropped whole before sorting; with n <= 2b valid rows, b shrinks to
+(n - 1) // 2 (the median). The sort is stable and the averages run in a fixed order, so
+ranks holding the same rows compute the same bits. ``weights[i]`` is row i's share of the
+kept entries, ``anchor`` the row with the largest share, ``distances`` the cosine
+distance from the result to each row (2 for invalid rows).
 """
 
 from __future__ import annotations

@@ -13,8 +13,20 @@ from torch import Tensor
 from gaf.core.distance import distance_from_products, pairwise_distances, valid_rows
 
 
+class _Acceptance:
+    """``num_accepted`` and ``skipped`` of a :class:`Decision` or :class:`FilterResult`."""
+
+    @property
+    def num_accepted(self) -> int:
+        return int(self.accepted.sum())
+
+    @property
+    def skipped(self) -> bool:
+        return self.num_accepted < self.min_accepted
+
+
 @dataclass
-class Decision:
+class Decision(_Acceptance):
     """What a rule decided over M micro-gradients, on the host.
 
     ``weights`` gives the update direction as Σ_i weights[i] · g_i; rejected rows have
@@ -32,14 +44,6 @@ class Decision:
     valid: np.ndarray  # bool [M]: finite with non-zero norm
     finite: np.ndarray | None = None  # bool [M]: finite (None: same as valid)
     min_accepted: int = 2
-
-    @property
-    def num_accepted(self) -> int:
-        return int(self.accepted.sum())
-
-    @property
-    def skipped(self) -> bool:
-        return self.num_accepted < self.min_accepted
 
 
 def nothing_valid(valid: np.ndarray, finite: np.ndarray | None = None) -> Decision:
@@ -113,7 +117,7 @@ class GramOracle(DistanceOracle):
 
 
 @dataclass
-class FilterResult:
+class FilterResult(_Acceptance):
     """Outcome of filtering M micro-gradients.
 
     ``grad`` is the update direction Σ w_i g_i (the mean of the accepted rows, except for
@@ -138,16 +142,8 @@ class FilterResult:
     min_accepted: int = 2  # skipped below this many accepted rows (see Decision)
 
     @property
-    def num_accepted(self) -> int:
-        return int(self.accepted.sum())
-
-    @property
     def num_micro_batches(self) -> int:
         return int(self.accepted.numel())
-
-    @property
-    def skipped(self) -> bool:
-        return self.num_accepted < self.min_accepted
 
     @property
     def acceptance_rate(self) -> float:

@@ -57,12 +57,8 @@ def distance_from_products(dot, norm_sq_s, norm_sq_g):
 def valid_norm_sq(norm_sq):
     """Whether a row with squared norm ``norm_sq`` can take part: finite and non-zero.
 
-    The one definition of a valid micro-gradient in the library: every path (the Gram
-    oracle, the robust rules, the other measures, the streaming fold, the coordinate-wise
-    aggregators, the float64 references) asks this of |g|². A finite |g|² implies every
-    entry of g is finite. Works on a Python float, a numpy array and a tensor (elementwise,
-    without a host sync), so the streaming device path can use it too.
-    """
+    The library's one definition of a valid micro-gradient (a finite |g|² implies finite
+    entries); on a float, a numpy array or a tensor (elementwise, no host sync)."""
     if isinstance(norm_sq, Tensor):
         return torch.isfinite(norm_sq) & (norm_sq > ZERO_NORM_SQ)
     if isinstance(norm_sq, np.ndarray):

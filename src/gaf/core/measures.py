@@ -1,27 +1,16 @@
 """Agreement measures beside cosine distance, and the rules generalised to a distance oracle.
 
-Every rule of :mod:`gaf.core` asks one of two questions: "how far is the running direction
-s = Σ w_i g_i from g_k?" (rules "mean", "halving", "anchor") or "how far apart are g_i and
-g_j?" (rule "neighbours"). A :class:`DistanceOracle` answers both for one measure, and
-:func:`gaf.core.decide_with` runs the rules on it (:func:`gaf.core.decide` is the same
-with the cosine :class:`~gaf.core.GramOracle`). This module adds the oracles of the other
-measures.
+Every rule asks "how far is s = Σ w_i g_i from g_k?" or "how far apart are g_i and
+g_j?"; a :class:`DistanceOracle` answers both for one measure and
+:func:`gaf.core.decide_with` runs the rules on it. All distances lie in [0, 2] with the
+cosine reading: 0 full agreement, 1 no relation, 2 opposed.
 
-Measures (``measure=``), all distances in [0, 2] with the same reading as cosine: 0 means
-full agreement, 1 means no relation (what two independent random vectors give), 2 means
-opposed; a row is accepted when its distance is <= tau.
+``"cosine"``     D(a, b) = 1 - a·b / (|a| |b|), from the Gram matrix.
 
-``"cosine"``     D(a, b) = 1 - a·b / (|a| |b|). Gram-based (docs/design.md, "The Gram idea").
-
-``"sign"``       D_sign(a, b) = 1 - cos(sign a, sign b)
-                            = 1 - Σ_i sign(a_i) sign(b_i) / sqrt(nnz(a) · nnz(b)).
-                 With no zero coordinates this is 2 × (fraction of coordinates whose signs
-                 differ), so the fraction of matching signs is 1 - D/2 and tau = 0.97
-                 demands that at least 51.5% of the signs match. Exact zeros count as
-                 neither agreeing nor disagreeing. It ignores magnitudes: a few huge
-                 coordinates (typical of noisy-label samples, whose loss is large) cannot
-                 dominate it. The sequential rules compare sign(s) with sign(g_k), where s
-                 is the weighted sum so far.
+``"sign"``       D_sign(a, b) = 1 - Σ_i sign(a_i) sign(b_i) / sqrt(nnz(a) · nnz(b)): with
+                 no zeros, 2 × the fraction of differing signs (tau = 0.97 demands 51.5%
+                 matching). Exact zeros count as neither; magnitudes are ignored, so a few
+                 huge coordinates cannot dominate. Sequential rules compare sign(s).
 
 ``"layerwise"``  Cosine distance judged per parameter tensor l and combined by the
                  unweighted mean over the tensors where both vectors are non-zero:
@@ -30,27 +19,11 @@ opposed; a row is accepted when its distance is <= tau.
                  as much as the largest convolution; under whole-vector cosine the largest
                  tensors decide alone. Needs the tensor sizes (``segments``).
 
-Cost, M micro-gradients of P numbers split in L tensors:
-
-* cosine: one Gram matrix, O(M²P) flops; distributed: one all-reduce of (NM)² numbers on
-  top of the sharded exchange (docs/design.md, "The distributed protocol"). Decision
-  O(M³) on the host.
-* layerwise: L Gram matrices [L, M, M], still O(M²P) flops in total (each coordinate is
-  in one tensor); distributed: the same sharded protocol with an all-reduce of L·(NM)²
-  numbers instead of (NM)². Decision O(L·M³) on the host. A shard boundary may cut a
-  tensor: each rank sums the products of its own slice of every tensor, and the sum over
-  ranks is exact, so the protocol is unchanged.
-* sign, rules "anchor"/"neighbours": the pairwise sign distances are cosines of the
-  sign vectors, i.e. the Gram matrix of sign(X), so they cost one extra Gram (O(M²P)) and,
-  distributed, one extra all-reduce of (NM)² numbers (sign is elementwise, so each rank
-  signs its own shards). Sign agreement of sign vectors is also exact in integers.
-* sign, rules "mean"/"halving": sign(s) of a *sum* is not a function of any Gram matrix,
-  so the data must be revisited after every decision: M-1 sequential comparisons, each
-  forming s (O(MP)) and a dot product of signs (O(P)), with one device→host sync each
-  (O(M²P) flops, M-1 syncs instead of 1). Distributed, each comparison needs its own
-  all-reduce of 2 numbers (Σ sign(s_i)sign(g_ki) and nnz(s) over the local shard), so
-  the decision costs M-1 dependent tiny all-reduces: latency-bound, not bandwidth-bound.
-  With M = 2 (the usual setting) there is one comparison and sign is as cheap as cosine.
+Cost: cosine and layerwise cost one Gram matrix worth of flops, O(M²P) (layerwise keeps
+L of them, [L, M, M]); sign with "anchor"/"neighbours" one more Gram, of sign(X); sign
+with "mean"/"halving" revisits the data after every decision (sign(s) of a sum is no
+function of a Gram matrix): M-1 comparisons, each with a device→host sync, and
+distributed a tiny all-reduce each (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -226,14 +199,8 @@ def make_oracle(grads: Tensor, measure: str, segments: Sequence[int] | None = No
     return SignOracle(grads)
 
 
-def decide_measure(
-    grads: Tensor,
-    tau: float,
-    rule: str = "mean",
-    measure: str = "cosine",
-    segments: Sequence[int] | None = None,
-    verdicts: np.ndarray | None = None,
-    rule_options: dict | None = None,
-) -> Decision:
+def decide_measure(grads: Tensor, tau: float, rule: str = "mean", measure: str = "cosine",
+                   segments: Sequence[int] | None = None, verdicts: np.ndarray | None = None,
+                   rule_options: dict | None = None) -> Decision:
     """The decision of ``rule`` over a stack [M, P] with distances of ``measure``."""
     return decide_with(make_oracle(grads, measure, segments), tau, rule, verdicts, rule_options)

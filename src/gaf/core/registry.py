@@ -1,16 +1,8 @@
 """The one list of rules, and :func:`decide`, which runs one of them.
 
-To add a rule (docs/design.md, "Adding a rule"): write it as a function of a distance
-oracle in a module of :mod:`gaf.core` (for cosine the oracle holds G itself, as
-``oracle.gram``, invalid rows zeroed)::
-
-    def my_rule(oracle, tau, valid, verdicts, *, alpha=0.5) -> Decision: ...
-
-and add one :class:`Rule` entry to ``_BUILTIN`` below (or call :func:`register_rule` from
-outside the package). Options reach it as keyword arguments from ``rule_options=`` of
-:func:`gaf.filter_gradients`, the collectors and :class:`gaf.GAFTrainer`; ``check_options``
-validates them once, when a collector is built. Everything else (validity, statistics,
-controls, the stacked, distributed and one-pass paths) then works for it unchanged.
+To add a rule, write ``rule(oracle, tau, valid, verdicts, **options) -> Decision`` in a
+module of :mod:`gaf.core` and add one :class:`Rule` entry to ``_BUILTIN`` below (or call
+:func:`register_rule`); docs/design.md, "Adding a rule".
 """
 
 from __future__ import annotations
@@ -150,13 +142,9 @@ def check_rule(rule: object) -> str:
 
 def decide(gram: Tensor | np.ndarray, tau: float, rule: str = "mean",
            verdicts: np.ndarray | None = None, options: Mapping | None = None) -> Decision:
-    """Run ``rule`` on the Gram matrix of M micro-gradients (rows in their fixed order).
-
-    The computation is in float64 on the host. ``gram`` may live on any device; moving it
-    to the host is the one device→host transfer a filtered step needs. ``verdicts`` (bool
-    [M], from a blind control) replaces the test ``distance <= tau``; ``options`` are the
-    rule's keyword options.
-    """
+    """Run ``rule`` on the Gram matrix of M micro-gradients (rows in their fixed order), in
+    float64 on the host: moving ``gram`` there is a filtered step's one device→host transfer.
+    ``verdicts`` (a blind control's) replace ``distance <= tau``; ``options``: the rule's."""
     return decide_with(GramOracle(gram), tau, rule, verdicts, options)
 
 

@@ -39,24 +39,16 @@ It tolerates f faulty rows when M > 2f + 2 (checked: a clear error otherwise).
 
 Deliberate choices:
 
-* Invalid rows (non-finite or zero norm, as in :mod:`gaf.core`) are excluded before
-  either rule runs: weight 0, never accepted, distance 2. Krum's neighbour count and the
-  median's smoothing use the valid rows only; f stays as given (an invalid row may be one
-  of the f faults, so this errs on the side of fewer neighbours).
-* ν is relative: the smoothing is ``nu`` times the root-mean-square norm of the valid rows,
-  so one setting serves any gradient scale. Distances from a float32 G are exact only to
-  about 3e-4 of the row norms (cancellation in G_ii + G_jj - 2 G_ij), which is why the
-  default ``nu = 1e-3`` is not smaller. Rounding that makes a squared distance slightly
-  negative is clamped to 0.
-* Ties in Krum's scores go to the lowest index (stable sort), so every rank keeps the same
-  rows from the same G.
-* What the :class:`~gaf.core.Decision` reports: ``accepted`` marks the kept rows
-  (Krum) or the rows of positive weight (every valid row, for the median); ``weights`` the
-  direction's weights; ``distances[k]`` the cosine distance between the direction and row
-  k (2 for invalid rows), the same quantity the agreement rules test; ``anchor`` Krum's
-  best-scoring row, or the median's heaviest row. The step is never skipped while one row
-  is valid (``min_accepted = 1``): a robust rule always has a direction, even Krum's one
-  row. Blind controls do not apply (they replace a tau test these rules do not make).
+* Invalid rows (non-finite or zero norm) are excluded first (weight 0, distance 2); Krum's
+  neighbour count and the median's smoothing use the valid rows, f stays as given.
+* ν is relative to the root-mean-square norm of the valid rows. Distances from a float32 G
+  are exact only to about 3e-4 of the row norms (cancellation in G_ii + G_jj - 2 G_ij),
+  hence the default ``nu = 1e-3``; a slightly negative squared distance is clamped to 0.
+* Ties in Krum's scores go to the lowest index (stable sort): the same rows on every rank.
+* The :class:`~gaf.core.Decision`: ``accepted`` the kept rows (Krum) or those of positive
+  weight (median); ``distances[k]`` the cosine distance from the direction to row k;
+  ``anchor`` Krum's best-scoring or the median's heaviest row. ``min_accepted = 1``: never
+  skipped while one row is valid. Blind controls do not apply (no tau test to replace).
 """
 
 from __future__ import annotations

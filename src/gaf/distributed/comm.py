@@ -1,10 +1,8 @@
 """The communicator GAF's collectives go through, its errors, and reusable buffers.
 
 Every collective error (a peer died, the group timed out) is re-raised as
-:class:`GAFDistributedError` naming the rank, the collective and the elapsed time. The
-bound is the process group's timeout (``init_process_group(timeout=...)``, honoured by
-gloo and by NCCL's watchdog) or, if given, ``timeout=``, which waits on each collective
-with ``Work.wait(timeout)``. See docs/design.md, "The distributed protocol".
+:class:`GAFDistributedError` naming the rank, the collective and the elapsed time; the
+bound is the group's timeout or, if given, ``timeout=`` (``Work.wait(timeout)``).
 """
 
 from __future__ import annotations
@@ -148,14 +146,9 @@ def failure_kind(exc: BaseException) -> str:
 
 
 class Workspace:
-    """Buffers kept between exchanges, so that repeated steps allocate nothing.
-
-    Large fresh allocations cost page faults on first touch (tens of ms per 100 MB on a
-    CPU); DDP keeps its buckets for the same reason. :class:`DistributedGradientCollector`
-    holds one; pass one to :func:`filter_gradients_distributed` when calling it in a loop.
-    Holds up to about N·m·P elements for ``method="allgather"``, m·P (m > 1: 2·m·P) for
-    "sharded".
-    """
+    """Buffers kept between exchanges, so that repeated steps allocate nothing (fresh
+    large allocations cost page faults). Holds up to about N·m·P elements for
+    ``method="allgather"``, m·P (m > 1: 2·m·P) for "sharded"."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}

@@ -1,20 +1,10 @@
 """Coordinate-wise median and trimmed mean across ranks: an all-gather baseline.
 
-These aggregators (Yin et al. 2018; :mod:`gaf.core.coordinatewise`) need every coordinate of
-every row, not just the Gram matrix, so the Gram protocol's all-reduce cost is out of
-reach. Each of N ranks holding m rows of P all-gathers every rank's rows and computes the
-same statistic from the same N·m rows in rank-major order::
-
-    traffic per rank:  sends and receives (N-1)·m·P elements, holds N·m·P
-    an all-reduce of the mean (and GAF's sharded protocol with m = 1): 2·P·(N-1)/N
-
-so with m = 1 they move N/2 times the elements of an all-reduce (4× at N = 8) and hold
-N gradients. ``traffic("coordinatewise", ...)`` in benchmarks/traffic.py gives these
-figures.
-
-Every rank sorts the same bits with the same stable sort and averages in the same order,
-so every rank holds the same direction, bit for bit, with no broadcast; the result and
-its statistics equal :func:`gaf.core.coordinatewise.coordinatewise` over the stacked rows.
+These aggregators (:mod:`gaf.core.coordinatewise`) need every coordinate of every row, so
+each of N ranks all-gathers every rank's m rows ((N-1)·m·P elements moved, N·m·P held,
+against 2·P·(N-1)/N for an all-reduce; ``traffic("coordinatewise", ...)`` in
+benchmarks/traffic.py) and computes the same statistic from the same rows in rank-major
+order: the same bits on every rank, equal to the one-device result over the stacked rows.
 """
 
 from __future__ import annotations
@@ -29,15 +19,10 @@ from gaf.core.coordinatewise import COORDINATEWISE_RULES, check_trim, coordinate
 from gaf.distributed.comm import Comm, GAFDistributedError, all_gather_flat
 
 
-def aggregate_coordinatewise_distributed(
-    local_grads: Tensor,
-    rule: str = "median",
-    trim: int = 1,
-    *,
-    group=None,
-    timeout: float | datetime.timedelta | None = None,
-    out: Tensor | None = None,
-) -> FilterResult:
+def aggregate_coordinatewise_distributed(local_grads: Tensor, rule: str = "median", trim: int = 1,
+                                         *, group=None,
+                                         timeout: float | datetime.timedelta | None = None,
+                                         out: Tensor | None = None) -> FilterResult:
     """The coordinate-wise ``rule`` ("median" or "trimmed-mean", dropping ``trim`` values
     at each end) over all ranks' rows; every rank gets the same [P] direction.
 

@@ -26,11 +26,9 @@ accumulated one), so a step filters N rows, in rank order. Per backward:
    rank r's blocks of Σ w_i g_i into each bucket, gather the other blocks (P(N-1)/N
    again), and complete every future with its bucket.
 
-Bytes moved equal one all-reduce; only the gather after the last bucket is not
-overlapped with backward (as DDP's last all-reduce is not). Extra memory: each bucket's
-received blocks, P elements per rank, kept between steps. Each element of the direction is
-computed by one rank and copied to all: parameters stay bitwise identical across ranks.
-At tau = 2 the result is the mean of the N gradients, DDP's own average.
+Bytes moved equal one all-reduce; only the final gather is not overlapped with backward.
+Each element of the direction is computed by one rank and copied to all, so parameters
+stay bitwise identical. At tau = 2 the result is DDP's own average.
 
 Skipped steps: the buckets are completed with zeros (no gather) and ``state.skipped`` is
 True; a hook cannot stop ``optimizer.step()``, so let the state guard the optimizer
@@ -40,14 +38,10 @@ step count) untouched. A rank gradient with inf/NaN (an fp16 overflow) is report
 overflow: every bucket is filled with inf, as DDP's mean would be, so a GradScaler skips
 the step and lowers its scale; the guard skips it too.
 
-Handled: DDP's bucket rebuild after the first iteration (buckets are keyed by index each
-step, their buffers reused while the sizes hold), ``gradient_as_bucket_view``, parameters
-without gradients (``find_unused_parameters``: DDP puts zeros in their slots), half
-precision buckets (Gram in float64; the weighted sum in the bucket's dtype, as
-:func:`gaf.filter_gradients` does, whose last bit it may miss: torch can round a block's
-vector body and scalar tail differently). ``state.result`` is the step's
-:class:`~gaf.core.FilterResult` over the N ranks; its ``grad`` is empty: the direction is
-in the parameters' ``.grad``, where DDP writes it.
+Handled: DDP's bucket rebuild (buckets keyed by index, buffers reused while sizes hold),
+``gradient_as_bucket_view``, ``find_unused_parameters``, half-precision buckets (Gram in
+float64). ``state.result`` is the step's :class:`~gaf.core.FilterResult` over the N ranks;
+its ``grad`` is empty: the direction is in the parameters' ``.grad`` (docs/ddp-hook.md).
 """
 
 # No ``from __future__ import annotations``: DDP checks gaf_hook's annotations as objects.

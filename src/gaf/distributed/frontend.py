@@ -2,31 +2,21 @@
 
 Usage (one process per rank, e.g. under ``torchrun``)::
 
-    dist.init_process_group("nccl" or "gloo", timeout=datetime.timedelta(minutes=5))
     collector = gaf.distributed.DistributedGradientCollector(
         model.parameters(), tau=0.97, buffers=model)   # collective: all ranks construct it
     for x, y in my_micro_batches:                      # m micro-batches on this rank
         loss_fn(model(x), y).backward()
         collector.collect()
-    result = collector.finish()    # the decision over all N·m micro-gradients, same on
+    result = collector.finish()    # one decision over all N·m micro-gradients, same on
     if not result.skipped:         # every rank; the filtered direction is now in .grad
         optimizer.step()
-    optimizer.zero_grad()
 
-The collector is the single-device :class:`~gaf.collector.GradientCollector` (same
-``.grad`` handling, skip semantics, statistics, thresholds and controls) holding a
-:class:`~gaf.distributed.backend.DistributedBackend`: stacked rows whose filtering is the
-distributed protocol. A streaming mode does not exist here: the rules need every rank's
-rows at once. :class:`DistributedGAFTrainer` is :class:`~gaf.training.GAFTrainer` over
-such a collector.
-
-Models wrapped in ``DistributedDataParallel``: DDP's own all-reduce must not run as well
-(it would average the micro-gradients before GAF sees them, and move P values for
-nothing). Either give the collector an unwrapped model (it does DDP's other jobs: it
-broadcasts the parameters from rank 0 at construction and can keep buffers in sync), or
-run every micro-batch's forward and backward under ``ddp_model.no_sync()`` and pass
-``ddp_model.module.parameters()``. :class:`~gaf.training.GAFTrainer` does the latter by
-itself.
+The collector is :class:`~gaf.collector.GradientCollector` over a
+:class:`~gaf.distributed.backend.DistributedBackend` (stacked rows; no streaming mode:
+the rules need every rank's rows at once). DDP's own all-reduce must not run as well:
+give the collector an unwrapped model (it broadcasts parameters from rank 0 and can sync
+buffers), or run the micro-batches under ``ddp_model.no_sync()``, as
+:class:`DistributedGAFTrainer` does by itself. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -89,20 +79,11 @@ def broadcast_parameters(
                                               src=root))
 
 
-def sync_buffers(
-    buffers: nn.Module | Iterable[Tensor],
-    mode: str = "broadcast",
-    *,
-    group=None,
-    timeout: Timeout = None,
-) -> None:
-    """Make buffers (e.g. BatchNorm running statistics) identical on every rank.
-
-    ``"broadcast"``: every rank takes group rank 0's buffers (what DDP does before each
-    forward). ``"mean"``: floating buffers become their mean over ranks (running
-    statistics then reflect every rank's data); other buffers (``num_batches_tracked``)
-    are broadcast from rank 0. Either way all ranks end up with the same bits.
-    """
+def sync_buffers(buffers: nn.Module | Iterable[Tensor], mode: str = "broadcast", *, group=None,
+                 timeout: Timeout = None) -> None:
+    """Make buffers (e.g. BatchNorm running statistics) identical on every rank:
+    ``"broadcast"`` takes group rank 0's (as DDP does); ``"mean"`` averages floating buffers
+    over ranks and broadcasts the others (``num_batches_tracked``)."""
     if mode not in BUFFER_SYNC:
         raise ValueError(f"unknown buffer sync {mode!r}; choose one of {', '.join(BUFFER_SYNC)}")
     comm = Comm(group, timeout)
@@ -123,19 +104,11 @@ def sync_buffers(
 class DistributedGradientCollector(GradientCollector):
     """:class:`~gaf.collector.GradientCollector` across the ranks of a process group.
 
-    Each rank collects m micro-gradients per step (the same m on every rank); ``finish()``
-    filters all N·m of them in rank-major order with the protocol of
-    :mod:`gaf.distributed.protocol` and writes the same filtered direction into ``.grad``
-    on every rank (or sets every ``.grad`` to None on every rank if the step is skipped).
-    Only construction differs from the single-device collector: it builds the
-    distributed backend.
-
-    The filtered direction (``result.grad``, and the ``.grad`` views written from it) lives
-    in a buffer the collector reuses: it is valid until the next ``finish()``.
-
-    Construction is collective: it checks that every rank has the same parameter layout
-    (clear error on every rank otherwise) and, with ``sync_params``, broadcasts the
-    parameters (and buffers) from group rank 0, as DDP does.
+    Each rank collects m micro-gradients per step (the same m everywhere); ``finish()``
+    filters all N·m of them in rank-major order (:mod:`gaf.distributed.protocol`) and
+    writes the same direction (or ``None``) into ``.grad`` on every rank. Construction is
+    collective: it checks the parameter layout across ranks and, with ``sync_params``,
+    broadcasts parameters and buffers from group rank 0, as DDP does.
 
     Args:
         params: the parameters the optimizer updates (or its ``param_groups``).
@@ -159,21 +132,11 @@ class DistributedGradientCollector(GradientCollector):
             (:func:`~gaf.distributed.protocol.run_protocol`).
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict],
-        spec: FilterSpec | None = None,
-        *,
-        group=None,
-        method: str = "sharded",
-        buffers: nn.Module | Iterable[Tensor] | None = None,
-        buffer_sync: str = "broadcast",
-        sync_params: bool = True,
-        check: bool = True,
-        timeout: Timeout = None,
-        gather: str = "auto",
-        **filter_options,
-    ):
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], spec: FilterSpec | None = None, *,
+                 group=None, method: str = "sharded",
+                 buffers: nn.Module | Iterable[Tensor] | None = None,
+                 buffer_sync: str = "broadcast", sync_params: bool = True, check: bool = True,
+                 timeout: Timeout = None, gather: str = "auto", **filter_options):
         spec = resolve_spec(spec, **filter_options)
         DistributedBackend.check_spec(spec)
         method = check_method(method)
@@ -218,10 +181,8 @@ class DistributedGAFTrainer(GAFTrainer):
     rank splits *its* batch into ``num_micro_batches`` micro-batches, and the step filters
     all N·m micro-gradients (m = 1 per rank is fine: N·m >= 2 rows).
 
-    Parameters stay bitwise identical across ranks: every rank applies the same optimizer
-    to the same filtered gradient (AMP overflow handling and clipping see the same values
-    everywhere too). A ``DistributedDataParallel`` model is accepted: GAFTrainer runs its
-    forward and backward under ``no_sync()`` so DDP's all-reduce never runs.
+    Every rank applies the same optimizer to the same filtered gradient, so parameters
+    stay bitwise identical. A ``DistributedDataParallel`` model runs under ``no_sync()``.
 
     Args are those of :class:`~gaf.training.GAFTrainer` (``spec`` or its keyword sugar;
     the backend is always the distributed one, the measure "cosine") plus ``group``,
@@ -229,26 +190,13 @@ class DistributedGAFTrainer(GAFTrainer):
     ``check``, ``timeout`` and ``gather`` of :class:`DistributedGradientCollector`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        num_micro_batches: int,
-        spec: FilterSpec | None = None,
-        *,
-        group=None,
-        method: str = "sharded",
-        buffer_sync: str | None = "broadcast",
-        sync_params: bool = True,
-        max_grad_norm: float | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-        autocast_dtype: torch.dtype | None = None,
-        check: bool = True,
-        timeout: Timeout = None,
-        gather: str = "auto",
-        **filter_options,
-    ):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
+                 spec: FilterSpec | None = None, *, group=None, method: str = "sharded",
+                 buffer_sync: str | None = "broadcast", sync_params: bool = True,
+                 max_grad_norm: float | None = None, scaler: torch.amp.GradScaler | None = None,
+                 autocast_dtype: torch.dtype | None = None, check: bool = True,
+                 timeout: Timeout = None, gather: str = "auto", **filter_options):
         check_optimizer_params(model, optimizer)
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         collector = DistributedGradientCollector(

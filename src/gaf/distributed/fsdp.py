@@ -41,11 +41,9 @@ the new shard to it; accumulate instead with ``model.set_requires_gradient_sync(
 on the micro-batches before the last, so the last backward reduces the accumulated
 gradient, and clear gradients with ``zero_grad(set_to_none=True)``).
 
-Memory: until the decision every unit's received rows are held, N·S per unit: P elements
-per rank over the model, where FSDP holds P/N (its output); the buffers are reused between
-steps. ``shard_dtype=torch.bfloat16`` exchanges and keeps them in bfloat16: half the bytes
-moved and held (for float32 gradients), with the Gram and the direction computed from
-bfloat16-rounded gradients (relative rounding 2^-9 per element).
+Memory: until the decision every unit's received rows are held (P elements per rank over
+the model, where FSDP holds P/N), reused between steps; ``shard_dtype=torch.bfloat16``
+halves what is moved and held, at bfloat16 rounding of the Gram and the direction.
 
 Skipped steps: every output stays zero and ``state.skipped`` is True; guard the optimizer
 with :meth:`~gaf.distributed.step_state.GAFStepState.wrap_optimizer` so that the step does

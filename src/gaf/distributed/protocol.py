@@ -18,43 +18,28 @@ split of the P coordinates, which gives the bandwidth-optimal protocol (``method
 With m = 1 that is 2·P·(N-1)/N elements sent per rank, exactly what a ring all-reduce of
 the averaged gradient sends; in general (m+1)·P·(N-1)/N.
 
-The shards are block-cyclic (:class:`ShardPlan`): P is cut into chunks of about
-``CHUNK_ELEMENTS`` (2M), each chunk into N blocks, block j of every chunk going to rank j; P
-not divisible by N only makes the last blocks shorter. Each chunk is a contiguous slice of
-a row, so for m = 1 the exchange needs no copies; chunks are exchanged concurrently and
-the Gram of one is computed while others are in flight. The gather is N concurrent
-broadcasts (one rooted at each rank) on CPU tensors, where gloo's all_gather is 2-3x
-slower for the same bytes, and ``all_gather`` elsewhere (NCCL).
-
-``method="allgather"`` is the naive protocol of the authors' research script: every rank
-receives every other rank's full micro-gradients ((N-1)·m·P elements received, N·m·P
-held) and computes the direction itself. It exists for comparison and as the fallback for
-backends without ``all_to_all``. It gathers with the same primitive as "sharded", and its
-Gram matrix too is formed shard-wise and summed with a tiny ``all_reduce``, so every rank
-provably reaches the same decision whatever its BLAS does.
+The shards are block-cyclic (:class:`ShardPlan`), in chunks of about ``CHUNK_ELEMENTS``
+exchanged concurrently, the Gram of one computed while others are in flight; for m = 1 a
+chunk is a contiguous slice of the row, sent without copies. The gather is N concurrent
+broadcasts on CPU tensors (gloo's all_gather is 2-3x slower) and ``all_gather`` elsewhere.
+``method="allgather"`` (the authors' research script: every rank receives every full
+micro-gradient, (N-1)·m·P elements) is kept for comparison and as the fallback for
+backends without ``all_to_all``; its Gram too is summed from shards.
 
 Deliberate choices:
 
-* Bitwise agreement across ranks. In the sharded method each element of the direction is
-  computed by exactly one rank and then copied to all, and G comes out of one all-reduce,
-  so every rank holds the same bits; applying the same optimizer to the same bits keeps
-  parameters identical. (The all-gather method computes the direction on every rank from
-  the same inputs with the same elementwise arithmetic: identical on identical hardware.)
-* Agreement with one device. The weighted sum is the same elementwise arithmetic as
-  :func:`gaf.filter_gradients` (``weighted_sum``, same row order), and the weights depend
-  only on the accepted set (bit-identical results in float32/float64 in the tests; in half
-  precision PyTorch's add may round a block's vector body and scalar tail differently, so
-  the last bit can differ from one device). G is a sum of partial products instead of
-  one matmul, so it differs from the single-device G by rounding (~1e-7 relative in
-  float32, ~1e-16 in float64): a distance within that of tau could in principle be
-  decided differently than on one device (never differently across ranks).
-* Non-finite rows. A row with inf/NaN in any shard makes its own row and column of G
-  non-finite (and only those); :func:`gaf.core.decide` marks it invalid and zeroes it out,
-  and ``weighted_sum`` never touches zero-weight rows, so it cannot poison the result.
-* Buffers. Repeated calls can reuse a :class:`Workspace` and an ``out`` tensor (the
-  collector does), so a step allocates nothing: fresh large buffers cost page faults.
-* Every step first runs the cross-rank check (:mod:`gaf.distributed.settings_check`), and
-  every collective fails clearly (:mod:`gaf.distributed.comm`).
+* Bitwise agreement across ranks: each element of the direction is computed by one rank
+  and copied to all, and G comes out of one all-reduce, so every rank decides the same
+  and holds the same bits.
+* Agreement with one device: the weighted sum is :func:`gaf.filter_gradients`'s
+  arithmetic in the same row order (bit-identical in float32/float64; half precision may
+  differ in the last bit). G, a sum of partial products, differs from one matmul by
+  rounding (~1e-7 relative in float32), so a distance within that of tau could be decided
+  differently than on one device (never differently across ranks).
+* A non-finite row makes only its own row and column of G non-finite; the decision marks
+  it invalid and ``weighted_sum`` never touches zero-weight rows.
+* A reused :class:`Workspace` and ``out`` make a step allocate nothing. Every step first
+  runs the cross-rank check (:mod:`~gaf.distributed.settings_check`).
 """
 
 from __future__ import annotations
@@ -126,7 +111,7 @@ class ShardPlan:
 CHUNK_ELEMENTS = 1 << 21
 
 
-def _gather_by_broadcast(device: torch.device, gather: str) -> bool:
+def gather_by_broadcast(device: torch.device, gather: str) -> bool:
     """How to gather the filtered blocks: N concurrent broadcasts (one rooted at each rank)
     or all_gather. Same bytes either way; gloo's CPU all_gather measured 2-3x slower than
     the broadcasts, while NCCL's all_gather is the ring-optimal one ("auto" picks so)."""
@@ -135,6 +120,36 @@ def _gather_by_broadcast(device: torch.device, gather: str) -> bool:
     if gather != "auto":
         return gather == "broadcast"
     return device.type == "cpu"
+
+
+def gather_filtered(comm: Comm, plan: ShardPlan, shards: list[Tensor], weights: np.ndarray,
+                    out: Tensor, by_broadcast: bool, tail, what: str) -> tuple[list, list]:
+    """Write rank r's blocks of Σ w_i g_i (``shards[c]``: block r of every row of chunk c)
+    into ``out`` and start gathering every other rank's blocks into it: N concurrent
+    broadcasts, or all_gather of equal blocks, the short last chunk through the padded
+    buffer ``tail()``. Returns the works and the (dst, src) copies to make after them."""
+    n, r, b = comm.size, comm.rank, plan.block
+    works, after = [], []
+    for c, shard in enumerate(shards):
+        base, lens = plan.chunk(c)
+        total = sum(lens)
+        if by_broadcast:  # written in place; each block is then broadcast from its owner
+            weighted_sum(shard, weights, out[base + r * b : base + r * b + lens[r]])
+            for j, length in enumerate(lens):
+                if length:
+                    part = out[base + j * b : base + j * b + length]
+                    works.append(comm.start(what, dist.broadcast, part, src=comm.global_rank(j)))
+            continue
+        if total == n * b:  # equal blocks, gathered straight into ``out``
+            target = out[base : base + total]
+        else:  # short last chunk: gather padded, keep the prefix (only the tail is short)
+            target = tail()
+            after.append((out[base : base + total], target[:total]))
+        piece = target[r * b : (r + 1) * b]
+        weighted_sum(shard, weights, piece[: lens[r]])
+        piece[lens[r] :].zero_()
+        works.append(comm.start(what, all_gather_flat, target, piece))
+    return works, after
 
 
 def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out: Tensor,
@@ -190,31 +205,9 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
     # 4. Rank r computes its blocks of Σ w_i g_i; every rank gathers all blocks.
     since = time.monotonic()
     what = "gather of the filtered shards"
-    by_broadcast = _gather_by_broadcast(rows.device, gather)
-    works, after = [], []
-    pieces = None if by_broadcast else ws.get("piece", plan.chunks * b, rows.dtype, rows.device)
-    for c in range(plan.chunks):
-        base, lens = plan.chunk(c)
-        lo = base + r * b
-        if by_broadcast:
-            # Written in place; each block is then broadcast from its owner.
-            weighted_sum(shards[c], decision.weights, out[lo : lo + lens[r]])
-            for j, length in enumerate(lens):
-                if length:
-                    part = out[base + j * b : base + j * b + length]
-                    works.append(comm.start(what, dist.broadcast, part,
-                                            src=comm.global_rank(j)))
-            continue
-        piece = pieces[c * b : (c + 1) * b]
-        weighted_sum(shards[c], decision.weights, piece[: lens[r]])
-        piece[lens[r] :].zero_()
-        total = sum(lens)
-        if total == n * b:
-            target = out[base : base + total]
-        else:  # short last chunk: gather padded, keep the prefix (only the tail is short)
-            target = ws.get("tail", n * b, rows.dtype, rows.device)
-            after.append((out[base : base + total], target[:total]))
-        works.append(comm.start(what, all_gather_flat, target, piece))
+    works, after = gather_filtered(
+        comm, plan, shards, decision.weights, out, gather_by_broadcast(rows.device, gather),
+        lambda: ws.get("tail", n * b, rows.dtype, rows.device), what)
     comm.wait(what, works, since)
     for dst, src in after:
         dst.copy_(src)
@@ -229,7 +222,7 @@ def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, o
     every[r].copy_(rows.reshape(-1))
     since = time.monotonic()
     what = "all-gather of micro-gradients"
-    if _gather_by_broadcast(rows.device, gather):  # the same gather primitive as "sharded"
+    if gather_by_broadcast(rows.device, gather):  # the same gather primitive as "sharded"
         step = max(1, chunk_elements // n)
         works = [
             comm.start(what, dist.broadcast, every[j, lo : lo + step], src=comm.global_rank(j))
@@ -269,23 +262,12 @@ def _check_out(out: Tensor | None, rows: Tensor) -> Tensor:
     return out
 
 
-def run_protocol(
-    local_grads: Tensor,
-    tau: float,
-    rule: str,
-    comm: Comm,
-    *,
-    method: str = "sharded",
-    check: bool = True,
-    layout: Sequence[Sequence[int]] | None = None,
-    out: Tensor | None = None,
-    workspace: Workspace | None = None,
-    gather_if_skipped: bool = True,
-    chunk_elements: int = CHUNK_ELEMENTS,
-    verdicts: np.ndarray | None = None,
-    rule_options: Mapping | None = None,
-    gather: str = "auto",
-) -> FilterResult:
+def run_protocol(local_grads: Tensor, tau: float, rule: str, comm: Comm, *, method: str = "sharded",
+                 check: bool = True, layout: Sequence[Sequence[int]] | None = None,
+                 out: Tensor | None = None, workspace: Workspace | None = None,
+                 gather_if_skipped: bool = True, chunk_elements: int = CHUNK_ELEMENTS,
+                 verdicts: np.ndarray | None = None, rule_options: Mapping | None = None,
+                 gather: str = "auto") -> FilterResult:
     """The protocol behind :func:`filter_gradients_distributed`, for front ends that hold
     their own :class:`Comm`. ``layout`` (parameter shapes) joins the cross-rank check.
     ``gather_if_skipped=False`` saves the final gather on skipped steps (the direction is

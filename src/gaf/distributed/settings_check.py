@@ -1,9 +1,6 @@
-"""The cross-rank check: ranks that disagree fail with the same clear error on every rank.
-
-Before the collector is built and before every exchange, every rank all-gathers a few
-integers (P, m, dtype, rule, tau, method, parameter layout, rule options) so that ranks
-that disagree fail together instead of exchanging garbage or hanging. It costs one tiny
-collective (``check=False`` drops it).
+"""The cross-rank check: before the collector is built and before every exchange, ranks
+all-gather a few integers (P, m, dtype, rule, tau, method, layout, rule options), so that
+ranks that disagree fail together with the same clear error (``check=False`` drops it).
 """
 
 from __future__ import annotations

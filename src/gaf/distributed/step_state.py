@@ -1,17 +1,7 @@
-"""What the DDP hook and the FSDP2 reduce-scatter share: one decision per backward, its
-record, and the optimizer guard that honours a skipped step.
-
-Both engines call GAF from inside backward, where nothing can stop the ``optimizer.step()``
-that follows. :class:`GAFStepState` therefore keeps the step's outcome (``result``,
-``skipped``, ``stats``) and offers :meth:`GAFStepState.wrap_optimizer`, which replaces
-``step`` on the optimizer instance: after a skipped decision the next ``step()`` does
-nothing (parameters and optimizer state untouched); after a taken one it steps as usual;
-with no decision since the last step (a framework's accumulation micro-step) it passes
-through. A closure (Lightning's automatic optimization) runs first, since its backward is
-what produces the decision.
-
-The decision is :func:`gaf.core.decide` on the all-reduced N x N Gram matrix: the same bits
-on every rank, so every rank takes the same branch without a broadcast.
+"""What the DDP hook and the FSDP2 reduce-scatter share: one decision per backward (on the
+all-reduced N x N Gram: the same bits, so the same branch, on every rank), its record, and
+the optimizer guard that honours a skipped step (nothing inside backward can stop the
+``optimizer.step()`` that follows: :meth:`GAFStepState.wrap_optimizer`).
 """
 
 from __future__ import annotations
@@ -122,17 +112,13 @@ class GAFStepState:
     # -- the optimizer guard ----------------------------------------------------------------
 
     def wrap_optimizer(self, optimizer, on_step=None):
-        """Make ``optimizer.step()`` honour GAF's decision; returns the same optimizer.
-
-        ``step`` is replaced on this instance: after a skipped decision it does nothing
-        (returns the closure's loss, if a closure was given), after a taken one it steps;
-        with no decision since the last step it simply steps (accumulation micro-steps of
-        frameworks that call ``step`` every batch). ``on_step(skipped)``, if given, is
-        called after each decided step (a framework's own skip flag). One line, so it is
-        not forgotten::
+        """Make ``optimizer.step()`` honour GAF's decision; returns the same optimizer::
 
             optimizer = state.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-        """
+
+        After a skipped decision ``step()`` does nothing (returns the closure's loss); after a
+        taken one, or with no decision since the last step (accumulation micro-steps), it steps.
+        ``on_step(skipped)`` runs after each decided step (a framework's own skip flag)."""
         owner = getattr(optimizer, "_gaf_step_state", None)
         if owner is self:
             return optimizer

@@ -1,6 +1,4 @@
-"""GAF for loops written with Hugging Face accelerate's gradient accumulation.
-
-Usage (one process, or every process of ``accelerate launch`` / ``torchrun``)::
+"""GAF for loops written with Hugging Face accelerate's gradient accumulation::
 
     accelerator = Accelerator(gradient_accumulation_steps=M)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -15,26 +13,11 @@ Usage (one process, or every process of ``accelerate launch`` / ``torchrun``)::
             scheduler.step()                         # accelerate holds it on skipped steps
             optimizer.zero_grad()
 
-Per window of M micro-batches (``accelerator.sync_gradients`` marks the last)::
-
-    after each backward: the collector takes the micro-gradient out of .grad
-    at the last: filter; .grad = M · (mean of the accepted ones), undoing the division of
-        each loss by M in accelerator.backward
-    optimizer.step(): skipped step → no step, and accelerate's skip flag is set, so
-        accelerator.optimizer_step_was_skipped is True and prepared schedulers do not step;
-        taken step → the usual step (through the GradScaler with fp16)
-
-Several processes: the prepared model is wrapped in ``DistributedDataParallel``; the
-accumulator registers a DDP communication hook that moves no data (DDP would average the
-micro-gradients at the window's last backward) and filters with
-:class:`gaf.distributed.DistributedGradientCollector`: the decision covers every rank's
-micro-gradients and every rank applies the same direction. Give each rank its own data
-(a prepared data loader shards it).
-
-Pitfalls: an unprepared scheduler does not know about skips (step it only when
-``not accelerator.optimizer_step_was_skipped``); the GradScaler (fp16) sees loss / M, so an
-overflowing micro-gradient turns the whole step into an overflow that the scaler skips and
-answers by lowering its scale; DeepSpeed and FSDP own the gradients and are not supported.
+At the window's last micro-batch ``.grad`` = M · (mean of the accepted ones); a skipped
+step sets accelerate's skip flag (``accelerator.optimizer_step_was_skipped``), which
+prepared schedulers read. Under DDP a no-op communication hook stops DDP's all-reduce and
+a :class:`gaf.distributed.DistributedGradientCollector` filters every rank's
+micro-gradients. DeepSpeed and FSDP are not supported (docs/integrations.md).
 """
 
 from __future__ import annotations
@@ -68,28 +51,18 @@ class GAFAccumulator:
     Args:
         accelerator: the ``Accelerator``; its ``gradient_accumulation_steps`` is M.
         model: the prepared model (wrapped in DDP when several processes run).
-        optimizer: the prepared optimizer (an ``AcceleratedOptimizer``). Its ``step`` is
-            replaced on this instance so that skipped steps never reach the optimizer.
-        tau, rule, mode, measure: as for :class:`gaf.GradientCollector` (several processes:
-            mode "stacked", measure "cosine").
+        optimizer: the prepared ``AcceleratedOptimizer``; its ``step`` is replaced on this
+            instance so that skipped steps never reach the optimizer.
+        spec, mode: the filter (or its keyword sugar) and backend, as for
+            :class:`gaf.GradientCollector` (several processes: measure "cosine", "stacked").
         method, timeout: of the distributed exchange (several processes only).
-        num_micro_batches: micro-batches per step on each process, where the loop
-            accumulates by itself (default: ``accelerator.gradient_accumulation_steps``).
-    """
+        num_micro_batches: micro-batches per step on each process (default:
+            ``accelerator.gradient_accumulation_steps``)."""
 
-    def __init__(
-        self,
-        accelerator: Accelerator,
-        model: nn.Module,
-        optimizer: AcceleratedOptimizer,
-        spec: FilterSpec | None = None,
-        *,
-        mode: str = "auto",
-        method: str = "sharded",
-        timeout: float | None = None,
-        num_micro_batches: int | None = None,
-        **filter_options,
-    ):
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: AcceleratedOptimizer,
+                 spec: FilterSpec | None = None, *, mode: str = "auto", method: str = "sharded",
+                 timeout: float | None = None, num_micro_batches: int | None = None,
+                 **filter_options):
         spec = resolve_spec(spec, **filter_options)
         if num_micro_batches is None:
             num_micro_batches = accelerator.gradient_accumulation_steps
@@ -137,13 +110,9 @@ class GAFAccumulator:
         self.window.before_backward()
 
     def after_backward(self, loss_divisor: float | None = None) -> WindowOutcome | None:
-        """Take the micro-gradient in ``.grad``; at the window's last micro-batch filter it
-        with the others and return how the window ended (``None`` before that).
-
-        ``loss_divisor``: what each micro-batch loss was divided by before backward
-        (default: ``accelerator.gradient_accumulation_steps``, as ``accelerator.backward``
-        divides).
-        """
+        """Take the micro-gradient in ``.grad``; at the window's last micro-batch filter and
+        return how the window ended (``None`` before). ``loss_divisor``: what each loss was
+        divided by (default: ``gradient_accumulation_steps``, as ``accelerator.backward`` does)."""
         if loss_divisor is None:
             loss_divisor = self.accelerator.gradient_accumulation_steps
         outcome = self.window.after_backward(
@@ -157,9 +126,8 @@ class GAFAccumulator:
         return outcome
 
     def log_row(self, prefix: str = "gaf/") -> dict[str, float]:
-        """Means of the step statistics since the previous call (``skipped`` is then the
-        skip rate over those steps), plus the running ``skip_rate``; empty if no step
-        ended since."""
+        """Means of the step statistics since the previous call (``skipped``: the skip rate
+        over those steps) and the running ``skip_rate``; empty if no step ended since."""
         outcomes, self._since_log = self._since_log, []
         if not outcomes:
             return {}

@@ -1,21 +1,12 @@
 """What every framework integration shares: an accumulation window of micro-gradients
 filtered into one step, the statistics a step reports, and DDP without its all-reduce.
 
-A framework that accumulates gradients runs, per optimizer step::
-
-    for each micro-batch k of the window:
-        loss_k / divisor  .backward()      # the framework divides by the window size
-        window.after_backward(last=k is the window's last)
-    optimizer step (clipping first), unless the window was skipped
-
 :class:`MicroGradientWindow` hands each micro-gradient to a collector as it appears in
 ``.grad``; at the window's end the filtered direction replaces ``.grad``, multiplied back
-by the framework's divisor, so that the step is the mean of the accepted micro-gradients
-exactly as :class:`gaf.GAFTrainer` takes it (the factor is exact when the divisor is a
-power of two; cosine distances do not change under a common scale, so the decisions are
-the same either way). With a GradScaler, a non-finite micro-gradient makes the whole step
-an overflow, as in :class:`gaf.GAFTrainer`: every ``.grad`` is set to inf so that the
-scaler skips the step and lowers its scale, as it would without GAF.
+by the framework's loss divisor, so the step is the mean of the accepted micro-gradients
+as :class:`gaf.GAFTrainer` takes it (exact when the divisor is a power of two; cosine
+decisions ignore a common scale). With a GradScaler a non-finite micro-gradient makes the
+step an overflow, as in :class:`gaf.GAFTrainer`.
 """
 
 from __future__ import annotations

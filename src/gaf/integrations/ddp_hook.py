@@ -1,36 +1,8 @@
-"""GAF's DDP communication hook in accelerate and the Hugging Face Trainer.
-
-The hook itself is :func:`gaf.distributed.gaf_hook` with a
-:class:`gaf.distributed.GAFHookState`; the frameworks only need it registered on the
-model they wrapped in ``DistributedDataParallel`` and the optimizer guarded so that a
-skipped step is not taken (see docs/ddp-hook.md).
-
-accelerate::
-
-    model, optimizer = accelerator.prepare(model, optimizer)     # several processes: DDP
-    state = register_gaf_hook(model, optimizer, tau=0.97)
-    ...  # the usual loop; optimizer.step() does nothing on a skipped step
-
-Hugging Face Trainer::
-
-    trainer = Trainer(model=model, args=args, train_dataset=data)
-    state = use_gaf_hook(trainer, tau=0.97)      # registered when training starts
-    trainer.train()
-
-Lightning::
-
-    state = GAFHookState(tau=0.97)
-    trainer = pl.Trainer(strategy="ddp", callbacks=[lightning_gaf_hook(state)], ...)
-    # and in configure_optimizers: return state.wrap_optimizer(optimizer)
-
-``DDPStrategy(ddp_comm_state=state, ddp_comm_hook=gaf_hook)`` is enough on CUDA devices;
-Lightning 2.6 registers communication hooks only there and silently ignores them on the
-CPU. The callback registers the hook on the DDP model when fitting starts, wherever it
-runs, unless the strategy already did.
-
-On accelerate's ``AcceleratedOptimizer`` a skipped step also sets accelerate's own skip
-flag (the one a GradScaler overflow sets), so ``accelerator.optimizer_step_was_skipped``
-is True and the Trainer and prepared schedulers hold the learning-rate schedule.
+"""GAF's DDP communication hook (:func:`gaf.distributed.gaf_hook`) registered in accelerate
+(:func:`register_gaf_hook`), the Hugging Face Trainer (:func:`use_gaf_hook`) and Lightning
+(:func:`lightning_gaf_hook`), with the optimizer guarded so that a skipped step is not
+taken; on an ``AcceleratedOptimizer`` a skip also sets accelerate's skip flag. Lightning
+2.6 registers ``ddp_comm_hook`` on CUDA only, hence the callback. See docs/ddp-hook.md.
 """
 
 from __future__ import annotations

@@ -6,49 +6,15 @@ Usage::
                         callbacks=[GAFCallback(tau=0.97)])
     trainer.fit(model, loader)          # loader yields micro-batches
 
-Each of the ``accumulate_grad_batches`` batches of a step is one micro-gradient. Per step::
-
-    for each batch k of the window:     (Lightning: training_step, loss / M, backward)
-        on_after_backward: the collector takes the micro-gradient out of .grad
-    at the window's last backward: filter; .grad = M · (mean of the accepted ones)
-    if skipped (fewer than two agree): no on_before_optimizer_step, no clipping, no
-        optimizer.step(), no GradScaler update; "step"-interval LR schedulers are held
-    else: Lightning unscales (16-mixed), calls on_before_optimizer_step, clips
-        (gradient_clip_val acts on the filtered gradient) and steps
-
-The factor M undoes Lightning's division of each loss by ``accumulate_grad_batches``, so a
-step equals :class:`gaf.GAFTrainer`'s over the same micro-batches (bit for bit on the CPU
-when M is a power of two).
-
-Where it hooks in: gradients come from the callback hooks ``on_before_backward`` and
-``on_after_backward``; the skip needs the one place that runs the window's last backward
-and then the optimizer step, the precision plugin's ``optimizer_step``: the callback wraps
-that method of the trainer's plugin while fitting (and puts it back at the end). The
-wrapper runs the closure (the last micro-batch), and calls the plugin's own
-``optimizer_step`` only for a step that was taken, so every precision plugin keeps its own
-behaviour (``32``, ``bf16-mixed``, and ``16-mixed`` with its GradScaler).
-
-DDP (``strategy="ddp"``): the callback registers a DDP communication hook that moves no
-data, so DDP's all-reduce never averages the micro-gradients, and filters through
-:class:`gaf.distributed.DistributedGradientCollector`: the decision covers all N·M
-micro-gradients of the step, and every rank applies the same direction.
-
-Statistics go to ``self.log`` under ``gaf/`` each step (``skipped``, ``accepted``,
-``acceptance``, ``distance``, ``tau``, ``overflow``, and the running ``skip_rate`` and
-``acceptance_rate``), and their epoch means as ``gaf/<name>_epoch`` (``gaf/skipped_epoch``
-is the epoch's skip rate).
-
-Pitfalls:
-
-- ``trainer.global_step`` and ``max_steps`` count windows, skipped ones included; the
-  callback's ``stats`` counts the skips.
-- LR schedulers with ``interval="step"`` are held on skipped steps (``hold_lr_schedulers``),
-  as the Hugging Face Trainer holds them; ``"epoch"`` schedulers are not.
-- 16-mixed: a skipped step leaves the GradScaler alone; an overflowing micro-gradient
-  turns the step into an overflow, which the scaler skips and answers by lowering its
-  scale (as without GAF).
-- ``accumulate_grad_batches`` must be at least 2 on one device (one micro-gradient can
-  never agree with another: every step would be skipped).
+Each batch of a window is one micro-gradient; at the window's last backward ``.grad`` =
+M · (mean of the accepted ones), undoing Lightning's division by M. A skipped step runs no
+``on_before_optimizer_step``, clipping, ``optimizer.step()`` or GradScaler update, and
+"step"-interval LR schedulers are held. The skip needs the one place that runs the last
+backward and then the step, the precision plugin's ``optimizer_step``: the callback wraps
+it while fitting, so every precision plugin keeps its own behaviour. Under
+``strategy="ddp"`` a no-op communication hook stops DDP's all-reduce and the decision
+covers all N·M micro-gradients. Statistics go to ``self.log`` under ``gaf/``. Semantics and
+pitfalls: docs/integrations.md.
 
 Manual optimisation needs no callback: use a :class:`gaf.GradientCollector` in
 ``training_step``::
@@ -67,8 +33,7 @@ Manual optimisation needs no callback: use a :class:`gaf.GradientCollector` in
             opt.step()
         opt.zero_grad()
 
-(with 16-mixed a rejected overflow then does not lower the scaler's scale: use automatic
-optimisation and this callback where that matters).
+(with 16-mixed a rejected overflow then does not lower the scaler's scale).
 """
 
 from __future__ import annotations
@@ -107,18 +72,9 @@ class GAFCallback(Callback):
         timeout: seconds a collective of the distributed exchange may take (DDP only).
     """
 
-    def __init__(
-        self,
-        spec: FilterSpec | None = None,
-        *,
-        mode: str = "auto",
-        method: str = "sharded",
-        hold_lr_schedulers: bool = True,
-        log: bool = True,
-        log_prefix: str = "gaf/",
-        timeout: float | None = None,
-        **filter_options,
-    ):
+    def __init__(self, spec: FilterSpec | None = None, *, mode: str = "auto",
+                 method: str = "sharded", hold_lr_schedulers: bool = True, log: bool = True,
+                 log_prefix: str = "gaf/", timeout: float | None = None, **filter_options):
         self.spec = resolve_spec(spec, **filter_options)
         self.mode = mode
         self.method = method

@@ -1,21 +1,13 @@
-"""TensorBoard and CSV logs of GAF statistics, for any loop that steps with GAF.
-
-Usage::
+"""TensorBoard and CSV logs of GAF statistics, for any loop that steps with GAF::
 
     with StatsLogger("runs/gaf") as logger:                # TensorBoard events + CSV files
         for step, (x, y) in enumerate(loader):
-            out = trainer.step(x, y)                       # a gaf.GAFTrainer
-            logger.log_step(step, out, trainer.stats)
+            logger.log_step(step, trainer.step(x, y), trainer.stats)
         logger.log_epoch(epoch, {"test_accuracy": acc})    # any scalars, once an epoch
 
-``log_step`` writes, under ``gaf/``: ``skipped``, ``accepted``, ``acceptance``,
-``distance``, ``tau``, ``invalid``, and given the running stats ``skip_rate`` and
-``acceptance_rate``; from a :class:`gaf.StepResult` also ``loss`` and ``overflow``. The
-same rows go to ``steps.csv``; ``log_epoch`` rows go to ``epoch/<name>`` and
-``epochs.csv``. Reading a ``StepResult``'s loss costs one device sync per logged step:
-log every k-th step where that matters.
-
-TensorBoard needs the ``tensorboard`` package (``gaf[tensorboard]``); ``tensorboard=False``
+``log_step`` writes :func:`~gaf.integrations.common.step_statistics` under ``gaf/`` (and a
+``StepResult``'s ``loss``, one device sync, and ``overflow``) to TensorBoard and
+``steps.csv``; ``log_epoch`` to ``epoch/<name>`` and ``epochs.csv``. ``tensorboard=False``
 writes the CSV files alone, with no extra package.
 """
 
@@ -67,12 +59,8 @@ class StatsLogger:
         self._epoch_rows: list[dict] = []
         self._closed = False
 
-    def log_step(
-        self,
-        step: int,
-        outcome: StepResult | FilterResult | WindowOutcome,
-        stats: FilterStats | None = None,
-    ) -> dict[str, float]:
+    def log_step(self, step: int, outcome: StepResult | FilterResult | WindowOutcome,
+                 stats: FilterStats | None = None) -> dict[str, float]:
         """Record one step's statistics; returns the row written (without ``step``)."""
         self._check_open()
         loss = None
@@ -158,15 +146,9 @@ class StatsLogger:
 
 
 def write_runs(log_dir: str | Path, runs: Iterable, *, tensorboard: bool = True) -> list[Path]:
-    """Write finished experiment runs (``gaf train/compare`` results) as one log directory
-    each under ``log_dir``, named after the run's label and seed: every numeric field of
-    each epoch's history row as ``epoch/<field>``, and the per-step mean micro-gradient
-    distance, where the run recorded it, as ``gaf/distance``. Returns the directories.
-
-    ``runs``: objects with ``label``, ``config`` (a dict with ``seed``), ``history`` (a list
-    of per-epoch dicts holding ``epoch``) and ``distance_trace`` (floats per step), such as
-    :class:`gaflab.results.RunResult`.
-    """
+    """One log directory per finished run (``gaf train/compare`` results: ``label``,
+    ``config["seed"]``, ``history``, ``distance_trace``) under ``log_dir``: ``epoch/<field>``
+    per epoch and ``gaf/distance`` per step. Returns the directories."""
     root = Path(log_dir)
     written: list[Path] = []
     for run in runs:

@@ -1,39 +1,15 @@
-"""GAF for the Hugging Face ``Trainer``: a subclass with ``gradient_accumulation_steps``.
-
-Usage::
+"""GAF for the Hugging Face ``Trainer``: a subclass with ``gradient_accumulation_steps``::
 
     args = TrainingArguments(output_dir, gradient_accumulation_steps=M, max_grad_norm=1.0, ...)
     trainer = GAFHFTrainer(model=model, args=args, train_dataset=train, tau=0.97)
     trainer.train()
 
-Each of the ``gradient_accumulation_steps`` micro-batches of an optimizer step is one
-micro-gradient. Per step, in the Trainer's own loop::
-
-    each micro-batch: training_step (loss / M, backward), then the collector takes the
-        micro-gradient out of .grad
-    the window's last: filter; .grad = M · (mean of the accepted ones)
-    Trainer: clip (max_grad_norm acts on the filtered gradient), optimizer.step()
-        skipped step → no optimizer step, and accelerate's skip flag is set: the Trainer's
-        optimizer_step_was_skipped check then holds the LR scheduler, as for an fp16 overflow
-    Trainer logs: gaf/skipped (the skip rate since the previous log), gaf/acceptance,
-        gaf/distance, gaf/tau, gaf/skipped_steps, gaf/skip_rate (running)
-
-The factor M undoes the Trainer's division of each loss by the number of micro-batches of
-the step, so with a loss that is a mean over its micro-batch the step equals
-:class:`gaf.GAFTrainer`'s. (Where the Trainer normalises by the tokens of the whole step,
-``num_items_in_batch``, the direction is M times the mean of the accepted micro-gradients
-in that normalisation: the per-token mean when micro-batches hold equal token counts.)
-
-Several processes (``torchrun`` / ``accelerate launch``): the Trainer wraps the model in
-DDP through accelerate; :class:`gaf.integrations.accelerate.GAFAccumulator` turns DDP's
-all-reduce off and filters every rank's micro-gradients together.
-
-Checkpoints: each checkpoint folder gets ``gaf_state.pt`` (counters, threshold state);
-``train(resume_from_checkpoint=...)`` restores it.
-
-Pitfalls: ``state.global_step`` and ``max_steps`` count windows, skipped ones included;
-DeepSpeed, FSDP and optimizers the Trainer steps outside ``self.optimizer.step()`` are not
-supported.
+Each micro-batch of a step is one micro-gradient; the window's last backward filters and
+sets ``.grad`` = M · (mean of the accepted ones), undoing the Trainer's division (where it
+normalises by ``num_items_in_batch``, the mean is in that normalisation). A skipped step
+sets accelerate's skip flag, so the Trainer holds the LR scheduler. Several processes go
+through :class:`gaf.integrations.accelerate.GAFAccumulator`. Checkpoint folders get
+``gaf_state.pt``. Logs, pitfalls: docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -55,23 +31,12 @@ GAF_STATE_NAME = "gaf_state.pt"  # beside the Trainer's own files in each checkp
 
 
 class GAFHFTrainer(Trainer):
-    """``transformers.Trainer`` that filters each step's micro-gradients with GAF.
+    """``transformers.Trainer`` that filters each step's micro-gradients with GAF. Takes
+    every ``Trainer`` argument plus, keyword-only, ``spec`` (or its keyword sugar), ``mode``,
+    ``method`` and ``timeout`` (as for :class:`~gaf.integrations.accelerate.GAFAccumulator`)."""
 
-    Takes every argument of ``Trainer`` plus, keyword-only, ``spec`` (a
-    :class:`gaf.FilterSpec`; or its keyword sugar ``tau``, ``rule``, ``rule_options``,
-    ``measure``, ``control``, checked here at construction), ``mode`` (as for
-    :class:`gaf.GradientCollector`) and ``method``, ``timeout`` (the distributed exchange).
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        spec: FilterSpec | None = None,
-        mode: str = "auto",
-        method: str = "sharded",
-        timeout: float | None = None,
-        **kwargs: Any,
-    ):
+    def __init__(self, *args: Any, spec: FilterSpec | None = None, mode: str = "auto",
+                 method: str = "sharded", timeout: float | None = None, **kwargs: Any):
         # The filter's keyword sugar, taken out before the rest goes to Trainer.
         filter_options = {k: kwargs.pop(k) for k in SPEC_DEFAULTS if k in kwargs}
         spec = resolve_spec(spec, **filter_options)

@@ -1,11 +1,8 @@
 """The averaging backend: plain gradient accumulation through the same loop, no filter.
 
-What data-parallel SGD computes, for comparing GAF against it on equal terms: each
-micro-batch's loss is divided by M (``divides_loss``) and back-propagated into the same
-buffer, bound to ``.grad`` at :meth:`AveragingBackend.begin`, so after M backwards it holds
-Σ_k ∇loss_k / M. Nothing is measured: the result says every micro-batch was accepted with
-weight 1/M, its distances are NaN and its rule is "average". A non-finite gradient is not
-looked at here; a GradScaler finds it in ``.grad`` by itself, as without GAF.
+Each micro-batch's loss is divided by M (``divides_loss``) and back-propagated into the
+buffer bound at :meth:`AveragingBackend.begin`, which then holds Σ_k ∇loss_k / M. The
+result reports every micro-batch accepted with weight 1/M, distances NaN, rule "average".
 """
 
 from __future__ import annotations

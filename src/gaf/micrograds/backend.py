@@ -13,11 +13,7 @@ in the collector. Per step::
         losses = backend.collect_batch(pass_)      # one forward and backward of the batch
     result = backend.finish(count, tau, verdicts)  # FilterResult; grad in a reused buffer
 
-Implementations: :class:`~gaf.micrograds.streaming.StreamingBackend` (one running sum),
-:class:`~gaf.micrograds.stacked.StackedBackend` (rows [M, P] and any rule),
-:class:`~gaf.micrograds.one_pass.OnePassBackend` (Gram pieces from one pass),
-:class:`~gaf.micrograds.averaging.AveragingBackend` (plain gradient accumulation, no
-filter) and :class:`gaf.distributed.backend.DistributedBackend` (every rank's rows).
+Implementations: :mod:`gaf.micrograds` and :class:`gaf.distributed.backend.DistributedBackend`.
 """
 
 from __future__ import annotations

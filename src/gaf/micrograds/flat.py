@@ -1,15 +1,10 @@
 """Map a model's parameter gradients to and from flat rows.
 
 A micro-gradient is the concatenation of every trainable parameter's ``.grad``, in the
-order the parameters were given. Frozen parameters (``requires_grad=False``) are left out
-entirely; a trainable parameter whose ``.grad`` is ``None`` after a backward pass (unused
-in that micro-batch) contributes zeros.
-
-To avoid copying on every micro-batch, :meth:`FlatGradients.bind` points each
-``param.grad`` at a view of a flat buffer, so the next backward accumulates straight into
-it (as DDP's ``gradient_as_bucket_view`` does). :meth:`FlatGradients.gather` then costs
-nothing for parameters still bound, and copies only those whose ``.grad`` was replaced
-(e.g. by ``zero_grad(set_to_none=True)``).
+order given; frozen parameters are left out, a ``.grad`` of ``None`` contributes zeros.
+:meth:`FlatGradients.bind` points each ``.grad`` at a view of a flat buffer, so backward
+accumulates straight into it (as DDP's ``gradient_as_bucket_view``) and
+:meth:`FlatGradients.gather` copies only the gradients that were replaced.
 """
 
 from __future__ import annotations
@@ -84,13 +79,9 @@ class FlatGradients:
                 )
 
     def views(self, flat: Tensor, cache: bool = False) -> list[Tensor]:
-        """Per-parameter views into a flat [P] tensor.
-
-        With ``cache``, views of a long-lived buffer are made once: making them costs ~6 µs
-        per parameter, paid twice per micro-batch otherwise. The cache is keyed by address;
-        the cached views keep their storage alive, so no other tensor can take that address
-        while the entry exists. Only buffers the caller keeps should be cached.
-        """
+        """Per-parameter views into a flat [P] tensor. With ``cache``, views of a long-lived
+        buffer are made once (~6 µs per parameter otherwise, twice per micro-batch), keyed by
+        address; the cached views keep the storage alive. Cache only buffers the caller keeps."""
         key = (flat.data_ptr(), flat.numel(), flat.dtype, flat.device)
         views = self._views.get(key)
         if views is None and not cache:
@@ -133,14 +124,7 @@ class FlatGradients:
         Only possible where a parameter's dtype equals the buffer's; others get a copy on
         :meth:`gather` instead.
         """
-        views = self.views(flat, cache=True)
-        for i, (p, view) in enumerate(zip(self.params, views, strict=True)):
-            if p.dtype == flat.dtype:
-                p.grad = view
-                self._bound[i] = view
-            else:
-                p.grad = None
-                self._bound[i] = None
+        self._point(flat, cache=True, copy=False)
         self._fresh = (flat, flat._version)
 
     def untouched(self) -> bool:
@@ -160,14 +144,16 @@ class FlatGradients:
         ``cache``: ``flat`` is a long-lived buffer whose views may be kept (see :meth:`views`).
         """
         self._fresh = None
+        self._point(flat, cache=cache, copy=True)
+
+    def _point(self, flat: Tensor, cache: bool, copy: bool) -> None:
+        """``.grad`` ← its view of ``flat``; a parameter of another dtype gets a converted
+        copy (``copy``) or None."""
         views = self.views(flat, cache=cache)
         for i, (p, view) in enumerate(zip(self.params, views, strict=True)):
-            if p.dtype == flat.dtype:
-                p.grad = view
-                self._bound[i] = view
-            else:
-                p.grad = view.to(p.dtype).clone()
-                self._bound[i] = None
+            same = p.dtype == flat.dtype
+            p.grad = view if same else (view.to(p.dtype).clone() if copy else None)
+            self._bound[i] = view if same else None
 
     def clear(self) -> None:
         """Drop every ``param.grad`` (set to None): no stale gradient survives a skip."""

@@ -1,11 +1,9 @@
 """The streaming backend: one running sum, the sequential fold applied as rows arrive.
 
-Memory O(P) whatever M (rules "mean" and "halving"). Each micro-gradient g is tested
-against the running sum s with :func:`gaf.core.fold_row`, the same fold the Gram replay
-runs: on the CPU with Python floats (reading a scalar costs nothing there, so it branches
-and skips work), on an accelerator with 0-d tensors and ``torch.where``, so no step
-synchronises with the host until :meth:`StreamingBackend.finish`, which moves the
-per-row statistics in one transfer.
+Memory O(P) whatever M (rules "mean" and "halving"). Each micro-gradient is folded with
+:func:`gaf.core.fold_row`, as the Gram replay does: with Python floats on the CPU (it
+branches and skips work), with 0-d tensors and ``torch.where`` on an accelerator, so no
+step synchronises with the host until :meth:`StreamingBackend.finish`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
-"""Micro-gradients from one vectorised pass with ``torch.func``.
-
-Instead of M forward/backward passes, :func:`micro_gradients` reshapes a batch into
-[M, B/M, ...] and computes all M micro-gradients with ``vmap(grad(loss))`` over the
-leading dimension. The result is the [M, P] stack :func:`gaf.filter_gradients` takes.
-
-Not every model can be vectorised this way. BatchNorm in training mode mixes samples
-and updates running statistics in place; models with such layers get a ``ValueError``
-that says so (put them in eval mode, use GroupNorm/LayerNorm, or use the collector).
+"""Micro-gradients from one vectorised pass: :func:`micro_gradients` reshapes a batch into
+[M, B/M, ...] and computes the [M, P] stack with ``vmap(grad(loss))``. Training-mode
+BatchNorm (it mixes samples, updates running statistics) gets a ``ValueError``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""Slow, obviously correct float64 references beside every fast path.
-
-Written from the definitions on the rows themselves (no Gram matrix, no incremental
-bookkeeping), so that tests can check the fast paths against them on many random inputs.
-:mod:`~gaf.reference.agreement` holds the agreement rules, :mod:`~gaf.reference.robust`
-the robust aggregators; both ask the library's one validity check
-(:func:`gaf.core.valid_vector`).
-Not for production: O(M²·P) or worse.
+"""Slow, obviously correct float64 references beside every fast path, written from the
+definitions on the rows themselves (no Gram matrix, no incremental bookkeeping) so that
+tests can check the fast paths against them: :mod:`~gaf.reference.agreement` (the
+agreement rules), :mod:`~gaf.reference.robust` (the robust aggregators). O(M²·P) or worse.
 """
 
 from gaf.reference.agreement import reference_distance, reference_filter
@@ -15,10 +11,5 @@ from gaf.reference.robust import (
     reference_multi_krum,
 )
 
-__all__ = [
-    "reference_coordinatewise",
-    "reference_distance",
-    "reference_filter",
-    "reference_geometric_median",
-    "reference_multi_krum",
-]
+__all__ = ["reference_coordinatewise", "reference_distance", "reference_filter",
+           "reference_geometric_median", "reference_multi_krum"]

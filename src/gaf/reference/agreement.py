@@ -1,10 +1,5 @@
-"""Slow, obviously correct reference implementations of the filter rules.
-
-Each rule is written straight from its definition, on the vectors themselves (no Gram
-matrix, no incremental bookkeeping), in float64. Tests check that the fast path in
-:mod:`gaf.core` and the streaming collector agree with these on many random inputs.
-Not for production use: the cost is O(M²·P) or worse.
-"""
+"""Float64 references of the agreement rules, straight from their definitions (see
+:mod:`gaf.reference`)."""
 
 from __future__ import annotations
 

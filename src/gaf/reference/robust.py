@@ -1,8 +1,5 @@
-"""Slow, obviously correct float64 references for the robust rules.
-
-Written from the definitions on the rows themselves (no Gram matrix, no vectorised
-sorting), so that tests can check :mod:`gaf.core.robust` and :mod:`gaf.core.coordinatewise` against
-them. Not for production: O(M²·P) and Python loops over coordinates.
+"""Float64 references of the robust rules (:mod:`gaf.core.robust`,
+:mod:`gaf.core.coordinatewise`), with Python loops over coordinates (see :mod:`gaf.reference`).
 """
 
 from __future__ import annotations

@@ -76,12 +76,8 @@ def as_threshold(tau: float | Threshold) -> Threshold:
 
 
 def tested_distances(result: FilterResult) -> np.ndarray:
-    """Distances of the rows that were actually compared: valid rows except the anchor.
-
-    Uses ``result.valid`` when the front end recorded it; otherwise a reported distance of
-    2 is taken to mean "invalid" (a valid row at exactly 2 is then ignored, which costs
-    nothing: no tau below 2 accepts it).
-    """
+    """Distances of the rows that were actually compared: valid rows except the anchor
+    (without ``result.valid``, a distance of 2 counts as invalid: no tau below 2 accepts it)."""
     d = result.distances.detach().cpu().double().numpy()
     if result.valid is not None:
         mask = result.valid.detach().cpu().numpy().astype(bool).copy()
@@ -119,7 +115,25 @@ def _check_bound(name: str, v: object) -> float:
 # Schedules over training
 
 
-class ScheduledThreshold:
+class _Counted:
+    """A threshold of the step count alone (skipped steps count); its state is its
+    arguments (``_params``) and ``step``."""
+
+    kind = ""
+
+    def observe(self, result: FilterResult) -> None:
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "step": self.step, **self._params()}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_kind(state, self.kind, (*self._params(), "step"))
+        self.__init__(**{k: state[k] for k in self._params()})
+        self.step = _check_int("step", state["step"], 0)
+
+
+class ScheduledThreshold(_Counted):
     """tau from ``start`` to ``end`` over ``total_steps`` steps, then constant at ``end``.
 
     ``schedule="linear"``: tau_t = start + (end - start)·p;  ``"cosine"``:
@@ -128,6 +142,7 @@ class ScheduledThreshold:
     """
 
     SCHEDULES = ("linear", "cosine")
+    kind = "scheduled"
 
     def __init__(self, start: float, end: float, total_steps: int, schedule: str = "linear"):
         self.start = _check_bound("start", start)
@@ -146,29 +161,23 @@ class ScheduledThreshold:
             tau = self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * p))
         return min(2.0, max(0.0, tau))
 
-    def observe(self, result: FilterResult) -> None:
-        self.step += 1
-
-    def state_dict(self) -> dict:
-        return {"kind": "scheduled", "step": self.step, "start": self.start, "end": self.end,
-                "total_steps": self.total_steps, "schedule": self.schedule}
-
-    def load_state_dict(self, state: dict) -> None:
-        _check_kind(state, "scheduled", ("start", "end", "total_steps", "schedule", "step"))
-        self.__init__(state["start"], state["end"], state["total_steps"], state["schedule"])
-        self.step = _check_int("step", state["step"], 0)
+    def _params(self) -> dict:
+        return {"start": self.start, "end": self.end, "total_steps": self.total_steps,
+                "schedule": self.schedule}
 
     def __repr__(self) -> str:
         return (f"ScheduledThreshold({self.start}, {self.end}, {self.total_steps}, "
                 f"{self.schedule!r}) at step {self.step}")
 
 
-class StepThreshold:
+class StepThreshold(_Counted):
     """Piecewise constant: ``values[i]`` once ``milestones[i-1]`` steps have been observed.
 
     ``StepThreshold([2.0, 0.97], [500])`` accepts everything for 500 steps, then filters
     at 0.97. Milestones must increase strictly; ``len(values) == len(milestones) + 1``.
     """
+
+    kind = "step"
 
     def __init__(self, values: Sequence[float], milestones: Sequence[int]):
         self.values = [_check_bound("values[]", v) for v in values]
@@ -186,17 +195,8 @@ class StepThreshold:
         i = sum(1 for m in self.milestones if self.step >= m)
         return self.values[i]
 
-    def observe(self, result: FilterResult) -> None:
-        self.step += 1
-
-    def state_dict(self) -> dict:
-        return {"kind": "step", "step": self.step, "values": list(self.values),
-                "milestones": list(self.milestones)}
-
-    def load_state_dict(self, state: dict) -> None:
-        _check_kind(state, "step", ("values", "milestones", "step"))
-        self.__init__(state["values"], state["milestones"])
-        self.step = _check_int("step", state["step"], 0)
+    def _params(self) -> dict:
+        return {"values": list(self.values), "milestones": list(self.milestones)}
 
     def __repr__(self) -> str:
         return f"StepThreshold({self.values}, {self.milestones}) at step {self.step}"
@@ -209,13 +209,9 @@ class StepThreshold:
 class _WindowThreshold:
     """Shared machinery: a window of the most recent tested distances, in arrival order.
 
-    Until ``min_samples`` distances have been seen, ``value()`` is ``initial``. The current
-    tau is recomputed in ``observe()`` (float64 numpy over the window in a fixed order, so
-    it is reproducible bit for bit) and cached, so ``value()`` is cheap and pure.
-
-    ``warmup_steps``: for the first that many steps tau is 2 (every valid micro-gradient
-    is accepted, i.e. plain averaging) while the window fills; the rule takes over after.
-    """
+    ``value()`` is 2 for the first ``warmup_steps`` steps, then ``initial`` until
+    ``min_samples`` distances were seen, then the tau recomputed in ``observe()`` (float64
+    numpy over the window in a fixed order: reproducible bit for bit) and cached."""
 
     kind = "window"
 
@@ -280,11 +276,8 @@ class _WindowThreshold:
 class MovingAverageThreshold(_WindowThreshold):
     """tau_t = clip(mean + k·std, tau_min, tau_max) over the last ``window`` distances.
 
-    The rule tried in the GAF authors' research code. It accepts a micro-gradient unless it
-    disagrees by more than k standard deviations above the recent mean; ``tau_max`` caps
-    it, because late in training (or under heavy label noise) the mean itself drifts to 1
-    and an uncapped rule would accept everything. ``std`` is the population std (ddof 0).
-    """
+    The rule of the GAF authors' research code; ``tau_max`` caps it because the mean itself
+    drifts to 1 late in training or under label noise. ``std`` has ddof 0."""
 
     kind = "moving-average"
 
@@ -306,12 +299,9 @@ class MovingAverageThreshold(_WindowThreshold):
 
 
 class QuantileThreshold(_WindowThreshold):
-    """tau_t = the ``target_acceptance``-quantile of the last ``window`` distances.
-
-    About ``target_acceptance`` of the tested micro-gradients then fall at or below tau
-    (with M = 2 the skip rate is about 1 - target_acceptance), whatever the measure's
-    scale or the stage of training. Quantiles use numpy's default (linear) interpolation.
-    """
+    """tau_t = the ``target_acceptance``-quantile of the last ``window`` distances: about
+    that fraction of tested micro-gradients is accepted (with M = 2 the skip rate is about
+    1 - target_acceptance), whatever the measure's scale. numpy's linear interpolation."""
 
     kind = "quantile"
 

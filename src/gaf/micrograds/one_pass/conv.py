@@ -52,13 +52,9 @@ def _conv_weight_grad(module, x: Tensor, d: Tensor, padding: list[int]) -> Tenso
 
 
 def _conv_blocks(module, x: Tensor, d: Tensor, padding: list[int], mb: MicroBatches) -> Tensor:
-    """[M, *weight.shape]: each micro-batch's weight gradient.
-
-    Small equal micro-batches: one grouped weight-gradient kernel call, the micro-batch
-    index folded into the channels ([n, M·C, ...] with M·groups groups), instead of M
-    calls whose fixed cost dominates at a few samples each. Otherwise one call per slice
-    (no copy).
-    """
+    """[M, *weight.shape]: each micro-batch's weight gradient: for small equal
+    micro-batches one grouped weight-gradient kernel call (micro-batch index folded into the
+    channels, M·groups groups), whose fixed cost M calls would pay M times; else one per slice."""
     m, n = mb.m, mb.size
     # The fold copies x and δ once; M calls cost a fixed ~40 µs each. Fold when each
     # micro-batch's data is small enough that the calls' fixed cost dominates.

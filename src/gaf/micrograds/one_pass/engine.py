@@ -40,20 +40,11 @@ Requirements:
   statistics and updates the running statistics once per micro-batch, in order: the same
   computation as M sequential forwards, so decisions and direction match it.
 
-Memory beyond a plain step, held until the decision: per layer the smaller of its
-[M, P_l] micro-gradient blocks and its rows (the inputs and output gradients the direction
-is recomputed from), plus kept blocks up to ``keep_budget`` numbers (default P, one
-gradient's worth); one [M, P_l] chunk or [R, R] product at a time as work space. That is
-never more than M·P beyond the budget and usually far less; the stacked mode holds
-(M + 1)·P. ``result.extra["held"]`` counts it, ``result.extra["plan"]`` says per
-parameter how its pieces were computed (:mod:`gaf.micrograds.one_pass.linear`).
-
-Distributed: the sharded protocol (docs/design.md, "The distributed protocol") pairs rows
-of different ranks, so the Gram pieces of one rank do not serve it; it needs every rank's
-rows. :func:`gaf.collect_one_pass` gives any collector (a
-:class:`~gaf.distributed.DistributedGradientCollector` included) the rank's m rows from
-one forward and backward (:meth:`OnePassBackend.micro_gradients`, which materialises
-[m, P] like the stacked mode) instead of m passes.
+Memory beyond a plain step, until the decision: per layer the smaller of its [M, P_l]
+blocks and its rows, plus kept blocks up to ``keep_budget`` (default P); never more than
+M·P beyond the budget (``result.extra["held"]``, ``result.extra["plan"]``). Distributed
+collectors need every rank's rows: :func:`gaf.collect_one_pass` gives them m rows from one
+pass (:meth:`OnePassBackend.micro_gradients`).
 """
 
 from __future__ import annotations
@@ -205,13 +196,9 @@ class OnePassBackend:
     def micro_gradients(self, inputs: Tensor | Sequence[Tensor], targets: Tensor,
                         loss_fn: Callable[[Tensor, Tensor], Tensor], num_micro_batches: int,
                         out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(rows [M, P], micro losses [M]): every micro-gradient, from one pass.
-
-        Rows in the order of ``flat`` (as the collectors stack them). Holds [M, P], like the
-        stacked mode, but costs one forward and backward: the way to feed a collector that
-        needs the rows themselves, e.g. the distributed protocol (see
-        :func:`gaf.collect_one_pass`). ``.grad`` is left untouched.
-        """
+        """(rows [M, P], micro losses [M]): every micro-gradient, from one pass, in the order
+        of ``flat``. Holds [M, P] like the stacked mode: for collectors that need the rows (the
+        distributed protocol, :func:`gaf.collect_one_pass`). ``.grad`` is left untouched."""
         first = inputs if isinstance(inputs, Tensor) else inputs[0]
         mb = MicroBatches(first.shape[0], num_micro_batches, first.device)
         losses = self._backward(inputs, targets, loss_fn, mb, None, nullcontext,

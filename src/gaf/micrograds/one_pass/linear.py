@@ -36,9 +36,7 @@ Embedding   g_i scatters micro-batch i's rows of Δ into the vocabulary: dense [
 Norms       LayerNorm, GroupNorm, BatchNorm affine parameters (:mod:`gaf.micrograds.one_pass.conv`).
 Biases      Σ of micro-batch i's rows of δ; always kept ([M, out]).
 
-Memory: per layer the smaller of its [M, P_l] blocks and its rows (inputs and output
-gradients), plus what the keep budget allows: never more than the stacked mode's M·P
-beyond the budget, usually far less.
+Memory: see :mod:`~gaf.micrograds.one_pass.engine`.
 """
 
 from __future__ import annotations

@@ -51,13 +51,9 @@ def norm_pieces(cap: Captured, mb: MicroBatches, budget: Budget) -> None:
 
 
 class GhostBatchNorm:
-    """Training-mode batch norm normalised per micro-batch, as the sequential path does.
-
-    Replaces the module's forward for one step: each micro-batch is normalised with its
-    own statistics and updates the running statistics in turn (M updates a step, as M
-    sequential forwards make), so the micro-gradients stay independent and equal to the
-    sequential ones. The normalised input x̂ is what the affine parameters' pieces need.
-    """
+    """Training-mode batch norm normalised per micro-batch, as the sequential path does:
+    for one step each micro-batch uses its own statistics and updates the running ones in
+    turn (as M sequential forwards), and keeps x̂ for the affine parameters' pieces."""
 
     def __init__(self, module: nn.modules.batchnorm._BatchNorm, mb: MicroBatches, capture):
         self.module, self.mb, self.capture = module, mb, capture

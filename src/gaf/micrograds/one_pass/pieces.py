@@ -1,9 +1,5 @@
 """What every one-pass layer handler shares: the micro-batch split, the keep budget, the
-step's weights, and one module's captured inputs and output gradients.
-
-The algebra per layer kind is in :mod:`~gaf.micrograds.one_pass.linear` (Linear,
-Embedding), :mod:`~gaf.micrograds.one_pass.conv` and :mod:`~gaf.micrograds.one_pass.norm`.
-"""
+step's weights, and one module's captured inputs and output gradients."""
 
 from __future__ import annotations
 
@@ -57,12 +53,9 @@ class MicroBatches:
 
 
 class Budget:
-    """How many micro-gradient numbers the weight layers may keep until the decision.
-
-    Keeping a layer's [M, P_l] block saves recomputing its weighted gradient; the budget
-    bounds what the one-pass mode holds beyond a plain step (biases and norm parameters,
-    M numbers per parameter entry, are always kept and not counted).
-    """
+    """How many micro-gradient numbers the weight layers may keep until the decision (kept
+    [M, P_l] blocks spare recomputing the weighted gradient; biases and norm parameters are
+    always kept and not counted)."""
 
     def __init__(self, numbers: int, materialise: bool = False):
         self.left = numbers
