@@ -12,7 +12,7 @@ import torch
 
 import gaf
 from gaf.noise_scale import step_estimate
-from gaf.reference_noise_scale import reference_noise_scale, reference_step
+from gaf.reference.noise_scale import reference_noise_scale, reference_step
 
 # -- hand-computed cases ---------------------------------------------------------------
 

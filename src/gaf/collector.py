@@ -171,10 +171,8 @@ class GradientCollector:
 
     def collect(self, size: int | None = None) -> None:
         """Take the micro-gradient now in ``.grad`` and prepare ``.grad`` for the next one.
-
-        ``size``: the micro-batch's number of samples (default :attr:`micro_batch_size`);
-        with every row's size known, the step's Gram matrix feeds :attr:`noise_scale`.
-        """
+        ``size`` (samples; default :attr:`micro_batch_size`) lets :attr:`noise_scale` read
+        the step's Gram matrix."""
         if self.flat.untouched():
             raise RuntimeError(
                 "collect() found no new gradient: nothing was written to .grad since the "
@@ -301,10 +299,8 @@ class GradientCollector:
                                     dtype=bool)
 
     def _observe_noise_scale(self, result: FilterResult) -> None:
-        """Feed the step's Gram matrix (stacked, one-pass and distributed backends keep it
-        in ``result.extra["gram"]``; streaming builds none) to :attr:`noise_scale`, and put
-        its running B_simple in ``result.extra["b_simple"]``. Across ranks every rank's
-        micro-batches are taken to have this rank's sizes."""
+        """The step's Gram (``extra["gram"]``: stacked, one-pass, distributed; not streaming)
+        into :attr:`noise_scale`; every rank's micro-batches are taken to be this rank's size."""
         gram = result.extra.get("gram")
         sizes = self._sizes * self.world_size
         if gram is None or None in sizes or len(sizes) != gram.shape[0]:

@@ -39,16 +39,8 @@ averages with decay ``beta`` over the valid steps, bias-corrected as in Adam,
 exposed as :attr:`NoiseScale.grad_sq` and :attr:`NoiseScale.trace_cov`, and
 :attr:`NoiseScale.b_simple` = trace_cov / grad_sq.
 
-Values that are not a number of samples are never produced silently:
-
-- before the first valid step every property is ``None`` (nothing has been measured);
-- grad_sq ≤ 0 (the averaged signal is not distinguishable from zero, noise dominates):
-  b_simple is ``math.inf``;
-- trace_cov ≤ 0 with grad_sq > 0 (no measurable noise): b_simple is 0.0.
-
-Invalid rows: a row with a non-finite or zero squared norm, or a non-finite product with
-another kept row, is left out (as the agreement rules leave it out); a step with fewer than
-two valid rows changes nothing.
+None before any valid step, ``inf`` when the averaged |G|² is ≤ 0 (see the properties);
+invalid rows (non-finite, zero) are left out, and a step with fewer than two changes nothing.
 
 The forecast
 ------------
@@ -94,10 +86,14 @@ class NoiseEstimate:
     num_valid: int
 
 
+def _real(name: str, value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
 def check_beta(beta: object) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)):
-        raise TypeError(f"beta must be a real number in [0, 1), got {type(beta).__name__}")
-    beta = float(beta)
+    beta = _real("beta", beta, "a real number in [0, 1)")
     if not 0.0 <= beta < 1.0:
         raise ValueError(
             f"beta must lie in [0, 1) (the decay of the exponential average; 0.99 keeps about "
@@ -126,25 +122,15 @@ def as_sizes(sizes: object, m: int) -> np.ndarray:
     """``sizes`` (an int, or one per row) as a float64 array of length ``m``, all ≥ 1."""
     if isinstance(sizes, torch.Tensor):
         sizes = sizes.detach().cpu().numpy()
-    if isinstance(sizes, (bool, np.bool_)):
-        raise TypeError(f"sizes must be integers (samples per micro-batch), got {sizes!r}")
-    if isinstance(sizes, (int, np.integer)):
-        arr = np.full(m, float(sizes))
-    elif isinstance(sizes, (Sequence, np.ndarray)) and not isinstance(sizes, str):
-        arr = np.asarray(sizes)
-        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
-            raise TypeError(f"sizes must be integers (samples per micro-batch), got {sizes!r}")
-        arr = arr.astype(np.float64).reshape(-1)
-        if arr.shape != (m,):
-            raise ValueError(
-                f"sizes must be one int or one per row of the Gram matrix ({m}), "
-                f"got {arr.shape[0]} sizes"
-            )
-    else:
-        raise TypeError(
-            f"sizes must be an int or a sequence of ints (samples per micro-batch), "
-            f"got {type(sizes).__name__}"
-        )
+    arr = np.asarray(sizes) if isinstance(sizes, (int, np.integer, Sequence, np.ndarray)) \
+        and not isinstance(sizes, (str, bool, np.bool_)) else None
+    if arr is None or arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"sizes must be integers, one or one per row (samples per micro-batch), "
+                        f"got {sizes!r}")
+    arr = np.full(m, float(arr)) if arr.ndim == 0 else arr.astype(np.float64).reshape(-1)
+    if arr.shape != (m,):
+        raise ValueError(f"sizes must be one int or one per row of the Gram matrix ({m}), "
+                         f"got {arr.shape[0]} sizes")
     if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
         raise ValueError(f"sizes must be whole numbers of samples, got {sizes!r}")
     if np.any(arr <= 0):
@@ -285,9 +271,7 @@ class NoiseScale:
         """The micro-batch size at which the forecast distance meets ``tau``:
         B (1 - tau) / tau (not rounded). 0.0 for tau ≥ 1 (the forecast is below 1 at every
         size), ``inf`` while B is infinite; None before the first valid step."""
-        if isinstance(tau, bool) or not isinstance(tau, (int, float, np.integer, np.floating)):
-            raise TypeError(f"tau must be a real number in (0, 2], got {type(tau).__name__}")
-        tau = float(tau)
+        tau = _real("tau", tau, "a real number in (0, 2]")
         if not 0.0 < tau <= 2.0:
             raise ValueError(
                 f"tau must lie in (0, 2] (a cosine distance; at tau = 0 no size suffices), "
@@ -329,9 +313,7 @@ class NoiseScale:
 
 
 def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a positive number of samples, got {value!r}")
-    v = float(value)
+    v = _real(name, value, "a positive number of samples")
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a positive number of samples, got {value!r}")
     return v

@@ -1,9 +1,5 @@
-"""Slow, obviously correct float64 reference for :class:`gaf.NoiseScale`.
-
-Plain Python loops over the entries of each Gram matrix, written from the estimator's
-definition (module docstring of :mod:`gaf.noise_scale`), so tests can check the vectorised
-path against it. Not for production.
-"""
+"""Slow float64 reference for :class:`gaf.NoiseScale`: plain loops over each Gram matrix,
+written from the estimator's definition (:mod:`gaf.noise_scale`), for the tests."""
 
 from __future__ import annotations
 
@@ -11,11 +7,8 @@ import math
 
 
 def reference_step(gram: list[list[float]], sizes: list[float]) -> tuple[float, float] | None:
-    """(|G|² estimate, tr(Σ) estimate) of one step, or None with fewer than two valid rows.
-
-    A row is valid when its squared norm is finite and positive and its products with the
-    other such rows are finite.
-    """
+    """(|G|² estimate, tr(Σ) estimate) of one step, or None with fewer than two valid rows
+    (finite positive squared norm, finite products with the other such rows)."""
     m = len(gram)
     candidates = [i for i in range(m) if math.isfinite(gram[i][i]) and gram[i][i] > 0]
     rows = [i for i in candidates if all(math.isfinite(gram[i][j]) for j in candidates)]
