@@ -154,16 +154,27 @@ def noise_scale_table(runs: list[dict], noise: str, tau: float = 0.97) -> list[s
             "|---|---|---|---|---|---|---|"]
     for r in scale:
         hist = r["history"]
-        series = [h.get("b_simple") for h in hist]
-        if not series or any(v is None or not math.isfinite(v) for v in series):
+        # The lab writes NaN and inf as null; B is null where the forecast is 1: infinite.
+        series = [h.get("b_simple") if h.get("b_simple") is not None
+                  else (math.inf if h.get("distance_forecast") == 1.0 else math.nan)
+                  for h in hist]
+        if not series or any(math.isnan(v) for v in series):
             continue
         last = hist[-1]
+        star = series[-1] * (1 - tau) / tau
         rows.append(
-            f"| {r['size']} | {r['lr']:g} | {' / '.join(f'{v:.0f}' for v in series)} "
+            f"| {r['size']} | {r['lr']:g} | {' / '.join(_big(v) for v in series)} "
             f"| {last['distance_forecast']:.3f} | {last['distance_p50']:.3f} "
             f"| {100 * hist[0]['skip_rate']:.0f} / {100 * last['skip_rate']:.0f} "
-            f"| {series[-1] * (1 - tau) / tau:.1f} |")
-    return rows if len(rows) > 2 else []
+            f"| {_big(star, '.1f')} |")
+    if len(rows) == 2:
+        return []
+    return rows + ["", "∞: the averaged |G|² estimate is ≤ 0 (the noise swamps the mean "
+                   "gradient: B is beyond what the steps can measure)."]
+
+
+def _big(value: float, fmt: str = ".0f") -> str:
+    return "∞" if math.isinf(value) else format(value, fmt)
 
 
 def figures(runs: list[dict], out: Path, noises: list[str]) -> list[str]:
