@@ -35,6 +35,7 @@ import gaf
 from gaflab.batches import batch_sources, epoch_batches
 from gaflab.collapse import collapse_warnings
 from gaflab.config import TrainConfig
+from gaflab.evaluation import evaluate, heldout_accuracy
 from gaflab.methods import MethodStep, build_step
 from gaflab.models import build_model
 from gaflab.prepare import PreparedData, describe_data, prepare_data
@@ -96,41 +97,6 @@ def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: in
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    was_training = model.training
-    model.eval()
-    preds = [model(x[i : i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)]
-    model.train(was_training)
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=x.device)
-
-
-def evaluate(model: nn.Module, data: PreparedData, batch_size: int) -> dict[str, float]:
-    """Test accuracy; on the training set: accuracy on clean samples, and on noisy samples
-    the fraction predicted with their noisy label (memorised) or their true label."""
-    test_pred = predict(model, data.test_x, batch_size)
-    train_pred = predict(model, data.train_x, batch_size)
-    noisy = data.is_noisy
-    clean = ~noisy
-    hit_obs = (train_pred == data.train_y).float()
-    hit_true = (train_pred == data.clean_y).float()
-    n_noisy = noisy.sum().clamp_min(1)
-    stats = torch.stack([
-        (test_pred == data.test_y).float().mean(),
-        (hit_obs * clean).sum() / clean.sum().clamp_min(1),
-        (hit_obs * noisy).sum() / n_noisy,
-        (hit_true * noisy).sum() / n_noisy,
-        hit_obs.mean(),
-    ]).tolist()  # one host transfer
-    has_noisy = bool(noisy.any())
-    return {
-        "test_acc": stats[0],
-        "train_acc_clean": stats[1],
-        "memorised": stats[2] if has_noisy else float("nan"),
-        "noisy_true": stats[3] if has_noisy else float("nan"),
-        "train_acc_observed": stats[4],
-    }
-
-
 # --------------------------------------------------------------------------------------
 # Training
 
@@ -426,10 +392,6 @@ def _checkpoints(directory, resume: bool, cfg: TrainConfig, model, opt, method, 
 
 
 @torch.no_grad()
-def heldout_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
-    return float((predict(model, x, batch_size) == y).float().mean())
-
-
 def _early_stop(cfg: TrainConfig, model: nn.Module, state: LoopState, acc: float) -> None:
     """Keep the weights of the best held-out epoch; stop after ``patience`` epochs
     without improvement (None: train every epoch, still report the best one)."""

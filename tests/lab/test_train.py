@@ -8,8 +8,9 @@ from torch import nn
 
 from gaflab.batches import epoch_batches
 from gaflab.config import TrainConfig, micro_batches_per_step
+from gaflab.evaluation import evaluate
 from gaflab.prepare import PreparedData, prepare_data
-from gaflab.train import augment_batch, evaluate, train
+from gaflab.train import augment_batch, train
 
 
 def tiny(fmnist_dir, **kw) -> TrainConfig:
