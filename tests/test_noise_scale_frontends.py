@@ -70,3 +70,11 @@ def test_rows_of_unknown_size_leave_the_noise_scale_alone():
         collector.collect()                      # no size, no micro_batch_size
     assert "b_simple" not in collector.finish().extra
     assert collector.noise_scale.b_simple is None
+
+
+def test_the_gram_in_the_result_is_the_host_copy_the_decision_read():
+    grads = torch.randn(4, 50)
+    result = gaf.filter_gradients(grads, tau=2.0)
+    gram = result.extra["gram"]
+    assert gram.device.type == "cpu" and gram.dtype == torch.float64
+    torch.testing.assert_close(gram, (grads.double() @ grads.double().T), rtol=1e-5, atol=1e-5)

@@ -305,7 +305,7 @@ class GradientCollector:
         sizes = self._sizes * self.world_size
         if gram is None or None in sizes or len(sizes) != gram.shape[0]:
             return
-        self.noise_scale.update(gram, sizes)  # a host copy of an [M, M] matrix
+        self.noise_scale.update(gram, sizes)  # the host copy the decision already made
         if self.noise_scale.b_simple is not None:
             result.extra["b_simple"] = self.noise_scale.b_simple
 

@@ -289,9 +289,10 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
     if partial is not None and partial.kept is not None:
         method.small_loss.kept[:] = partial.kept
     record = cfg.record_distances and m >= 2
-    noise = gaf.NoiseScale()
-    if state.noise_scale is not None:
-        noise.load_state_dict(state.noise_scale)
+    # The collector feeds its NoiseScale from each filtered step's Gram (stacked mode while
+    # distances are recorded); averaging's side Grams go into the same object at the end of
+    # the epoch. The trainer's state_dict (checkpoints) carries it.
+    noise = method.trainer.collector.noise_scale
     for s in range(start, batches.shape[0]):
         f = lr_factor(cfg, state.step, total_steps, steps_per_epoch)
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
@@ -306,9 +307,6 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
                    res.distances.numpy() if record and gram is None else None, res.anchor)
         if gram is not None:  # averaging: distances measured on the side
             log.grams.append(gram)
-        elif record and "gram" in res.extra:  # the filter's own Gram (collector_mode)
-            noise.update(res.extra["gram"], batches.shape[2])
-            state.noise_scale = noise.state_dict()
         state.step += 1
         if bar is not None:
             bar.update(1)
@@ -319,6 +317,7 @@ def run_epoch(cfg: TrainConfig, data: PreparedData, model: nn.Module,
     if side_grams is not None:  # averaging's Grams are of g_k / M: B is scale-free
         for g in side_grams:
             noise.update(g, batches.shape[2])
+    if noise.num_steps:
         state.noise_scale = noise.state_dict()
     state.epoch += 1
     n_steps = batches.shape[0]

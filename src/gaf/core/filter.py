@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from gaf.core.decision import FilterResult, result_from_decision
@@ -40,8 +41,8 @@ def filter_gradients(
     (bool [M], from a blind control of :mod:`gaf.controls`) replaces each row's test
     ``distance <= tau``; ``rule_options`` are the rule's keyword options. A ``grads``
     that requires grad is detached: the result carries no autograd history. With the cosine
-    measure the result's ``extra["gram"]`` is the [M, M] Gram matrix (for
-    :class:`gaf.NoiseScale`).
+    measure the result's ``extra["gram"]`` is the [M, M] Gram matrix on the host, in float64
+    (for :class:`gaf.NoiseScale`).
     """
     # The filter is a selection, not a differentiable function: a stack that requires grad
     # (e.g. rows built from autograd outputs) is filtered as plain numbers.
@@ -50,7 +51,8 @@ def filter_gradients(
     rule = check_rule(rule)
     gram = None
     if check_measure(measure) == "cosine":
-        gram = gram_matrix(grads)
+        # The one device→host copy of the step: the decision and extra["gram"] share it.
+        gram = gram_matrix(grads).to("cpu", torch.float64)
         decision = decide(gram, tau, rule, verdicts, rule_options)
     else:
         decision = decide_measure(grads, tau, rule, measure, segments, verdicts, rule_options)
@@ -58,6 +60,6 @@ def filter_gradients(
     weighted_sum(grads, decision.weights, out)
     result = result_from_decision(decision, out, tau, rule)
     result.extra["measure"] = measure
-    if gram is not None:  # on the device: reading it (gaf.NoiseScale) is the caller's sync
+    if gram is not None:
         result.extra["gram"] = gram
     return result

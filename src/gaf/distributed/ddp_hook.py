@@ -134,7 +134,7 @@ class GAFHookState(GAFStepState):
             for exchange, _, _ in step:
                 part = exchange.gram()
                 gram = part.clone() if gram is None else gram.add_(part)
-            decision, tau = self.decide(comm, gram)
+            decision, tau, gram = self.decide(comm, gram)
             overflow = bool(decision.finite is not None and not decision.finite.all())
             if overflow:  # as DDP's mean would be: a GradScaler skips and backs off
                 for buffer in buffers:
@@ -150,7 +150,7 @@ class GAFHookState(GAFStepState):
                 for exchange, _, _ in step:
                     exchange.after_gather()
             self.record(decision, tau, comm, buffers[0].new_empty(0), overflow=overflow,
-                        buckets=len(step), grad_in="the parameters' .grad")
+                        buckets=len(step), grad_in="the parameters' .grad", gram=gram)
         except BaseException as exc:
             self._abandon(exc)
             raise

@@ -237,7 +237,7 @@ class GAFFSDPState(GAFStepState):
         for unit in units:
             part = unit.gram()
             gram = part.clone() if gram is None else gram.add_(part)
-        decision, tau = self.decide(comm, gram)
+        decision, tau, gram = self.decide(comm, gram)
         overflow = bool(decision.finite is not None and not decision.finite.all())
         for unit in units:
             if overflow:
@@ -249,7 +249,7 @@ class GAFFSDPState(GAFStepState):
                 weighted_sum(rows, decision.weights, unit.output)
             self._write_copies(unit)
         self.record(decision, tau, comm, outputs[0].new_empty(0), overflow=overflow,
-                    units=len(units))
+                    units=len(units), gram=gram)
 
     def _write_copies(self, unit: _Unit) -> None:
         """Copy the filtered shard into every sharded .grad that is not a view of the

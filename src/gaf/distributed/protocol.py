@@ -198,7 +198,8 @@ def _sharded(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, out
 
     # 2.-3. Sum the partial Grams; every rank decides from the same bits.
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
-    decision = decide(gram, tau, rule, verdicts, options)  # moves the (N·m)² G to the host
+    gram = gram.cpu()  # the one host copy of the (N·m)² G: the decision and extra['gram']
+    decision = decide(gram, tau, rule, verdicts, options)
     if decision.skipped and not gather_if_skipped:
         return decision, out.zero_(), gram
 
@@ -239,6 +240,7 @@ def _allgather(rows: Tensor, comm: Comm, tau: float, rule: str, ws: Workspace, o
     lo, hi = min(r * s, p), min((r + 1) * s, p)
     gram = gram_matrix(every[:, lo:hi]).to(torch.float64)  # one dtype on every rank
     comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
+    gram = gram.cpu()
     decision = decide(gram, tau, rule, verdicts, options)
     weighted_sum(every, decision.weights, out)
     return decision, out, gram
@@ -290,7 +292,7 @@ def run_protocol(local_grads: Tensor, tau: float, rule: str, comm: Comm, *, meth
         check_settings(comm, values, rows.device, "the GAF exchange")
     used = method
     if comm.size == 1:
-        gram = gram_matrix(rows)
+        gram = gram_matrix(rows).to("cpu", torch.float64)
         decision = decide(gram, tau, rule, verdicts, rule_options)
         weighted_sum(rows, decision.weights, out)
     elif method == "sharded" and comm.backend not in _NO_ALL_TO_ALL:
@@ -321,7 +323,7 @@ def run_protocol(local_grads: Tensor, tau: float, rule: str, comm: Comm, *, meth
         rank=comm.rank,
         rows_per_rank=m,
         local_rows=slice(comm.rank * m, (comm.rank + 1) * m),
-        gram=gram,  # the all-reduced Gram matrix: the same bits on every rank
+        gram=gram,  # the all-reduced Gram matrix, on the host: the same bits on every rank
     )
     return result
 

@@ -85,24 +85,23 @@ class GAFStepState:
                         device, "the GAF hook's first exchange")
         self._checked = key
 
-    def decide(self, comm: Comm, gram: Tensor) -> tuple[Decision, float]:
+    def decide(self, comm: Comm, gram: Tensor) -> tuple[Decision, float, Tensor]:
         """All-reduce the partial Gram matrices and decide (same bits on every rank)."""
         comm.run("all_reduce of the partial Gram matrices", dist.all_reduce, gram)
         tau = self.threshold.value()
         verdicts = None
         if self.spec.control is not None:
             verdicts = np.asarray(self.spec.control.draw(comm.size), dtype=bool)
+        gram = gram.to("cpu", torch.float64)  # one host copy: the decision and the result's
         decision = decide(gram, tau, self.spec.rule, verdicts, self.spec.rule_options)
-        self._gram = gram  # recorded with the result: the noise scale reads it
-        return decision, tau
+        return decision, tau, gram
 
     def record(self, decision: Decision, tau: float, comm: Comm, direction: Tensor,
                **extra) -> FilterResult:
         """Keep the step's :class:`~gaf.core.FilterResult` (rows = ranks) and counters."""
         result = result_from_decision(decision, direction, tau, self.spec.rule)
         result.extra.update(world_size=comm.size, rank=comm.rank, rows_per_rank=1,
-                            local_rows=slice(comm.rank, comm.rank + 1),
-                            gram=getattr(self, "_gram", None), **extra)
+                            local_rows=slice(comm.rank, comm.rank + 1), **extra)
         self.stats.update(result)
         self.threshold.observe(result)
         self.result = result
